@@ -1,0 +1,133 @@
+"""Base configuration shared by every dataset config, and the embedded default run.
+
+`get_config(arg)` returns the `nytaxi` CPU run: the README's main command. Every field has a comment
+saying where its value comes from: the paper (section), a peer code base (CSDI, PriSTI, TimesNet,
+UrbanFM), the evaluation contract (EVALUATION.md) or our own measurement on the 2-core CPU machine.
+Dataset configs call `base_config()` and override what differs.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
+  c.method = "diffrecon"  # "diffrecon" or a baseline name ("interp").
+
+  # ---- data (paper Sec. V-A; EVALUATION.md) ----
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "nytaxi"          # registry name (diffrecon_jax/data/registry.py).
+  c.data.path = ""                # file/folder for datasets that are not embedded; "" = embedded.
+  c.data.variable = ""            # variable name inside NetCDF/Zarr/npz files (custom, tapbj).
+  c.data.scale_factor = 2         # N, magnification (paper Table I uses 4: 8x8 -> 32x32).
+  c.data.crop = ""                # "" = grid must be divisible by N (error otherwise); "fit" =
+                                  # crop the bottom/right rows/cols that N does not divide.
+  c.data.history = 6              # t - 1 history slices before the current one. Paper: not
+                                  # given; ours: 6 (3 h of 30-min data) keeps CPU attention cheap.
+  c.data.normalization = "zscore"  # per channel, fitted on the train split only (EVALUATION.md).
+
+  # ---- sparse patterns (paper Sec. V-A.2; EVALUATION.md) ----
+  c.patterns = ml_collections.ConfigDict()
+  # Evaluated: the nine of the contract.
+  c.patterns.eval = ("fixed:0.2", "fixed:0.4", "fixed:0.6", "fixed:0.8", "random:0.2",
+                     "random:0.4", "random:0.6", "random:0.8", "large_scale:0.25")
+  # Drawn on the fly in training (ours): one model trained on a mix of every pattern and ratio.
+  c.patterns.train = c.patterns.get_ref("eval")
+  c.patterns.eval_mask_seed = 0   # EVALUATION.md: masks drawn from a recorded seed.
+
+  # ---- diffusion (paper Sec. IV-B; values from CSDI since the paper gives none) ----
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_steps = 50        # T. CSDI: 50.
+  c.diffusion.schedule = "quad"     # CSDI: quad.
+  c.diffusion.beta_start = 1e-4     # CSDI: 1e-4.
+  c.diffusion.beta_end = 0.5        # CSDI: 0.5 (PriSTI: 0.2).
+  c.diffusion.sampler = "ddim"      # ours: DDIM on CPU (DESIGN.md: DDPM chains cost ~20x more).
+  c.diffusion.sampler_steps = 10    # S for DDIM; ours (CPU budget).
+  c.diffusion.ddim_eta = 1.0        # ours: stochastic DDIM so samples spread (CRPS is meaningful).
+  c.diffusion.n_samples = 4         # samples per map; point estimate = median (EVALUATION.md).
+
+  # ---- Diffusion-C: U-Net + ST-PointFormer (Sec. IV-C) ----
+  c.model_c = ml_collections.ConfigDict()
+  c.model_c.base_channels = 32      # ours (CPU); CSDI uses 64 channels.
+  c.model_c.channel_mults = (1, 2)  # ours: one downsampling for 8x6 coarse grids.
+  c.model_c.num_res_blocks = 1      # ours (CPU).
+  c.model_c.emb_dim = 64            # ours; CSDI diffusion embedding 128.
+  c.model_c.d_model = 32            # ours (CPU); CSDI: 64.
+  c.model_c.num_heads = 4           # ours (CPU); CSDI: 8.
+  c.model_c.num_layers = 1          # ours (CPU); CSDI: 4 residual layers.
+  c.model_c.ff_dim = 64             # ours; CSDI: 64.
+  c.model_c.inter_dim = 32          # ours: stacked ST-points projected to this before fusion.
+  c.model_c.use_inter = True        # ablation switch (paper Sec. V-C).
+
+  # ---- Diffusion-F: U-Net + T-PatternNet (Sec. IV-D) ----
+  c.model_f = ml_collections.ConfigDict()
+  c.model_f.base_channels = 32      # ours (CPU).
+  c.model_f.channel_mults = (1, 2)  # ours.
+  c.model_f.num_res_blocks = 1      # ours (CPU).
+  c.model_f.emb_dim = 64            # ours.
+  c.model_f.d_model = 32            # TimesNet: 16-64.
+  c.model_f.d_ff = 32               # TimesNet: d_ff = d_model for small sets.
+  c.model_f.top_k = 3               # TimesNet: 3 (the paper's k, eq. 28).
+  c.model_f.num_blocks = 2          # TimesNet: 2 TimesBlocks.
+  c.model_f.num_kernels = 6         # TimesNet: 6 inception kernels.
+  c.model_f.out_channels = 4        # ours: per-location channels after "stacking" (Sec. IV-D end).
+  c.model_f.inter_dim = 32          # ours.
+  c.model_f.use_inter = True        # ablation switch.
+
+  # ---- training (Sec. IV-E) ----
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16           # ours (CPU); global batch, sharded over the `data` axis.
+  c.train.steps_c = 2000            # pre-training steps of Diffusion-C; ours (CPU budget).
+  c.train.steps_f = 2000            # pre-training steps of Diffusion-F; ours (CPU budget).
+  c.train.steps_joint = 500         # joint steps; ours (CPU budget).
+  c.train.lr_c = 1e-3               # CSDI: 1e-3 (Adam).
+  c.train.lr_f = 1e-3               # CSDI: 1e-3.
+  c.train.lr_joint_c = 2e-4         # ours: smaller rates when fine-tuning jointly.
+  c.train.lr_joint_f = 2e-4         # ours.
+  c.train.weight_decay = 1e-6       # CSDI: 1e-6.
+  c.train.grad_clip = 1.0           # ours: guards the first steps of the attention layers.
+  c.train.joint_weight_c = 1.0      # joint loss = w_c * L_C + w_f * L_F; ours: equal.
+  c.train.joint_weight_f = 1.0
+  c.train.ema_decay = 0.999         # ours (vdm / DDPM practice: 0.9999 for long runs).
+  c.train.steps_per_call = 50       # steps fused into one device call with lax.scan (vdm).
+  c.train.log_every = 100           # console + metrics.jsonl cadence (in steps).
+  c.train.checkpoint_every = 500    # Orbax save cadence (in steps); work lost on a kill <= this.
+  c.train.keep_checkpoints = 2      # Orbax max_to_keep per stage.
+
+  # ---- evaluation (EVALUATION.md) ----
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128           # maps per sampler call; ours (CPU memory is no issue here).
+  c.eval.split = "test"             # "test" or "val".
+  c.eval.max_slices = 0             # 0 = whole split; >0 evaluates the first n slices (smoke runs).
+  return c
+
+
+def make_full_size(c: ml_collections.ConfigDict) -> None:
+  """Peer-sized model and sampler for an accelerator (the `:gpu` variants)."""
+  c.data.history = 12               # ours: 12 slices (6 h at 30 min; TimesNet periods 12,6,4,3,2).
+  c.diffusion.sampler = "ddpm"      # paper eqs. 6-7: ancestral sampling over all T steps.
+  c.diffusion.n_samples = 8         # ours; CSDI evaluates with 100 samples, 8 keeps runs short.
+  for m in (c.model_c, c.model_f):
+    m.base_channels = 64            # CSDI: 64 channels.
+    m.channel_mults = (1, 2)
+    m.num_res_blocks = 2            # ours.
+    m.emb_dim = 128                 # CSDI: diffusion embedding 128.
+    m.inter_dim = 64
+  c.model_c.d_model = 64            # CSDI: 64.
+  c.model_c.num_heads = 8           # CSDI: 8.
+  c.model_c.num_layers = 2          # ours (CSDI: 4 residual layers of 2 transformers each).
+  c.model_c.ff_dim = 128            # ours.
+  c.model_f.d_model = 64            # TimesNet: up to 64.
+  c.model_f.d_ff = 64
+  c.train.batch_size = 32           # ours.
+  c.train.steps_c = 20000           # ours: about 200 CSDI epochs of nytaxi-sized data.
+  c.train.steps_f = 20000
+  c.train.steps_joint = 5000
+  c.train.checkpoint_every = 2000
+  c.train.log_every = 500
+  c.train.ema_decay = 0.9995        # ours.
+
+
+def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  """The embedded real-data default: NYC taxi flows 16x12 -> 8x6 (N=2), CPU-sized."""
+  del arg
+  return base_config()

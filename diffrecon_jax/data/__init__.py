@@ -1,0 +1,1 @@
+"""Datasets, coarse-graining, sparse patterns and the task pipeline."""

@@ -1,0 +1,158 @@
+"""Sparse patterns: which coarse cells are observed (paper Sec. V-A.2, EVALUATION.md).
+
+A mask is float32 with 1 = observed, 0 = missing, the same for every channel. A pattern with
+missing ratio r hides n = floor(r * I * J + 0.5) cells of every slice (round half up, the same rule
+in numpy and in JAX):
+  - ``fixed``: the same n cells in every slice (fixed sensors);
+  - ``random``: a fresh random set of n cells in each slice (mobile sensing);
+  - ``large_scale``: the lower-right floor(I/2) x floor(J/2) block in every slice (ratio 0.25);
+  - ``file``: a user mask (.npy, 0/1, shape (I, J) or (T, I, J) over the whole series).
+
+`make_eval_mask` draws the evaluation masks with numpy from a recorded seed (saved beside the
+results). `sample_train_masks` draws masks on the fly inside the jitted training step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffrecon_jax.data.series import DataError
+
+KINDS = ("fixed", "random", "large_scale")
+LARGE_SCALE_RATIO = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+  """One sparse pattern. `kind` in KINDS or "file"; `ratio` the nominal missing ratio."""
+  kind: str
+  ratio: float
+  path: str = ""
+
+  @property
+  def label(self) -> str:
+    if self.kind == "file":
+      return f"file:{self.path}"
+    return f"{self.kind}:{self.ratio:g}"
+
+
+def parse_pattern(spec: str) -> Pattern:
+  """Parses "fixed:0.2", "random:0.8", "large_scale:0.25" or "file:/path/mask.npy"."""
+  if not isinstance(spec, str) or ":" not in spec:
+    raise DataError(f"pattern {spec!r} must look like 'kind:ratio' with kind in {KINDS}, "
+                    "or 'file:/path/mask.npy'")
+  kind, arg = spec.split(":", 1)
+  if kind == "file":
+    return Pattern("file", float("nan"), arg)
+  if kind not in KINDS:
+    raise DataError(f"pattern {spec!r}: unknown kind {kind!r}; expected one of {KINDS} or 'file'")
+  try:
+    ratio = float(arg)
+  except ValueError:
+    raise DataError(f"pattern {spec!r}: ratio {arg!r} is not a number") from None
+  if not 0.0 <= ratio < 1.0:
+    raise DataError(f"pattern {spec!r}: missing ratio must be in [0, 1), got {ratio}")
+  if kind == "large_scale" and abs(ratio - LARGE_SCALE_RATIO) > 1e-9:
+    raise DataError(f"pattern {spec!r}: large_scale hides the lower-right quarter, so its ratio "
+                    f"is {LARGE_SCALE_RATIO}; use 'file:' for other blocks")
+  return Pattern(kind, ratio)
+
+
+def num_missing(ratio: float, num_cells: int) -> int:
+  """n = floor(r * cells + 0.5); an error if that hides every cell."""
+  n = int(np.floor(ratio * num_cells + 0.5))
+  if n >= num_cells:
+    raise DataError(f"missing ratio {ratio} hides all {num_cells} coarse cells of a slice")
+  return n
+
+
+def large_scale_block(coarse_shape: tuple) -> np.ndarray:
+  """(I, J) float32 mask with the lower-right floor(I/2) x floor(J/2) block missing."""
+  i, j = coarse_shape
+  if i < 2 or j < 2:
+    raise DataError(f"large_scale needs a coarse grid of at least 2x2, got {i}x{j}")
+  mask = np.ones((i, j), np.float32)
+  mask[i - i // 2:, j - j // 2:] = 0.0
+  return mask
+
+
+def make_eval_mask(pattern: Pattern, num_slices: int, coarse_shape: tuple,
+                   seed: int) -> np.ndarray:
+  """The evaluation mask of a whole series: (T, I, J) float32, 1 = observed."""
+  i, j = coarse_shape
+  cells = i * j
+  if pattern.kind == "file":
+    return load_user_mask(pattern.path, num_slices, coarse_shape)
+  if pattern.kind == "large_scale":
+    return np.broadcast_to(large_scale_block(coarse_shape), (num_slices, i, j)).copy()
+  n = num_missing(pattern.ratio, cells)
+  rng = np.random.default_rng(seed)
+  if pattern.kind == "fixed":
+    flat = np.ones(cells, np.float32)
+    flat[rng.permutation(cells)[:n]] = 0.0
+    return np.broadcast_to(flat.reshape(i, j), (num_slices, i, j)).copy()
+  # random: an independent set of n cells per slice.
+  ranks = np.argsort(np.argsort(rng.random((num_slices, cells)), axis=1), axis=1)
+  return (ranks >= n).astype(np.float32).reshape(num_slices, i, j)
+
+
+def load_user_mask(path: str, num_slices: int, coarse_shape: tuple) -> np.ndarray:
+  """A user mask file (.npy) of shape (I, J) or (T, I, J), values 0/1 -> (T, I, J) float32."""
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise DataError(f"mask file {path} not found")
+  m = np.load(p)
+  if m.shape == tuple(coarse_shape):
+    m = np.broadcast_to(m, (num_slices,) + tuple(coarse_shape))
+  if m.shape != (num_slices,) + tuple(coarse_shape):
+    raise DataError(f"mask file {path}: shape {m.shape} must be {tuple(coarse_shape)} or "
+                    f"{(num_slices,) + tuple(coarse_shape)} (coarse grid, whole series)")
+  if not np.all((m == 0) | (m == 1)):
+    raise DataError(f"mask file {path}: values must be 0 (missing) or 1 (observed)")
+  return m.astype(np.float32)
+
+
+def combine_with_nan(mask: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+  """Marks cells whose coarse value is NaN in any channel as missing. mask (T,I,J), coarse (T,I,J,C)."""
+  return mask * np.all(np.isfinite(coarse), axis=-1).astype(np.float32)
+
+
+def encode_train_patterns(patterns: Sequence[Pattern]) -> tuple:
+  """(kind ids (P,) int32, ratios (P,) float32) for `sample_train_masks`; "file" is not allowed."""
+  kinds, ratios = [], []
+  for p in patterns:
+    if p.kind == "file":
+      raise DataError("user mask files are for evaluation; train on fixed/random/large_scale")
+    kinds.append(KINDS.index(p.kind))
+    ratios.append(p.ratio)
+  if not kinds:
+    raise DataError("config.patterns.train is empty")
+  return np.asarray(kinds, np.int32), np.asarray(ratios, np.float32)
+
+
+def sample_train_masks(rng: jax.Array, batch_size: int, window: int, coarse_shape: tuple,
+                       kind_ids: jax.Array, ratios: jax.Array) -> jax.Array:
+  """Masks drawn on the fly, one pattern per window chosen uniformly from the train patterns.
+
+  Same rules as `make_eval_mask`; jit-able (shapes are static, the choice is data).
+  Returns (B, window, I, J) float32, 1 = observed.
+  """
+  i, j = coarse_shape
+  cells = i * j
+  k_pat, k_fixed, k_rand = jax.random.split(rng, 3)
+  choice = jax.random.randint(k_pat, (batch_size,), 0, kind_ids.shape[0])
+  kind = kind_ids[choice]                                   # (B,)
+  n = jnp.floor(ratios[choice] * cells + 0.5)               # (B,)
+  u_fixed = jax.random.uniform(k_fixed, (batch_size, 1, cells))
+  u_rand = jax.random.uniform(k_rand, (batch_size, window, cells))
+  u = jnp.where((kind == KINDS.index("fixed"))[:, None, None], u_fixed, u_rand)
+  ranks = jnp.argsort(jnp.argsort(u, axis=-1), axis=-1)
+  rank_mask = (ranks >= n[:, None, None]).astype(jnp.float32).reshape(batch_size, window, i, j)
+  block = jnp.asarray(large_scale_block(coarse_shape)) if (i >= 2 and j >= 2) else jnp.ones((i, j))
+  is_block = (kind == KINDS.index("large_scale"))[:, None, None, None]
+  return jnp.where(is_block, block[None, None], rank_mask)

@@ -1,0 +1,28 @@
+"""Command line entry point: flags only; the work lives in `diffrecon_jax.run`.
+
+  python -m diffrecon_jax.main --config=configs/nytaxi.py --workdir=/tmp/nytaxi
+  python -m diffrecon_jax.main --config=configs/nytaxi.py:cpu --workdir=DIR --mode=evaluate
+  python -m diffrecon_jax.main --config=configs/nytaxi.py --workdir=DIR --config.method=interp
+"""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from diffrecon_jax import run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
+                                          "(optionally with ':variant').", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train_and_evaluate", run.MODES,
+                          "What to do: train, evaluate, train_and_evaluate or reconstruct.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  run.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,34 @@
+"""Installable package for diffrecon_jax.
+
+Lower bounds are the versions the test suite was run with (see WORKSPACE.md).
+TensorFlow is deliberately absent: TFDS builders are read with `tfds.data_source`.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="diffrecon_jax",
+    version="0.1.0",
+    description="DiffRecon in JAX/Flax: fine-grained spatiotemporal maps from sparse coarse observations",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffrecon_jax", "diffrecon_jax.*", "configs"]),
+    package_data={"diffrecon_jax": ["data/embedded/*/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "numpy>=2.0",
+        "ml-collections>=1.1.0",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.6",
+        "absl-py>=2.5.1",
+        "h5py>=3.16.0",
+        "numcodecs>=0.16.6",
+        "netCDF4>=1.7.5",
+    ],
+    extras_require={
+        "test": ["pytest>=9.0", "chex>=0.1.92"],
+        "bench": ["torch>=2.13.0"],
+    },
+)

@@ -1,0 +1,55 @@
+"""Metrics checked against hand-computed cases (EVALUATION.md)."""
+import math
+
+import numpy as np
+import pytest
+
+from diffrecon_jax import metrics
+
+
+def test_mae_rmse_by_hand():
+  pred = np.array([[1.0, 2.0], [3.0, 5.0]])
+  truth = np.array([[1.0, 4.0], [0.0, 5.0]])
+  assert metrics.mae(pred, truth) == pytest.approx((0 + 2 + 3 + 0) / 4)
+  assert metrics.rmse(pred, truth) == pytest.approx(math.sqrt((0 + 4 + 9 + 0) / 4))
+
+
+def test_pooled_over_cells_not_mean_of_batch_means():
+  m = metrics.PooledMetrics()
+  m.update(np.zeros(1), np.ones(1))          # one cell, error 1
+  m.update(np.zeros(3), np.full(3, 3.0))     # three cells, error 3
+  assert m.mae == pytest.approx((1 + 9) / 4)  # a mean of batch means would give 2
+  assert m.rmse == pytest.approx(math.sqrt((1 + 27) / 4))
+
+
+def test_where_and_nan_truth_are_skipped():
+  m = metrics.PooledMetrics()
+  truth = np.array([1.0, np.nan, 3.0, 10.0])
+  m.update(np.array([2.0, 100.0, 3.0, 0.0]), truth, where=np.array([True, True, True, False]))
+  assert m.count == 2 and m.mae == pytest.approx(0.5)
+  empty = metrics.PooledMetrics()
+  assert empty.mae is None and empty.rmse is None and empty.crps is None
+
+
+def test_nan_prediction_at_a_scored_cell_raises():
+  with pytest.raises(FloatingPointError, match="NaN"):
+    metrics.mae(np.array([np.nan, 1.0]), np.array([0.0, 1.0]))
+
+
+def test_crps_by_hand():
+  # one sample: CRPS = |x - y|
+  assert metrics.crps_per_cell(np.array([[3.0]]), np.array([1.0]))[0] == pytest.approx(2.0)
+  # samples {0, 2}, y = 1: E|X-y| = 1, E|X-X'| = (0+2+2+0)/4 = 1 -> CRPS = 1 - 0.5 = 0.5
+  assert metrics.crps_per_cell(np.array([[0.0], [2.0]]), np.array([1.0]))[0] == pytest.approx(0.5)
+  # equals the brute-force double sum on random data
+  rng = np.random.default_rng(0)
+  s, y = rng.normal(size=(6, 4, 3)), rng.normal(size=(4, 3))
+  ref = np.abs(s - y).mean(0) - 0.5 * np.abs(s[:, None] - s[None]).mean((0, 1))
+  np.testing.assert_allclose(metrics.crps_per_cell(s, y), ref, rtol=1e-10)
+
+
+def test_crps_pooled():
+  m = metrics.PooledMetrics()
+  samples = np.array([[0.0, 5.0], [2.0, 5.0]])
+  m.update(np.median(samples, 0), np.array([1.0, 5.0]), samples=samples)
+  assert m.crps == pytest.approx((0.5 + 0.0) / 2)
