@@ -127,7 +127,15 @@ def make_full_size(c: ml_collections.ConfigDict) -> None:
   c.train.ema_decay = 0.9995        # ours.
 
 
+def apply_variant(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+  """`cpu` (default): the base config as is; `gpu`: `make_full_size`."""
+  if arg == "gpu":
+    make_full_size(c)
+  elif arg not in ("", "cpu"):
+    raise ValueError(f"unknown config variant {arg!r}; use 'cpu' or 'gpu'")
+  return c
+
+
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   """The embedded real-data default: NYC taxi flows 16x12 -> 8x6 (N=2), CPU-sized."""
-  del arg
-  return base_config()
+  return apply_variant(base_config(), arg)

@@ -10,8 +10,4 @@ def get_config(arg: str = "cpu"):
   c = default.base_config()
   c.data.name = "nytaxi"
   c.data.scale_factor = 2  # 16x12 -> 8x6; N=4 (-> 4x3) is too coarse for a 3-level U-Net.
-  if arg == "gpu":
-    default.make_full_size(c)
-  elif arg != "cpu":
-    raise ValueError(f"unknown variant {arg!r}; use 'cpu' or 'gpu'")
-  return c
+  return default.apply_variant(c, arg)

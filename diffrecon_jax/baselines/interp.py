@@ -54,7 +54,9 @@ class InterpBaseline:
   name = "interp"
   sampler = None
 
-  def __init__(self, time_weight: float = 1.0):
+  # 0.1: measured on the nytaxi validation split (completion MAE random:0.4 24.1 vs 134.6 at
+  # 1.0 and 149.7 spatial-only): the same cell seen recently beats any spatial neighbour.
+  def __init__(self, time_weight: float = 0.1):
     self.time_weight = time_weight
 
   def reconstruct(self, task, mask: np.ndarray, slices: np.ndarray) -> dict:

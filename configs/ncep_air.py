@@ -1,0 +1,18 @@
+"""NCEP/NCAR reanalysis surface air temperature, 6-hourly 2013-2014, 25x53 -> cropped 24x52 ->
+6x13 coarse (N=4, mean pooling): a dense smooth real field, the closest stand-in for TAPBJ here.
+
+`--config.data.path` is the `air_temperature.zarr` folder; the default points at this project's
+shared data folder beside the checkout.
+"""
+from configs import default
+
+
+def get_config(arg: str = "cpu"):
+  c = default.base_config()
+  c.data.name = "ncep_air"
+  c.data.path = "../shared/data/NCEP_air_temperature/air_temperature.zarr"
+  c.data.daily = False      # True: daily means (730 slices), like TAPBJ's daily maps.
+  c.data.scale_factor = 4   # paper Table I: N = 4.
+  c.data.crop = "fit"       # 25x53 is not divisible by 4: drop the last row and column.
+  c.data.history = 8        # ours: two days of 6-hourly maps (the daily period 4 is visible).
+  return default.apply_variant(c, arg)

@@ -1,0 +1,18 @@
+"""TaxiBJ (Beijing taxi in/out flows, 30 min, 32x32 fine -> 8x8 coarse, N=4): the paper's setup.
+
+The data is not redistributable here: download the ST-ResNet release (BJ13_M32x32_T30_InOut.h5,
+BJ_Meteorology.h5, BJ_Holiday.txt) and pass its folder with `--config.data.path=DIR`; the files'
+sha256 are checked against the official fingerprints.
+"""
+from configs import default
+
+
+def get_config(arg: str = "cpu"):
+  c = default.base_config()
+  c.data.name = "taxibj"
+  c.data.path = ""          # required: the folder of the official files.
+  c.data.year = 13          # paper: TaxiBJ13 (2013-07-01..10-30).
+  c.data.verify_checksum = True
+  c.data.scale_factor = 4   # paper Table I: 8x8 -> 32x32.
+  c.data.history = 6        # ours (CPU); `gpu` variant: 12.
+  return default.apply_variant(c, arg)

@@ -1,0 +1,88 @@
+"""NCEP/NCAR Reanalysis 1 surface air temperature (xarray tutorial grid), 2013-2014.
+
+Source: `shared/data/NCEP_air_temperature/air_temperature.zarr`, a Zarr v2 store (blosc/lz4):
+`air` int16 (2920, 25, 53) x scale_factor 0.01 = Kelvin, `time` hours since 1800-01-01,
+`lat` 75..15 N (row 0 northernmost), `lon` 200..330 E. 6-hourly, no gaps, no missing values.
+Kalnay et al. (1996), "NCEP/NCAR Reanalysis data provided by NOAA PSL, Boulder, Colorado, USA".
+
+Temperature is intensive, so aggregation is "mean". The grid (25 x 53) is not cropped here;
+making it divisible by the magnification N is the coarse-graining module's job (`crop` exists
+for callers that want a fixed window, e.g. (slice(0, 24), slice(2, 50))).
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Optional, Union
+
+import numpy as np
+
+from diffrecon_jax.data.custom import check_values, decode_cf_time, read_zarr
+from diffrecon_jax.data.series import DataError, SpatioTemporalSeries, calendar_features
+
+
+def day_of_year_features(timestamps: np.ndarray) -> tuple[np.ndarray, tuple]:
+  """(T, 2) float32 [sin, cos] of 2 pi (day of year - 1) / days in that year (seasonal cycle)."""
+  ts = np.asarray(timestamps).astype("datetime64[m]")
+  years = ts.astype("datetime64[Y]")
+  year_start = years.astype("datetime64[m]")
+  year_len = ((years + 1).astype("datetime64[m]") - year_start).astype(np.float64)
+  frac = (ts - year_start).astype(np.float64) / year_len
+  feats = np.stack([np.sin(2 * np.pi * frac), np.cos(2 * np.pi * frac)], axis=1)
+  return feats.astype(np.float32), ("doy_sin", "doy_cos")
+
+
+def load_ncep_air(zarr_path: Union[str, pathlib.Path], daily: bool = False,
+                  crop: Optional[tuple] = None) -> SpatioTemporalSeries:
+  """Loads the NCEP air temperature store.
+
+  Args:
+    zarr_path: the `air_temperature.zarr` directory (or the folder that contains it).
+    daily: average the four 6-hourly fields of each day -> 730 daily slices (timestamp 00:00).
+    crop: optional (row slice, column slice) applied to the (25, 53) grid.
+
+  Returns:
+    values (T, 25, 53, 1) float32 Kelvin, T = 2920 (6-hourly) or 730 (daily); external =
+    calendar features (4 slots per day, or 1 when daily) + day-of-year sin/cos.
+  """
+  store = pathlib.Path(zarr_path)
+  if not (store / ".zmetadata").exists() and (store / "air_temperature.zarr").is_dir():
+    store = store / "air_temperature.zarr"
+  if not store.is_dir():
+    raise DataError(f"{store}: NCEP air temperature Zarr store not found (expected the folder "
+                    f"shared/data/NCEP_air_temperature/air_temperature.zarr)")
+  raw, attrs = read_zarr(store, "air")
+  if raw.ndim != 3:
+    raise DataError(f"{store}/air: expected (time, lat, lon), got shape {raw.shape}")
+  scale = float(attrs.get("scale_factor", 1.0))
+  offset = float(attrs.get("add_offset", 0.0))
+  values = check_values(raw.astype(np.float64) * scale + offset, f"{store}/air")[..., None]
+  hours, tattrs = read_zarr(store, "time")
+  timestamps = decode_cf_time(hours, tattrs.get("units", ""), tattrs.get("calendar"))
+  if timestamps.shape[0] != values.shape[0]:
+    raise DataError(f"{store}: {timestamps.shape[0]} times for {values.shape[0]} fields")
+  interval = int(np.median(np.diff(timestamps).astype(np.int64)))
+
+  if daily:
+    days, first, counts = np.unique(timestamps.astype("datetime64[D]"), return_index=True,
+                                    return_counts=True)
+    per_day = 1440 // interval
+    if (counts != per_day).any() or np.any(np.diff(first) != per_day):
+      raise DataError(f"{store}: daily means need {per_day} consecutive fields per day; "
+                      f"found days with {sorted(set(counts.tolist()))}")
+    values = values.reshape(len(days), per_day, *values.shape[1:]).mean(axis=1)
+    timestamps = days.astype("datetime64[m]")
+    interval = 1440
+
+  if crop is not None:
+    rows, cols = crop
+    values = values[:, rows, cols]
+  values = np.ascontiguousarray(values, dtype=np.float32)
+
+  cal, cal_names = calendar_features(timestamps, 1440 // interval)
+  doy, doy_names = day_of_year_features(timestamps)
+  return SpatioTemporalSeries(
+      name="ncep_air", values=values, timestamps=timestamps,
+      external=np.concatenate([cal, doy], axis=1), external_names=cal_names + doy_names,
+      aggregation="mean", units="K", interval_minutes=interval,
+      channel_names=("air_temperature",),
+      source=f"{store} (NCEP/NCAR Reanalysis 1, Kalnay et al. 1996; NOAA PSL)")

@@ -1,0 +1,110 @@
+"""TFDS builders (array_record) for the registry datasets, readable without TensorFlow.
+
+One example per time slice: `values` (H, W, C) float32, `timestamp` int64 (minutes since
+1970-01-01), `external` (F,) float32. Splits are chronological 2:1:1:
+the same boundaries as `pipeline.Split`; shuffling is disabled so example i of a
+split is slice (split start + i). The series metadata (names, aggregation, units, interval) is
+stored in the dataset info.
+
+`tfds.data_source` and `GeneratorBasedBuilder.download_and_prepare(file_format="array_record")`
+run without TensorFlow in tensorflow-datasets 4.9 (examples are encoded/decoded with numpy).
+The builder class is made per dataset (name `diffrecon_<dataset>`) and not registered, because
+its shapes depend on the loaded series; prepared data is read back from files by name with
+`tfds.data_source("diffrecon_<dataset>", data_dir=...)` or `load_tfds`.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Optional, Union
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffrecon_jax.data.pipeline import Split
+from diffrecon_jax.data.registry import load_dataset
+from diffrecon_jax.data.series import SpatioTemporalSeries
+
+DATA_VERSION = "1.0.0"
+
+
+def split_bounds(t: int) -> dict:
+  """Chronological 2:1:1 split of T slices -> {split: (start, stop)} (the task's own split)."""
+  split = Split.chronological(t)
+  return {name: split.range(name) for name in ("train", "val", "test")}
+
+
+class SeriesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Writes a `SpatioTemporalSeries` as one example per time slice."""
+
+  VERSION = tfds.core.Version(DATA_VERSION)
+  RELEASE_NOTES = {DATA_VERSION: "One example per slice; chronological 2:1:1 splits."}
+
+  def __init__(self, *, series: SpatioTemporalSeries, **kwargs):
+    self._series = series
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    s = self._series
+    h, w = s.fine_shape
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"{s.name}: {s.units}; source: {s.source}",
+        features=tfds.features.FeaturesDict({
+            "values": tfds.features.Tensor(shape=(h, w, s.channels), dtype=np.float32),
+            "timestamp": tfds.features.Scalar(dtype=np.int64),
+            "external": tfds.features.Tensor(shape=(s.external.shape[1],), dtype=np.float32),
+        }),
+        disable_shuffling=True,  # keep time order within each split.
+        metadata=tfds.core.MetadataDict(
+            name=s.name, external_names=list(s.external_names),
+            channel_names=list(s.channel_names), aggregation=s.aggregation, units=s.units,
+            interval_minutes=int(s.interval_minutes), num_slices=int(s.num_slices)),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # data comes from the loader, not from a download.
+    return {split: self._generate_examples(start, stop)
+            for split, (start, stop) in split_bounds(self._series.num_slices).items()}
+
+  def _generate_examples(self, start: int, stop: int):
+    s = self._series
+    minutes = s.timestamps.astype("datetime64[m]").astype(np.int64)
+    for i in range(start, stop):
+      yield i, {"values": s.values[i].astype(np.float32), "timestamp": minutes[i],
+                "external": s.external[i].astype(np.float32)}
+
+
+@functools.cache
+def builder_class(name: str) -> type:
+  """The (unregistered) builder class of dataset `name`; its TFDS name is `diffrecon_<name>`."""
+  cls_name = "Diffrecon" + "".join(p.capitalize() for p in name.split("_"))
+  return type(cls_name, (SeriesBuilder,), {"name": f"diffrecon_{name}"},
+              skip_registration=True)
+
+
+def build_tfds(name: str, data_dir: Union[str, pathlib.Path],
+               series: Optional[SpatioTemporalSeries] = None, **loader_kwargs) -> dict:
+  """Prepares dataset `name` as array_record under `data_dir` and returns its data sources.
+
+  Args:
+    name: registry name (DATASET_NAMES).
+    data_dir: TFDS data dir; files go to <data_dir>/diffrecon_<name>/<DATA_VERSION>/.
+    series: an already loaded (e.g. sliced) series to write instead of calling the loader.
+    **loader_kwargs: passed to `registry.load_dataset`.
+
+  Returns:
+    {"train", "val", "test"} -> random-access data sources; element i is a dict with
+    values (H, W, C) float32, timestamp int64, external (F,) float32.
+  """
+  if series is None:
+    series = load_dataset(name, **loader_kwargs)
+  builder = builder_class(name)(series=series, data_dir=str(data_dir),
+                                file_format="array_record")
+  builder.download_and_prepare()
+  return builder.as_data_source()
+
+
+def load_tfds(name: str, data_dir: Union[str, pathlib.Path]) -> dict:
+  """Data sources of an already prepared dataset, read from files (no loader, no TF)."""
+  return tfds.data_source(f"diffrecon_{name}", data_dir=str(data_dir))
