@@ -22,14 +22,18 @@ from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax.data import patterns as patterns_lib
 
 
-def pattern_seed(base_seed: int, label: str) -> int:
-  """A per-pattern mask seed, stable across runs, machines and methods."""
-  return (int(base_seed) * 1_000_003 + zlib.crc32(label.encode())) % (2 ** 31)
+def pattern_seed(base_seed: int, kind: str) -> int:
+  """The mask seed of a pattern kind, stable across runs, machines and methods.
+
+  One seed per *kind* (not per ratio) makes the masks of one kind nested: the cells hidden at
+  ratio 0.2 are also hidden at 0.4, and so on, so errors across ratios compare like with like.
+  """
+  return (int(base_seed) * 1_000_003 + zlib.crc32(kind.encode())) % (2 ** 31)
 
 
 def eval_mask(task, pattern: patterns_lib.Pattern, base_seed: int) -> tuple:
   """(mask (T,I,J) with NaN coarse cells marked missing, seed used)."""
-  seed = pattern_seed(base_seed, pattern.label)
+  seed = pattern_seed(base_seed, pattern.kind)
   mask = patterns_lib.make_eval_mask(pattern, task.fine.shape[0], task.coarse_shape, seed)
   return mask * task.coarse_valid, seed
 

@@ -90,3 +90,12 @@ def test_main_command_line_runs_interp(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   doc = json.loads((tmp_path / "results.json").read_text())
   assert [r["pattern"] for r in doc["results"]] == ["fixed", "large_scale"]
+
+
+def test_masks_of_one_kind_are_nested():
+  task = pipeline.prepare_task(default.get_config())
+  for kind in ("fixed", "random"):
+    masks = [evaluate.eval_mask(task, evaluate.patterns_lib.parse_pattern(f"{kind}:{r}"), 0)[0]
+             for r in (0.2, 0.4, 0.6, 0.8)]
+    for lo, hi in zip(masks, masks[1:]):
+      assert ((hi == 0) | (lo == 1)).all() and (hi <= lo).all() and hi.sum() < lo.sum()
