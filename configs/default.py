@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_f.top_k = 3               # TimesNet: 3 (the paper's k, eq. 28).
   c.model_f.num_blocks = 2          # TimesNet: 2 TimesBlocks.
   c.model_f.num_kernels = 6         # TimesNet: 6 inception kernels.
-  c.model_f.out_channels = 4        # ours: per-location channels after "stacking" (Sec. IV-D end).
+  c.model_f.encoder_channels = 4    # ours: per-location channels after "stacking" (Sec. IV-D end).
   c.model_f.inter_dim = 32          # ours.
   c.model_f.use_inter = True        # ablation switch.
 
