@@ -1,0 +1,181 @@
+"""The two noise predictors of DiffRecon: Diffusion-C (stage 1) and Diffusion-F (stage 2).
+
+Both follow eq. 13: a U-Net encodes the current map (S_intra), a sequence encoder encodes the
+window (S_inter), the per-point encodings are stacked onto the U-Net bottleneck grid
+(eqs. 24-25, `grid_stack.stack_to_grid`), reduced by a Dense to `inter_dim` channels, and fused
+at the bottleneck. Call convention (as `diffusion.EpsFn` after closing over params and cond):
+`model.apply(params, x_tau, tau, cond) -> eps_hat`.
+
+All shapes (t, I, J, C, N) are read from the inputs, so one class serves every dataset; a set of
+parameters is tied to the shapes it was initialised with (the sequence encoders' position tables
+fix t, I, J).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffrecon_jax.models import grid_stack
+from diffrecon_jax.models.st_pointformer import STPointFormer
+from diffrecon_jax.models.t_patternnet import TPatternNet
+from diffrecon_jax.models.unet import UNet, bottleneck_shape
+
+Array = jax.Array
+
+
+def _require(cond: Mapping[str, Any], key: str, who: str) -> Array:
+  if key not in cond or cond[key] is None:
+    raise ValueError(f"{who}: cond is missing {key!r} (got keys {sorted(cond)})")
+  return cond[key]
+
+
+def _external(cond: Mapping[str, Any], b: int, t: int, who: str) -> Optional[Array]:
+  """cond['external'] (B, t, F) or None; F == 0 is treated as None."""
+  ext = cond.get("external")
+  if ext is None:
+    return None
+  if ext.ndim != 3 or ext.shape[:2] != (b, t):
+    raise ValueError(f"{who}: cond['external'] must be (B={b}, t={t}, F), got {ext.shape}")
+  return None if ext.shape[-1] == 0 else ext
+
+
+class DiffusionCNet(nn.Module):
+  """Diffusion-C noise predictor (coarse completion): U-Net + ST-PointFormer.
+
+  Attributes:
+    base_channels, channel_mults, num_res_blocks, emb_dim, dropout, num_groups: U-Net.
+    d_model, num_heads, num_layers, ff_dim, attention_impl: ST-PointFormer.
+    inter_dim: channels of S_inter after the Dense that reduces the stacked encodings.
+    use_inter: False drops the ST-PointFormer branch (ablation: U-Net on the current map only).
+  """
+  base_channels: int = 32
+  channel_mults: Sequence[int] = (1, 2)
+  num_res_blocks: int = 1
+  emb_dim: int = 64
+  dropout: float = 0.0
+  num_groups: int = 8
+  d_model: int = 64
+  num_heads: int = 8
+  num_layers: int = 2
+  ff_dim: int = 128
+  attention_impl: Optional[str] = None
+  inter_dim: int = 64
+  use_inter: bool = True
+
+  @nn.compact
+  def __call__(self, x_tau: Array, tau: Array, cond: Mapping[str, Any], *,
+               deterministic: bool = True) -> Array:
+    """Predicts the noise of the current coarse map.
+
+    Args:
+      x_tau: (B, I, J, C) noisy current coarse map.
+      tau: (B,) int32 diffusion step.
+      cond: 'obs' (B, t, I, J, C) masked normalised coarse window, current slice LAST, missing
+        entries 0; 'mask' (B, t, I, J) float, 1 = observed; 'external' (B, t, F) or None.
+      deterministic: disables dropout.
+    Returns:
+      eps_hat (B, I, J, C) float32.
+    """
+    who = "DiffusionCNet"
+    obs = _require(cond, "obs", who)
+    mask = _require(cond, "mask", who)
+    if obs.ndim != 5:
+      raise ValueError(f"{who}: cond['obs'] must be (B, t, I, J, C), got {obs.shape}")
+    b, t, i, j, c = obs.shape
+    if x_tau.shape != (b, i, j, c):
+      raise ValueError(f"{who}: x_tau must be (B, I, J, C) = {(b, i, j, c)} to match "
+                       f"cond['obs'] {obs.shape}, got {x_tau.shape}")
+    if mask.shape != (b, t, i, j):
+      raise ValueError(f"{who}: cond['mask'] must be (B, t, I, J) = {(b, t, i, j)}, "
+                       f"got {mask.shape}")
+    external = _external(cond, b, t, who)
+    mask = mask.astype(jnp.float32)
+
+    unet = UNet(out_channels=c, base_channels=self.base_channels,
+                channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
+                emb_dim=self.emb_dim, dropout=self.dropout, num_groups=self.num_groups)
+    inter = None
+    if self.use_inter:  # eqs. 12, 14-25
+      enc = STPointFormer(d_model=self.d_model, num_heads=self.num_heads,
+                          num_layers=self.num_layers, ff_dim=self.ff_dim, dropout=self.dropout,
+                          attention_impl=self.attention_impl)(
+                              obs, mask, external, deterministic=deterministic)
+      down = bottleneck_shape(i, j, len(self.channel_mults))
+      inter = nn.Dense(self.inter_dim, name="inter_proj")(grid_stack.stack_to_grid(enc, down))
+    x_in = jnp.concatenate([x_tau, obs[:, -1], mask[:, -1, ..., None]], axis=-1)
+    ext_now = None if external is None else external[:, -1]
+    return unet(x_in, tau, ext_now, inter, deterministic=deterministic)
+
+
+class DiffusionFNet(nn.Module):
+  """Diffusion-F noise predictor (fine inference): U-Net + T-PatternNet.
+
+  Attributes:
+    scale: N, the fine/coarse upscaling factor (fine grid = (N*I, N*J)).
+    base_channels, channel_mults, num_res_blocks, emb_dim, dropout, num_groups: U-Net.
+    d_model, d_ff, top_k, num_blocks, num_kernels, encoder_channels: T-PatternNet
+      (encoder_channels is its per-point output width).
+    inter_dim: channels of S_inter after the Dense that reduces the stacked encodings.
+    use_inter: False drops the T-PatternNet branch (ablation).
+  """
+  scale: int
+  base_channels: int = 32
+  channel_mults: Sequence[int] = (1, 2)
+  num_res_blocks: int = 1
+  emb_dim: int = 64
+  dropout: float = 0.0
+  num_groups: int = 8
+  d_model: int = 32
+  d_ff: int = 32
+  top_k: int = 3
+  num_blocks: int = 2
+  num_kernels: int = 6
+  encoder_channels: int = 4
+  inter_dim: int = 64
+  use_inter: bool = True
+
+  @nn.compact
+  def __call__(self, x_tau: Array, tau: Array, cond: Mapping[str, Any], *,
+               deterministic: bool = True) -> Array:
+    """Predicts the noise of the current fine map.
+
+    Args:
+      x_tau: (B, N*I, N*J, C) noisy current fine map.
+      tau: (B,) int32 diffusion step.
+      cond: 'coarse' (B, t, I, J, C) completed normalised coarse window, current slice LAST
+        (t >= 2 when use_inter); 'external' (B, t, F) or None.
+      deterministic: disables dropout.
+    Returns:
+      eps_hat (B, N*I, N*J, C) float32.
+    """
+    who = "DiffusionFNet"
+    coarse = _require(cond, "coarse", who)
+    if coarse.ndim != 5:
+      raise ValueError(f"{who}: cond['coarse'] must be (B, t, I, J, C), got {coarse.shape}")
+    n = int(self.scale)
+    if n < 1:
+      raise ValueError(f"{who}: scale must be a positive integer, got {self.scale}")
+    b, t, i, j, c = coarse.shape
+    if x_tau.shape != (b, n * i, n * j, c):
+      raise ValueError(f"{who}: x_tau must be (B, N*I, N*J, C) = {(b, n * i, n * j, c)} for "
+                       f"scale N={n} and cond['coarse'] {coarse.shape}, got {x_tau.shape}")
+    external = _external(cond, b, t, who)
+
+    unet = UNet(out_channels=c, base_channels=self.base_channels,
+                channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
+                emb_dim=self.emb_dim, dropout=self.dropout, num_groups=self.num_groups)
+    inter = None
+    if self.use_inter:  # eqs. 12, 26-34, then stacking as eq. 25
+      enc = TPatternNet(d_model=self.d_model, d_ff=self.d_ff, top_k=self.top_k,
+                        num_blocks=self.num_blocks, num_kernels=self.num_kernels,
+                        out_channels=self.encoder_channels)(coarse, external)
+      down = bottleneck_shape(n * i, n * j, len(self.channel_mults))
+      inter = nn.Dense(self.inter_dim, name="inter_proj")(grid_stack.stack_to_grid(enc, down))
+    # Nearest upsampling: each fine cell sees its parent coarse value.
+    up = jnp.repeat(jnp.repeat(coarse[:, -1], n, axis=1), n, axis=2)
+    x_in = jnp.concatenate([x_tau, up.astype(x_tau.dtype)], axis=-1)
+    ext_now = None if external is None else external[:, -1]
+    return unet(x_in, tau, ext_now, inter, deterministic=deterministic)
