@@ -1,0 +1,571 @@
+"""Training of DiffRecon (paper Sec. IV-E): stage pre-training, then joint training.
+
+Three phases run in order, each with its own optimizer and Orbax checkpoint directory:
+
+  stage_c  (config.train.steps_c)      only Diffusion-C learns: eps-MSE (eq. 4) on the
+                                        pseudo-complete current coarse map, conditioned on the
+                                        masked window (obs, mask) and external features.
+  stage_f  (config.train.steps_f)      only Diffusion-F learns: eps-MSE on the current fine map,
+                                        conditioned on the pseudo-complete coarse window.
+  joint    (config.train.steps_joint)  both learn, end to end: w_c L_C + w_f L_F where L_F is
+                                        conditioned on Diffusion-C's differentiable completion of
+                                        the current coarse map (see `joint_loss`).
+
+One compiled step serves every phase and every device layout: `jax.jit` over a one-axis Mesh,
+state replicated and donated, the batch drawn INSIDE the step from the state's PRNG key and split
+over the 'data' axis, `steps_per_call` steps fused with `lax.scan` (tiny models are otherwise
+launch-bound). Because the key lives in the state and the fused chunks end on every checkpoint
+step, a run resumed from a checkpoint reaches the same parameters as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+from etils import epath
+import flax.linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from diffrecon_jax import diffusion
+from diffrecon_jax import parallel
+from diffrecon_jax.data import patterns as patterns_lib
+from diffrecon_jax.data import pipeline
+
+Array = jax.Array
+PHASES = ("stage_c", "stage_f", "joint")
+_STEPS_FIELD = {"stage_c": "steps_c", "stage_f": "steps_f", "joint": "steps_joint"}
+# Component losses first: a NaN is reported under the loss it starts in.
+_METRIC_NAMES = {"stage_c": ("loss_c", "loss", "grad_norm"),
+                 "stage_f": ("loss_f", "loss", "grad_norm"),
+                 "joint": ("loss_c", "loss_f", "loss", "grad_norm")}
+_ITEMS = ("state", "meta")
+
+
+# --------------------------------------------------------------------------------------------
+# State, models, optimizers
+# --------------------------------------------------------------------------------------------
+@struct.dataclass
+class TrainState:
+  """Everything a phase needs to continue exactly; what the checkpoints hold.
+
+  Attributes:
+    step: () int32, steps done in the current phase.
+    params: {'c': Diffusion-C params, 'f': Diffusion-F params}.
+    ema_params: same structure; exponential moving average used for sampling.
+    opt_state: optax state of the phase's optimizer.
+    rng: (2,) uint32 raw PRNG key; every batch, mask, tau and noise of the next step derive from
+      it, so the state alone determines the rest of the run.
+  """
+  step: Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The two denoisers and the shared noise schedule."""
+  c: nn.Module
+  f: nn.Module
+  schedule: diffusion.Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  """Static arguments of `pipeline.sample_train_batch` (hashable; closed over by the step)."""
+  batch_size: int
+  history: int
+  index_range: tuple
+  patterns: tuple  # (kind ids (P,) int32, ratios (P,) float32) as tuples.
+
+  @classmethod
+  def from_task(cls, config: ml_collections.ConfigDict, task) -> "BatchSpec":
+    kinds, ratios = patterns_lib.encode_train_patterns(task.patterns_train)
+    lo, hi = task.train_range
+    return cls(int(config.train.batch_size), int(task.history), (int(lo), int(hi)),
+               (tuple(int(k) for k in kinds), tuple(float(r) for r in ratios)))
+
+
+def build_models(config: ml_collections.ConfigDict, scale: int) -> Models:
+  """Diffusion-C / Diffusion-F from config.model_c / config.model_f, schedule from config.diffusion."""
+  from diffrecon_jax.models import denoisers  # local: the model zoo is heavy to import.
+  d = config.diffusion
+  schedule = diffusion.make_schedule(d.schedule, int(d.num_steps), float(d.beta_start),
+                                     float(d.beta_end))
+  return Models(c=denoisers.DiffusionCNet(**config.model_c.to_dict()),
+                f=denoisers.DiffusionFNet(scale=int(scale), **config.model_f.to_dict()),
+                schedule=schedule)
+
+
+def dummy_inputs(shapes: dict, batch_size: int = 1) -> tuple:
+  """Zero inputs for `init`, from `TaskData.shapes`.
+
+  Returns ((x_c (B,I,J,C), cond_c), (x_f (B,NI,NJ,C), cond_f)) with B = batch_size.
+  """
+  b, t = batch_size, int(shapes["window"])
+  (i, j), (ni, nj) = shapes["coarse_shape"], shapes["fine_shape"]
+  c, f = int(shapes["channels"]), int(shapes["external_dim"])
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  cond_c = {"obs": z(b, t, i, j, c), "mask": jnp.ones((b, t, i, j), jnp.float32),
+            "external": z(b, t, f)}
+  cond_f = {"coarse": z(b, t, i, j, c), "external": z(b, t, f)}
+  return (z(b, i, j, c), cond_c), (z(b, ni, nj, c), cond_f)
+
+
+def init_params(models: Models, shapes: dict, rng: Array, prng_impl: str = "rbg") -> dict:
+  """Initial {'c': ..., 'f': ...} parameters (pure; call under jit).
+
+  rng: raw (2,) uint32 key. The per-parameter initialiser draws use `prng_impl` keys seeded
+  from it: with the default "rbg" (XLA's RngBitGenerator; splits / fold_in still hash with
+  threefry) the init compiles ~3x faster on CPU than with threefry, whose ~100 inlined copies
+  dominate the compile time of the init; pass "threefry2x32" for backend-independent values.
+  """
+  (xc, cc), (xf, cf) = dummy_inputs(shapes)
+  if prng_impl != "threefry2x32":
+    rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=prng_impl)
+  k_c, k_f = jax.random.split(rng)
+  tau = jnp.zeros((xc.shape[0],), jnp.int32)
+  return {"c": models.c.init({"params": k_c}, xc, tau, cc, deterministic=True)["params"],
+          "f": models.f.init({"params": k_f}, xf, tau, cf, deterministic=True)["params"]}
+
+
+def _label_tree(params: dict) -> dict:
+  return {name: jax.tree_util.tree_map(lambda _, n=name: n, sub) for name, sub in params.items()}
+
+
+def make_optimizer(phase: str, train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The phase's optimizer over {'c', 'f'} parameters.
+
+  Global-norm clipping over both models, then AdamW per model (`optax.multi_transform`) with the
+  phase's rate; the model that does not train in a pre-training phase gets `set_to_zero`, so
+  neither its gradient nor weight decay moves it.
+  """
+  def adamw(lr):
+    return optax.adamw(float(lr), weight_decay=float(train_cfg.weight_decay))
+  if phase == "stage_c":
+    transforms = {"c": adamw(train_cfg.lr_c), "f": optax.set_to_zero()}
+  elif phase == "stage_f":
+    transforms = {"c": optax.set_to_zero(), "f": adamw(train_cfg.lr_f)}
+  elif phase == "joint":
+    transforms = {"c": adamw(train_cfg.lr_joint_c), "f": adamw(train_cfg.lr_joint_f)}
+  else:
+    raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+  chain = [optax.multi_transform(transforms, _label_tree)]
+  if float(train_cfg.grad_clip) > 0:
+    chain.insert(0, optax.clip_by_global_norm(float(train_cfg.grad_clip)))
+  return optax.chain(*chain)
+
+
+def phase_start_state(optimizer: optax.GradientTransformation, params: dict, ema_params: dict,
+                      rng: Array) -> TrainState:
+  """A phase's first state: step 0, fresh optimizer moments, carried parameters and EMA."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
+                    opt_state=optimizer.init(params), rng=rng)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+def _diffuse(schedule: diffusion.Schedule, x0: Array, rng: Array) -> tuple:
+  """Uniform tau (B,), noise like x0, and x_tau = q_sample (eq. 4)."""
+  k_tau, k_eps = jax.random.split(rng)
+  tau = diffusion.sample_tau(k_tau, x0.shape[0], schedule.num_steps)
+  noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  return tau, noise, diffusion.q_sample(schedule, x0, tau, noise)
+
+
+def loss_c(models: Models, params_c, batch: dict, rng: Array) -> tuple:
+  """Diffusion-C loss: eps-MSE on the current pseudo-complete coarse map.
+
+  x0 = batch['coarse'][:, -1] (B, I, J, C); condition: obs (B,t,I,J,C), mask (B,t,I,J),
+  external (B,t,F). Returns (L_C scalar, x0_hat (B, I, J, C)) where x0_hat is Diffusion-C's
+  one-step differentiable estimate of x0 (`diffusion.predict_x0`).
+  """
+  k_diff, k_drop = jax.random.split(rng)
+  x0 = batch["coarse"][:, -1]
+  tau, noise, x_tau = _diffuse(models.schedule, x0, k_diff)
+  cond = {"obs": batch["obs"], "mask": batch["mask"], "external": batch["external"]}
+  eps_hat = models.c.apply({"params": params_c}, x_tau, tau, cond, deterministic=False,
+                           rngs={"dropout": k_drop})
+  x0_hat = diffusion.predict_x0(models.schedule, x_tau, tau, eps_hat)
+  return diffusion.eps_loss(eps_hat, noise), x0_hat
+
+
+def loss_f(models: Models, params_f, batch: dict, coarse_window: Array, rng: Array) -> Array:
+  """Diffusion-F loss: eps-MSE on the current fine map batch['fine'] (B, NI, NJ, C).
+
+  Conditioned on coarse_window (B, t, I, J, C) and batch['external'] (B, t, F).
+  """
+  k_diff, k_drop = jax.random.split(rng)
+  x0 = batch["fine"]
+  tau, noise, x_tau = _diffuse(models.schedule, x0, k_diff)
+  cond = {"coarse": coarse_window, "external": batch["external"]}
+  eps_hat = models.f.apply({"params": params_f}, x_tau, tau, cond, deterministic=False,
+                           rngs={"dropout": k_drop})
+  return diffusion.eps_loss(eps_hat, noise)
+
+
+def complete_current(batch: dict, x0_hat: Array, clip: float = 0.0) -> Array:
+  """The window Diffusion-F sees in joint training: (B, t, I, J, C).
+
+  Current slice: observed cells keep their values, missing cells take Diffusion-C's estimate,
+  mask * obs + (1 - mask) * x0_hat. History slices stay pseudo-complete: completing them too would
+  need one Diffusion-C pass per history slice (t times the cost) for conditioning that
+  pre-training already made Diffusion-F rely on. `clip` > 0 bounds x0_hat to [-clip, clip]
+  (x0_hat divides by sqrt(abar_tau), which is small at the noisiest steps).
+  """
+  if clip > 0:
+    x0_hat = jnp.clip(x0_hat, -clip, clip)
+  m = batch["mask"][:, -1, ..., None]
+  current = m * batch["obs"][:, -1] + (1.0 - m) * x0_hat
+  return batch["coarse"].at[:, -1].set(current)
+
+
+def phase_loss(phase: str, models: Models, params: dict, batch: dict, rng: Array,
+               train_cfg: ml_collections.ConfigDict) -> tuple:
+  """(total loss, metrics dict) of one phase on one batch; differentiable in params."""
+  k_c, k_f = jax.random.split(rng)
+  if phase == "stage_c":
+    l_c, _ = loss_c(models, params["c"], batch, k_c)
+    return l_c, {"loss": l_c, "loss_c": l_c}
+  if phase == "stage_f":
+    l_f = loss_f(models, params["f"], batch, batch["coarse"], k_f)
+    return l_f, {"loss": l_f, "loss_f": l_f}
+  return joint_loss(models, params, batch, rng, train_cfg)
+
+
+def joint_loss(models: Models, params: dict, batch: dict, rng: Array,
+               train_cfg: ml_collections.ConfigDict) -> tuple:
+  """Joint objective w_c L_C + w_f L_F in one differentiable graph.
+
+  L_C as in stage C; its x0_hat completes the current coarse map (`complete_current`), and L_F is
+  computed with Diffusion-F conditioned on that window, so grad L_F reaches Diffusion-C's params.
+  """
+  k_c, k_f = jax.random.split(rng)
+  l_c, x0_hat = loss_c(models, params["c"], batch, k_c)
+  window = complete_current(batch, x0_hat, float(train_cfg.get("joint_x0_clip", 0.0)))
+  l_f = loss_f(models, params["f"], batch, window, k_f)
+  w_c, w_f = float(train_cfg.joint_weight_c), float(train_cfg.joint_weight_f)
+  loss = w_c * l_c + w_f * l_f
+  return loss, {"loss": loss, "loss_c": l_c, "loss_f": l_f}
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled step
+# --------------------------------------------------------------------------------------------
+def make_train_step(phase: str, models: Models, optimizer: optax.GradientTransformation,
+                    train_cfg: ml_collections.ConfigDict, spec: BatchSpec, mesh,
+                    steps_per_call: int,
+                    sample_batch: Callable[..., dict] = pipeline.sample_train_batch) -> Callable:
+  """`steps_per_call` fused train steps as one jitted, sharded function.
+
+  Returns step_fn(state, arrays) -> (state, metrics): arrays = `TaskData.device_arrays()` (placed
+  replicated, see `parallel.put_replicated`); state is donated; metrics maps each name of the
+  phase ('loss', 'loss_c' / 'loss_f', 'grad_norm') to a (steps_per_call,) float32 array, one
+  value per fused step (so a non-finite value is located to its step; the host averages).
+  """
+  parallel.check_batch_size(spec.batch_size, mesh)
+  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  decay = float(train_cfg.ema_decay)
+  patterns = (np.asarray(spec.patterns[0], np.int32), np.asarray(spec.patterns[1], np.float32))
+
+  def one_step(state: TrainState, arrays: dict) -> tuple:
+    rng, k_batch, k_loss = jax.random.split(state.rng, 3)
+    batch = sample_batch(arrays, k_batch, batch_size=spec.batch_size, history=spec.history,
+                         index_range=spec.index_range, patterns=patterns)
+    # Split the batch over 'data': each device computes its share, XLA all-reduces the grads.
+    batch = jax.lax.with_sharding_constraint(batch, data)
+    grad_fn = jax.value_and_grad(
+        lambda p: phase_loss(phase, models, p, batch, k_loss, train_cfg), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                 state.ema_params, params)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                     rng=rng)
+    return new, {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+  def multi_step(state: TrainState, arrays: dict) -> tuple:
+    return jax.lax.scan(lambda s, _: one_step(s, arrays), state, None, length=steps_per_call)
+
+  return jax.jit(multi_step, in_shardings=(repl, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def check_finite(phase: str, first_step: int, metrics: dict) -> None:
+  """Raises FloatingPointError naming phase, step and metric at the first non-finite value.
+
+  Args: metrics name -> (n,) host values of steps first_step + 1 .. first_step + n.
+  """
+  bad = None
+  for name in _METRIC_NAMES.get(phase, tuple(metrics)):
+    if name not in metrics:
+      continue
+    v = np.asarray(metrics[name])
+    idx = np.nonzero(~np.isfinite(v))[0]
+    if idx.size and (bad is None or idx[0] < bad[1]):
+      bad = (name, int(idx[0]), float(v[idx[0]]))
+  if bad is not None:
+    name, i, val = bad
+    raise FloatingPointError(
+        f"non-finite {name} ({val}) in phase {phase} at step {first_step + i + 1}; stopping "
+        f"without saving this state (the last checkpoint in <workdir>/{phase} is kept). "
+        f"Lower the learning rate or set config.train.grad_clip.")
+
+
+def _chunk(step: int, total: int, steps_per_call: int, *everies: int) -> int:
+  """Length of the next fused call: at most steps_per_call, never crossing a multiple of any
+  `every` (checkpoint / log cadence) nor `total`. A function of `step` alone, so a resumed run
+  makes the same calls as an uninterrupted one."""
+  bound = total
+  for every in everies:
+    if every > 0:
+      bound = min(bound, (step // every + 1) * every)
+  return max(1, min(steps_per_call, bound - step))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def _manager(workdir: epath.Path, phase: str, keep: int, read_only: bool = False):
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None,
+                                         create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(workdir / phase, options=options, item_names=_ITEMS)
+
+
+def _with_sharding(abstract: Any, sharding) -> Any:
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+
+
+def _restore(mngr, step: int, abstract_state: Any) -> tuple:
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  return out["state"], out["meta"]
+
+
+def _read_meta(mngr, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _tuplify(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  return x
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of `config.to_json()` (JSON lists become tuples, as in the config files)."""
+  return ml_collections.ConfigDict(_tuplify(json.loads(text)))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def _setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """Persistent compilation cache from config.train.compilation_cache_dir (JAX itself also
+  honours the JAX_COMPILATION_CACHE_DIR environment variable)."""
+  path = config.train.get("compilation_cache_dir", "")
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(str(path)))
+
+
+class _MetricsLog:
+  """Console (absl) + workdir/metrics.jsonl, one record per log window."""
+
+  def __init__(self, workdir: epath.Path, phase: str, total: int, start_step: int):
+    self.path = workdir / "metrics.jsonl"
+    self.phase, self.total = phase, total
+    self.sums, self.n = {}, 0
+    self.t0, self.step0 = time.time(), start_step
+    self.phase_t0, self.phase_step0 = self.t0, start_step
+
+  def add(self, metrics: dict) -> None:
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(np.sum(v))
+    self.n += len(next(iter(metrics.values())))
+
+  def flush(self, step: int) -> Optional[dict]:
+    if not self.n:
+      return None
+    now = time.time()
+    rate = (step - self.step0) / max(now - self.t0, 1e-9)
+    overall = (step - self.phase_step0) / max(now - self.phase_t0, 1e-9)
+    eta = (self.total - step) / max(overall, 1e-9)
+    record = {"phase": self.phase, "step": step, "total": self.total,
+              **{k: v / self.n for k, v in self.sums.items()},
+              "steps_per_sec": rate, "eta_sec": eta, "time": now}
+    losses = " ".join(f"{k}={record[k]:.4f}" for k in sorted(self.sums))
+    logging.info("[%s] step %d/%d %s | %.2f steps/s | ETA %.0fs", self.phase, step, self.total,
+                 losses, rate, eta)
+    if jax.process_index() == 0:
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    self.sums, self.n, self.t0, self.step0 = {}, 0, now, step
+    return record
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None) -> dict:
+  """Runs stage_c, stage_f and joint in order, resuming from `workdir` when it has checkpoints.
+
+  Args:
+    config: full config (configs/*.py).
+    workdir: output folder: stage_c/, stage_f/, joint/ (Orbax), metrics.jsonl.
+    task: optional prepared `pipeline.TaskData` (default: `pipeline.prepare_task(config)`).
+    mesh: optional mesh (default: every device on the 'data' axis).
+  Returns:
+    {'state': final TrainState, 'phases': {phase: {'start_step', 'end_step', 'total',
+     'skipped', 'last': last logged record or None}}, 'workdir': str}.
+  """
+  _setup_compilation_cache(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  task = pipeline.prepare_task(config) if task is None else task
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  tc = config.train
+  spec = BatchSpec.from_task(config, task)
+  parallel.check_batch_size(spec.batch_size, mesh)
+  repl = parallel.replicated(mesh)
+  models = build_models(config, task.scale)
+  arrays = parallel.put_replicated(task.device_arrays(), mesh)
+  base_meta = {"config": config.to_json(), "stats": task.stats, "shapes": task.shapes,
+               "history": int(task.history), "scale": int(task.scale)}
+  base_key = jax.random.PRNGKey(int(config.seed))
+  copy_state = jax.jit(lambda s: jax.tree_util.tree_map(jnp.copy, s), out_shardings=repl)
+  abstract_params = jax.eval_shape(lambda k: init_params(models, task.shapes, k), base_key)
+  k_every, log_every = int(tc.checkpoint_every), int(tc.log_every)
+  steps_per_call = max(1, int(tc.steps_per_call))
+
+  state: Optional[TrainState] = None
+  summary = {}
+  for p_idx, phase in enumerate(PHASES):
+    total = int(tc[_STEPS_FIELD[phase]])
+    optimizer = make_optimizer(phase, tc)
+    start_fn = lambda p, e, k, opt=optimizer: phase_start_state(opt, p, e, k)
+    abstract = _with_sharding(
+        jax.eval_shape(start_fn, abstract_params, abstract_params, base_key), repl)
+    mngr = _manager(workdir, phase, int(tc.keep_checkpoints))
+    try:
+      latest = mngr.latest_step()
+      if latest is not None:
+        restored, meta = _restore(mngr, latest, abstract)
+        if meta.get("config") != base_meta["config"]:
+          logging.warning("[%s] the checkpoint's config differs from the current one; "
+                          "resuming anyway", phase)
+        state = copy_state(restored)  # jit outputs: reliably donatable.
+        if meta.get("finished"):
+          logging.info("[%s] finished earlier (step %d); skipped", phase, latest)
+          summary[phase] = {"start_step": latest, "end_step": latest, "total": total,
+                            "skipped": True, "last": None}
+          continue
+        logging.info("[%s] resuming from step %d/%d", phase, latest, total)
+      else:
+        if state is None:
+          # EMA starts at the initial parameters; a separate buffer since the state is donated.
+          params, ema = jax.jit(
+              lambda k: (lambda p: (p, jax.tree_util.tree_map(jnp.copy, p)))(
+                  init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
+              out_shardings=repl)(jax.random.fold_in(base_key, 0))
+        else:
+          params, ema = state.params, state.ema_params
+        state = jax.jit(start_fn, out_shardings=repl)(
+            params, ema, jax.random.fold_in(base_key, p_idx + 1))
+      state, last = _run_phase(phase, state, arrays, mngr, base_meta, total, models, optimizer,
+                               tc, spec, mesh, steps_per_call, k_every, log_every, workdir,
+                               copy_state)
+      summary[phase] = {"start_step": int(latest or 0), "end_step": total, "total": total,
+                        "skipped": False, "last": last}
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+  return {"state": state, "phases": summary, "workdir": str(workdir)}
+
+
+def _run_phase(phase, state, arrays, mngr, base_meta, total, models, optimizer, tc, spec, mesh,
+               steps_per_call, k_every, log_every, workdir, copy_state) -> tuple:
+  """Trains one phase from state.step to `total`, saving every k_every steps and at the end."""
+  step = int(parallel.to_host(state.step))
+  fns: dict = {}
+  log = _MetricsLog(workdir, phase, total, step)
+  last = None
+
+  def save(step_now: int, finished: bool):
+    meta = dict(base_meta, phase=phase, step=step_now, total=total, finished=finished)
+    # A copy: the async writer must not read buffers the next (donating) call reuses.
+    mngr.save(step_now, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(copy_state(state)), meta=ocp.args.JsonSave(meta)))
+
+  logging.info("[%s] %d steps (from %d), global batch %d on %d device(s)", phase, total, step,
+               spec.batch_size, mesh.devices.size)
+  while step < total:
+    n = _chunk(step, total, steps_per_call, k_every, log_every)
+    if n not in fns:
+      fns[n] = make_train_step(phase, models, optimizer, tc, spec, mesh, n)
+    state, metrics = fns[n](state, arrays)
+    metrics = parallel.to_host(metrics)
+    check_finite(phase, step, metrics)
+    step += n
+    log.add(metrics)
+    if log_every > 0 and (step % log_every == 0 or step == total):
+      last = log.flush(step) or last
+    if step < total and k_every > 0 and step % k_every == 0:
+      save(step, finished=False)
+  if log.n:
+    last = log.flush(step) or last
+  save(total, finished=True)
+  return state, last
+
+
+# --------------------------------------------------------------------------------------------
+# Loading for evaluation
+# --------------------------------------------------------------------------------------------
+def load_for_sampling(workdir: str, mesh=None) -> tuple:
+  """(config, ema_params {'c', 'f'}, metadata) of the newest finished phase in `workdir`.
+
+  Looks at joint/, then stage_f/, then stage_c/; needs nothing but the workdir (the config,
+  normalisation stats and shapes are in the checkpoint's metadata).
+  """
+  workdir = epath.Path(workdir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  for phase in reversed(PHASES):
+    if not (workdir / phase).exists():
+      continue
+    mngr = _manager(workdir, phase, 0, read_only=True)
+    try:
+      step = mngr.latest_step()
+      if step is None:
+        continue
+      meta = _read_meta(mngr, step)
+      if not meta.get("finished"):
+        continue
+      config = config_from_json(meta["config"])
+      models = build_models(config, int(meta["scale"]))
+      key = jax.random.PRNGKey(0)
+      abstract_params = jax.eval_shape(lambda k: init_params(models, meta["shapes"], k), key)
+      opt = make_optimizer(phase, config.train)
+      abstract = _with_sharding(jax.eval_shape(
+          lambda p, e, k: phase_start_state(opt, p, e, k), abstract_params, abstract_params, key),
+          parallel.replicated(mesh))
+      state, meta = _restore(mngr, step, abstract)
+      logging.info("loaded %s step %d from %s", phase, step, workdir)
+      return config, state.ema_params, meta
+    finally:
+      mngr.close()
+  raise FileNotFoundError(
+      f"no finished training phase under {workdir} (looked for joint/, stage_f/, stage_c/ "
+      f"checkpoints with finished=True); run training first")

@@ -1,0 +1,88 @@
+"""Shared pieces of the training tests: a tiny config and the embedded task, prepared once."""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from configs import default
+
+
+def tiny_config(steps=(4, 4, 4), batch_size: int = 8, steps_per_call: int = 2,
+                checkpoint_every: int = 2) -> ml_collections.ConfigDict:
+  """The embedded nytaxi task with the smallest models that still exercise every path."""
+  c = default.get_config()
+  c.data.history = 2
+  c.patterns.train = ("random:0.4", "large_scale:0.25")
+  c.diffusion.num_steps = 10
+  for m in (c.model_c, c.model_f):
+    m.base_channels = 8
+    m.channel_mults = (1,)
+    m.emb_dim = 8
+    m.d_model = 8
+    m.inter_dim = 8
+  c.model_c.num_heads = 2
+  c.model_c.ff_dim = 8
+  c.model_f.d_ff = 8
+  c.model_f.top_k = 1
+  c.model_f.num_blocks = 1
+  c.model_f.num_kernels = 1
+  c.model_f.encoder_channels = 2
+  c.train.batch_size = batch_size
+  c.train.steps_c, c.train.steps_f, c.train.steps_joint = steps
+  c.train.steps_per_call = steps_per_call
+  c.train.checkpoint_every = checkpoint_every
+  c.train.log_every = checkpoint_every
+  c.train.keep_checkpoints = 2
+  c.train.ema_decay = 0.9
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_task():
+  """`pipeline.TaskData` of `tiny_config()` (embedded nytaxi, history 2), built once."""
+  from diffrecon_jax.data import pipeline
+  return pipeline.prepare_task(tiny_config())
+
+
+# ---- stand-in denoisers: same call convention as models/denoisers.py, compile in ~1 s ----
+# The real denoisers take ~1 min to compile a train step on 2 CPU cores; tests of the training
+# logic itself (optimizers, EMA, gradient flow, NaN checks) use these instead.
+class StandInC(nn.Module):
+  @nn.compact
+  def __call__(self, x, tau, cond, deterministic=True):
+    emb = nn.Dense(8)(jnp.sin(tau[:, None].astype(jnp.float32) / 3.0 + jnp.arange(4.0)))
+    h = jnp.concatenate([x, cond["obs"][:, -1], cond["mask"][:, -1, ..., None]], -1)
+    h = nn.Conv(8, (3, 3))(h) + emb[:, None, None]
+    h = h + nn.Dense(8)(cond["external"].mean(1))[:, None, None]
+    return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
+
+
+class StandInF(nn.Module):
+  scale: int = 2
+
+  @nn.compact
+  def __call__(self, x, tau, cond, deterministic=True):
+    emb = nn.Dense(8)(jnp.sin(tau[:, None].astype(jnp.float32) / 3.0 + jnp.arange(4.0)))
+    up = jnp.repeat(jnp.repeat(cond["coarse"][:, -1], self.scale, 1), self.scale, 2)
+    h = nn.Conv(8, (3, 3))(jnp.concatenate([x, up], -1)) + emb[:, None, None]
+    return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
+
+
+def standin_models(config, scale):
+  """`train.Models` with the stand-in denoisers and the config's schedule."""
+  from diffrecon_jax import diffusion, train
+  d = config.diffusion
+  return train.Models(StandInC(), StandInF(scale=scale),
+                      diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start, d.beta_end))
+
+
+def use_standins() -> None:
+  """Makes `train.train` / `train.load_for_sampling` build the stand-in denoisers."""
+  from diffrecon_jax import train
+  train.build_models = standin_models
+
+
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

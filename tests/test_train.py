@@ -1,0 +1,129 @@
+"""Tests of diffrecon_jax/train.py: optimizers per phase, the joint step, EMA, NaN detection.
+
+The training logic is model-agnostic, so these use the stand-in denoisers of _train_helpers
+(the real ones compile for about a minute on 2 cores; test_resume / test_parallel run them).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffrecon_jax import parallel, train
+from tests import _train_helpers as helpers
+
+
+def _tree_max_abs_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def joint_setup():
+  """A compiled one-step joint train step (stand-in denoisers) with w_c = 0, no weight decay.
+
+  With w_c = 0 Diffusion-C's only gradient comes from L_F through the completed window, so any
+  change of its parameters shows grad L_F w.r.t. the 'c' params is non-zero.
+  """
+  config = helpers.tiny_config()
+  config.train.joint_weight_c = 0.0
+  config.train.weight_decay = 0.0
+  task = helpers.tiny_task()
+  models = helpers.standin_models(config, task.scale)
+  mesh = parallel.make_mesh()
+  params = jax.jit(lambda k: train.init_params(models, task.shapes, k))(jax.random.PRNGKey(0))
+  opt = train.make_optimizer("joint", config.train)
+  spec = train.BatchSpec.from_task(config, task)
+  step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 1)
+  arrays = parallel.put_replicated(task.device_arrays(), mesh)
+
+  def fresh_state():
+    return train.phase_start_state(opt, jax.tree_util.tree_map(jnp.copy, params),
+                                   jax.tree_util.tree_map(jnp.copy, params),
+                                   jax.random.PRNGKey(1))
+
+  return config, task, params, step_fn, arrays, fresh_state
+
+
+def test_optimizer_freezes_the_other_stage_in_pretraining():
+  params = {"c": {"w": jnp.ones((3, 2)), "b": jnp.ones((2,))}, "f": {"w": jnp.ones((4,))}}
+  grads = jax.tree_util.tree_map(lambda p: 0.5 * jnp.ones_like(p), params)
+  cfg = helpers.tiny_config().train
+  for phase, frozen, trained in (("stage_c", "f", "c"), ("stage_f", "c", "f"),
+                                 ("joint", None, "cf")):
+    opt = train.make_optimizer(phase, cfg)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    for name in "cf":
+      norm = float(jnp.sqrt(sum(jnp.sum(u ** 2) for u in jax.tree_util.tree_leaves(updates[name]))))
+      if name == frozen:
+        assert norm == 0.0, f"{phase}: '{name}' must be frozen, update norm {norm}"
+      else:
+        assert name in trained and norm > 0.0, f"{phase}: '{name}' must train"
+
+
+def test_joint_step_trains_both_models_through_loss_f_and_updates_ema(joint_setup):
+  config, _, params, step_fn, arrays, fresh_state = joint_setup
+  before = jax.tree_util.tree_map(np.asarray, params)
+  state, metrics = step_fn(fresh_state(), arrays)
+  assert int(state.step) == 1
+  assert set(metrics) == {"loss", "loss_c", "loss_f", "grad_norm"}
+  assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
+  # w_c = 0: the total is L_F alone, and C moved only because grad L_F reached it.
+  np.testing.assert_allclose(metrics["loss"], metrics["loss_f"], rtol=1e-6)
+  assert _tree_max_abs_diff(state.params["c"], before["c"]) > 0, "grad of L_F did not reach C"
+  assert _tree_max_abs_diff(state.params["f"], before["f"]) > 0
+  # EMA: ema_1 = d * ema_0 + (1 - d) * params_1 with ema_0 = params_0.
+  d = float(config.train.ema_decay)
+  expected = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * np.asarray(p), before,
+                                    state.params)
+  assert _tree_max_abs_diff(state.ema_params, expected) < 1e-6
+  assert _tree_max_abs_diff(state.ema_params, state.params) > 0
+
+
+def test_complete_current_fills_only_missing_current_cells():
+  window = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8, 6, 2)), jnp.float32)
+  mask = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 3, 8, 6)) > 0.5, jnp.float32)
+  x0_hat = jnp.full((2, 8, 6, 2), 7.0)
+  batch = {"coarse": window, "obs": window * mask[..., None], "mask": mask}
+  out = train.complete_current(batch, x0_hat)
+  np.testing.assert_array_equal(out[:, :-1], window[:, :-1])  # history stays pseudo-complete.
+  m = mask[:, -1, ..., None]
+  np.testing.assert_allclose(out[:, -1], m * window[:, -1] + (1 - m) * 7.0)
+  clipped = train.complete_current(batch, x0_hat, clip=5.0)
+  np.testing.assert_allclose(clipped[:, -1], m * window[:, -1] + (1 - m) * 5.0)
+
+
+def test_non_finite_loss_raises_naming_phase_step_and_loss(joint_setup):
+  _, task, _, step_fn, arrays, fresh_state = joint_setup
+  bad = dict(arrays, fine=jnp.full_like(arrays["fine"], jnp.nan))
+  _, metrics = step_fn(fresh_state(), bad)  # same shapes: no recompile.
+  with pytest.raises(FloatingPointError, match=r"non-finite loss_f .* phase joint at step 8"):
+    train.check_finite("joint", 7, parallel.to_host(metrics))
+  # Located to the exact fused step, component loss named before the total.
+  metrics = {"loss": np.array([1.0, np.inf, np.nan]), "loss_c": np.array([1.0, 2.0, np.nan])}
+  with pytest.raises(FloatingPointError, match=r"non-finite loss \(inf\) in phase stage_c at step 2"):
+    train.check_finite("stage_c", 0, metrics)
+  train.check_finite("stage_c", 0, {"loss": np.ones(3), "loss_c": np.ones(3)})  # finite: quiet.
+
+
+def test_chunks_end_on_checkpoint_and_log_steps():
+  plan, step = [], 0
+  while step < 23:
+    n = train._chunk(step, 23, 4, 10, 5)
+    plan.append(n)
+    step += n
+  assert plan == [4, 1, 4, 1, 4, 1, 4, 1, 3]
+  # Resuming at a checkpoint step (10) makes the same calls as the uninterrupted run.
+  resumed, step = [], 10
+  while step < 23:
+    n = train._chunk(step, 23, 4, 10, 5)
+    resumed.append(n)
+    step += n
+  assert resumed == plan[4:]
+
+
+def test_config_round_trips_through_json():
+  config = helpers.tiny_config()
+  back = train.config_from_json(config.to_json())
+  assert back.model_c.channel_mults == (1,)
+  assert back.patterns.train == tuple(config.patterns.train)
+  assert back.train.steps_joint == config.train.steps_joint
