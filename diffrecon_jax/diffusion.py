@@ -185,7 +185,7 @@ def _impose(schedule: Schedule, x: Array, level: Array, rng: Array, known, known
 
 def sample_ddpm(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array,
                 known: Optional[Array] = None, known_mask: Optional[Array] = None,
-                x_init: Optional[Array] = None) -> Array:
+                x_init: Optional[Array] = None, x0_clip: Optional[float] = None) -> Array:
   """Ancestral sampling over all T steps (eqs. 6-7), one `lax.scan`.
 
   p(s_{tau-1} | s_tau) = N(sqrt_recip_alpha (s_tau - eps_coef eps_hat), beta_tilde_tau), starting
@@ -198,6 +198,10 @@ def sample_ddpm(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array,
     known, known_mask: optional (B, ...) values and mask (1 = observed, broadcastable to shape);
       observed cells are re-imposed after every step (see `_impose`) and exact at the end.
     x_init: optional (B, ...) starting noise s_T (default: drawn from rng).
+    x0_clip: optional bound c: the estimate of s_0 at every step is clipped to [-c, c] and the
+      noise estimate made consistent with it (standard DDPM/DDIM practice; it keeps a poorly
+      trained model's chain from diverging, since s_0 = (s - sqrt(1-abar) eps) / sqrt(abar)
+      amplifies errors by 1/sqrt(abar_T), about 170x for the quad schedule).
   Returns: (B, ...) float32 samples.
   """
   shape = tuple(shape)
@@ -205,7 +209,7 @@ def sample_ddpm(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array,
   t = schedule.num_steps
   taus = jnp.arange(t - 1, -1, -1, dtype=jnp.int32)
   return _reverse_chain(
-      eps_fn, schedule, shape, rng, known, known_mask, x_init, taus,
+      eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_clip, taus,
       prev_levels=taus - 1,
       ab_t=schedule.alpha_bars[taus], ab_prev=schedule.alpha_bars_prev[taus],
       sigma=jnp.sqrt(schedule.posterior_variance[taus]))
@@ -220,7 +224,8 @@ def ddim_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
 
 def sample_ddim(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array, num_steps: int,
                 eta: float = 0.0, known: Optional[Array] = None,
-                known_mask: Optional[Array] = None, x_init: Optional[Array] = None) -> Array:
+                known_mask: Optional[Array] = None, x_init: Optional[Array] = None,
+                x0_clip: Optional[float] = None) -> Array:
   """DDIM sampling (Song et al. 2021) with S <= T evenly spaced steps of the same trained model.
 
   x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z, with
@@ -239,11 +244,11 @@ def sample_ddim(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array, num_steps:
   ab_t = schedule.alpha_bars[taus]
   ab_prev = jnp.where(prev_levels >= 0, schedule.alpha_bars[jnp.maximum(prev_levels, 0)], 1.0)
   sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
-  return _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, taus,
+  return _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_clip, taus,
                         prev_levels, ab_t, ab_prev, sigma)
 
 
-def _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, taus,
+def _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_clip, taus,
                    prev_levels, ab_t, ab_prev, sigma) -> Array:
   """Shared reverse loop in DDIM form; every per-step coefficient is a (S,) array scanned over.
 
@@ -266,6 +271,9 @@ def _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, taus
     i, tau, prev, a_t, a_prev, sig = inp
     eps = eps_fn(x, jnp.full((b,), tau, jnp.int32)).astype(jnp.float32)
     x0_hat = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
+    if x0_clip is not None:
+      x0_hat = jnp.clip(x0_hat, -x0_clip, x0_clip)
+      eps = (x - jnp.sqrt(a_t) * x0_hat) / jnp.sqrt(1.0 - a_t)
     z_rng, k_rng = jax.random.split(jax.random.fold_in(loop_rng, i))
     dir_coef = jnp.sqrt(jnp.maximum(1.0 - a_prev - sig ** 2, 0.0))
     noise = jnp.where(prev >= 0, sig, 0.0) * jax.random.normal(z_rng, shape, jnp.float32)
@@ -301,7 +309,8 @@ def sample_many(denoise_fn: Callable[[Array, Array, Any], Array], cond: Any,
                 schedule: Schedule, shape, rng: Array, *, n_samples: int,
                 method: str = "ddim", num_steps: Optional[int] = None, eta: float = 0.0,
                 known: Optional[Array] = None, known_mask: Optional[Array] = None,
-                return_samples: bool = False) -> dict[str, Array]:
+                return_samples: bool = False,
+                x0_clip: Optional[float] = None) -> dict[str, Array]:
   """Draws n_samples per input in ONE batched chain and summarises them in the same graph.
 
   Args:
@@ -313,6 +322,7 @@ def sample_many(denoise_fn: Callable[[Array, Array, Any], Array], cond: Any,
     method: "ddim" (num_steps S' <= T, default T; eta) or "ddpm" (all T steps).
     known, known_mask: optional (B, ...) observed values / mask, tiled like cond.
     return_samples: also return the raw samples (S, B, ...) under "samples".
+    x0_clip: optional bound on the per-step estimate of s_0 (see `sample_ddpm`).
   Returns: `summarize` dict of (B, ...) arrays (+ "samples").
   """
   if n_samples < 1:
@@ -326,10 +336,10 @@ def sample_many(denoise_fn: Callable[[Array, Array, Any], Array], cond: Any,
     mask_t = tile_batch(jnp.broadcast_to(known_mask, shape), n_samples)
   eps_fn = lambda x, tau: denoise_fn(x, tau, cond_t)
   if method == "ddpm":
-    flat = sample_ddpm(eps_fn, schedule, big, rng, known_t, mask_t)
+    flat = sample_ddpm(eps_fn, schedule, big, rng, known_t, mask_t, x0_clip=x0_clip)
   elif method == "ddim":
     flat = sample_ddim(eps_fn, schedule, big, rng, num_steps or schedule.num_steps, eta,
-                       known_t, mask_t)
+                       known_t, mask_t, x0_clip=x0_clip)
   else:
     raise ValueError(f"sample_many: method must be 'ddim' or 'ddpm', got {method!r}")
   samples = flat.reshape((n_samples,) + shape)

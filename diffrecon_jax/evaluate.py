@@ -44,12 +44,17 @@ def hide(task, mask: np.ndarray) -> np.ndarray:
 
 
 def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "test",
-                    max_slices: int = 0, chunk: int = 256, workdir=None) -> list:
-  """Scores `method` on every pattern; returns the contract's `results` entries."""
+                    max_slices: int = 0, chunk: int = 0, workdir=None) -> list:
+  """Scores `method` on every pattern; returns the contract's `results` entries.
+
+  `chunk` > 0 hands the split to the method in pieces of that many slices (bounded memory for
+  large grids); 0 hands it over whole (fewest padded batches).
+  """
   lo, hi = task.split.range(split)
   if max_slices:
     hi = min(hi, lo + int(max_slices))
   slices_all = np.arange(lo, hi)
+  chunk = chunk if chunk > 0 else len(slices_all)
   out = []
   for spec in pattern_specs:
     pattern = patterns_lib.parse_pattern(spec)

@@ -377,7 +377,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-def _setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
+def setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
   """Persistent compilation cache from config.train.compilation_cache_dir (JAX itself also
   honours the JAX_COMPILATION_CACHE_DIR environment variable)."""
   path = config.train.get("compilation_cache_dir", "")
@@ -432,7 +432,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None)
     {'state': final TrainState, 'phases': {phase: {'start_step', 'end_step', 'total',
      'skipped', 'last': last logged record or None}}, 'workdir': str}.
   """
-  _setup_compilation_cache(config)
+  setup_compilation_cache(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   task = pipeline.prepare_task(config) if task is None else task

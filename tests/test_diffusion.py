@@ -264,3 +264,15 @@ def test_summarize_hand_example():
   np.testing.assert_allclose(out["mean"], [[3.0, 30.0]], rtol=1e-6)
   np.testing.assert_allclose(out["q05"], [[1.2, 12.0]], rtol=1e-6)
   np.testing.assert_allclose(out["q95"], [[4.8, 48.0]], rtol=1e-6)
+
+
+def test_x0_clip_bounds_the_samples_of_a_diverging_model():
+  sched = diffusion.make_schedule("quad", 50, 1e-4, 0.5)
+  bad_eps = lambda x, tau: jnp.full_like(x, 100.0)  # a badly trained predictor
+  for method in ("ddim", "ddpm"):
+    kw = {"num_steps": 10, "eta": 1.0} if method == "ddim" else {}
+    fn = diffusion.sample_ddim if method == "ddim" else diffusion.sample_ddpm
+    free = fn(bad_eps, sched, (4, 3, 3, 1), jax.random.key(0), **kw)
+    clipped = fn(bad_eps, sched, (4, 3, 3, 1), jax.random.key(0), x0_clip=3.0, **kw)
+    assert float(jnp.abs(free).max()) > 100.0
+    assert float(jnp.abs(clipped).max()) <= 3.0 + 1e-5

@@ -1,0 +1,201 @@
+"""DiffRecon as an evaluated method: stage 1 completes, stage 2 infers (paper Sec. IV-A).
+
+Reconstruction of the slices `slices` under a sparse mask:
+  1. Diffusion-C completes the coarse map of every slice the windows need (the slices themselves
+     and the `history` slices before the first one), each from its own window of *incomplete*
+     observations; observed cells are imposed at every reverse step and exactly at the end
+     (`diffusion._impose`). The per-cell median of the samples is the completed coarse map.
+  2. Diffusion-F draws fine samples for each slice conditioned on the window of completed coarse
+     maps (through T-PatternNet) and the external features; the median is the point estimate.
+Both chains run as one compiled function per stage on fixed-size batches (the last batch is padded),
+so nothing recompiles across batches, patterns or splits.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from diffrecon_jax import diffusion
+from diffrecon_jax.data import pipeline
+
+
+class DiffReconMethod:
+  """`reconstruct(task, mask, slices)` with trained (EMA) parameters; see module docstring."""
+
+  name = "diffrecon"
+
+  def __init__(self, config, params: dict, models, x0_clip: tuple = (None, None)):
+    """x0_clip: (coarse, fine) bounds on each reverse step's estimate of s_0, normalised units
+    (`x0_clip_bounds`), or None for no clip."""
+    self.config = config
+    self.x0_clip = tuple(x0_clip)
+    self.params = params
+    self.models = models
+    d = config.diffusion
+    self.method = d.sampler
+    self.steps = int(d.sampler_steps) if d.sampler == "ddim" else int(d.num_steps)
+    self.eta = float(d.ddim_eta)
+    self.n_samples = int(d.n_samples)
+    self.batch = int(config.eval.batch_size)
+    self.sampler = {"name": self.method, "steps": self.steps, "n_samples": self.n_samples}
+    if self.method == "ddim":
+      self.sampler["eta"] = self.eta
+    self._rng = jax.random.key(int(config.seed) + 1)
+    self._stage_c = jax.jit(self._sample_c)
+    self._stage_f = jax.jit(self._sample_f)
+
+  # -- compiled stages -------------------------------------------------------------------------
+  def _sample(self, net, params, cond, shape, rng, clip, known=None, known_mask=None):
+    return diffusion.sample_many(
+        lambda x, t, c: net.apply({"params": params}, x, t, c, deterministic=True), cond,
+        self.models.schedule, shape, rng, n_samples=self.n_samples, method=self.method,
+        num_steps=self.steps, eta=self.eta, known=known, known_mask=known_mask,
+        return_samples=True, x0_clip=clip)
+
+  def _sample_c(self, params, obs, mask, external, rng):
+    """obs (B,t,I,J,C), mask (B,t,I,J), external (B,t,F) -> median completion (B,I,J,C)."""
+    cond = {"obs": obs, "mask": mask, "external": external}
+    out = self._sample(self.models.c, params, cond, obs[:, -1].shape, rng, self.x0_clip[0],
+                       known=obs[:, -1], known_mask=mask[:, -1, ..., None])
+    return out["median"]
+
+  def _sample_f(self, params, coarse, external, rng):
+    """coarse (B,t,I,J,C) completed window, external (B,t,F) -> (median (B,NI,NJ,C),
+    samples (B,S,NI,NJ,C); batch-major so every output of a stage is split along axis 0)."""
+    b, _, i, j, c = coarse.shape
+    n = self.models.f.scale
+    out = self._sample(self.models.f, params, {"coarse": coarse, "external": external},
+                       (b, n * i, n * j, c), rng, self.x0_clip[1])
+    return out["median"], jnp.swapaxes(out["samples"], 0, 1)
+
+  # -- host loop -------------------------------------------------------------------------------
+  def _batched(self, fn, arrays: list, rng) -> list:
+    """Runs `fn(*batch, rng)` over fixed-size batches along axis 0 (padding the last batch so
+    the compiled function sees one shape) and concatenates each output along axis 0."""
+    n = arrays[0].shape[0]
+    outs = []
+    for k, start in enumerate(range(0, n, self.batch)):
+      part = [a[start:start + self.batch] for a in arrays]
+      real = part[0].shape[0]
+      if real < self.batch:
+        part = [np.concatenate([p, np.repeat(p[-1:], self.batch - real, axis=0)]) for p in part]
+      res = fn(*part, jax.random.fold_in(rng, k))
+      outs.append([np.asarray(r)[:real] for r in (res if isinstance(res, tuple) else (res,))])
+    return [np.concatenate(parts, axis=0) for parts in zip(*outs)]
+
+  def reconstruct(self, task, mask: np.ndarray, slices: np.ndarray) -> dict:
+    """task: TaskData; mask (T,I,J) 1 = observed; slices (n,) contiguous current-slice indices.
+
+    Returns physical-unit dict: coarse (n,I,J,C) completed maps, fine (n,NI,NJ,C) medians,
+    samples (S,n,NI,NJ,C).
+    """
+    h = task.history
+    slices = np.asarray(slices)
+    if slices[0] < 2 * h:
+      raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
+    rng = jax.random.fold_in(self._rng, int(slices[0]))
+    k_c, k_f = jax.random.split(rng)
+    # Stage 1 on every slice the stage-2 windows touch; its inputs never contain hidden values.
+    need = np.arange(slices[0] - h, slices[-1] + 1)
+    idx = need[:, None] + np.arange(-h, 1)[None, :]
+    m = mask[idx]
+    obs = task.coarse[idx] * m[..., None]
+    (completed,) = self._batched(functools.partial(self._stage_c, self.params["c"]),
+                                 [obs, m, task.external[idx]], k_c)
+    # Stage 2: windows of completed maps, current slice last.
+    win = np.arange(len(slices))[:, None] + np.arange(0, h + 1)[None, :]
+    fine, samples = self._batched(functools.partial(self._stage_f, self.params["f"]),
+                                  [completed[win], task.external[slices[:, None] +
+                                                                 np.arange(-h, 1)[None, :]]], k_f)
+    return {"coarse": task.coarse_norm.inverse(completed[h:]),
+            "fine": task.fine_norm.inverse(fine),
+            "samples": task.fine_norm.inverse(np.swapaxes(samples, 0, 1))}
+
+
+def x0_clip_bounds(config, task) -> tuple:
+  """(coarse, fine) clip bounds: config.diffusion.x0_clip_factor times the largest |value| of
+  the normalised train split; (None, None) when the factor is 0."""
+  factor = float(config.diffusion.get("x0_clip_factor", 0.0))
+  if factor <= 0:
+    return (None, None)
+  lo, hi = task.split.range("train")
+  return (factor * float(np.abs(task.coarse[lo:hi]).max()),
+          factor * float(np.abs(task.fine[lo:hi]).max()))
+
+
+def load_method(workdir: str):
+  """(config, DiffReconMethod) from a workdir holding finished checkpoints."""
+  from diffrecon_jax import train
+  config, ema_params, meta = train.load_for_sampling(workdir)
+  models = train.build_models(config, int(meta["scale"]))
+  return config, DiffReconMethod(config, ema_params, models), meta
+
+
+def run(config, workdir: str, mode: str) -> list:
+  """train / evaluate / train_and_evaluate / reconstruct for method 'diffrecon'."""
+  from diffrecon_jax import run as run_lib
+  from diffrecon_jax import train
+  train.setup_compilation_cache(config)
+  if mode in ("train", "train_and_evaluate"):
+    train.train(config, workdir)
+    if mode == "train":
+      return []
+  saved_config, method, meta = load_method(workdir)
+  # Evaluation settings may be changed at evaluate time; model settings come from the checkpoint.
+  for key in ("eval", "patterns"):
+    saved_config[key] = config[key]
+  saved_config.diffusion.sampler = config.diffusion.sampler
+  saved_config.diffusion.sampler_steps = config.diffusion.sampler_steps
+  saved_config.diffusion.n_samples = config.diffusion.n_samples
+  saved_config.diffusion.ddim_eta = config.diffusion.ddim_eta
+  saved_config.diffusion.x0_clip_factor = config.diffusion.get("x0_clip_factor", 0.0)
+  task = pipeline.prepare_task(saved_config)
+  _check_task_matches(task, meta)
+  method = DiffReconMethod(saved_config, method.params, method.models,
+                           x0_clip_bounds(saved_config, task))
+  if mode == "reconstruct":
+    return [_reconstruct_to_files(saved_config, workdir, task, method)]
+  extra = {"trained_on": list(saved_config.patterns.train)}
+  return run_lib.evaluate_methods(saved_config, workdir, task,
+                                  [method, run_lib.BASELINES["interp"]()], extra)
+
+
+def _check_task_matches(task, meta: dict) -> None:
+  """The data at evaluate time must be the data the checkpoint was trained on."""
+  if meta.get("shapes") and dict(task.shapes) != dict(meta["shapes"]):
+    raise ValueError(f"data shapes {task.shapes} differ from the checkpoint's {meta['shapes']}")
+  if meta.get("stats"):
+    saved = np.asarray(meta["stats"]["fine"]["mean"], np.float32)
+    if not np.allclose(saved, task.fine_norm.mean, rtol=1e-5):
+      raise ValueError("normalisation statistics differ from the checkpoint's: different data?")
+
+
+def _reconstruct_to_files(config, workdir, task, method) -> dict:
+  """Writes reconstruction_<pattern>.npz (fine median, quantiles, completed coarse, mask)."""
+  from diffrecon_jax import evaluate as evaluate_lib
+  from diffrecon_jax.data import patterns as patterns_lib
+  lo, hi = task.split.range(config.eval.split)
+  if int(config.eval.max_slices):
+    hi = min(hi, lo + int(config.eval.max_slices))
+  slices = np.arange(lo, hi)
+  written = {}
+  for spec in config.patterns.eval:
+    p = patterns_lib.parse_pattern(spec)
+    mask, seed = evaluate_lib.eval_mask(task, p, int(config.patterns.eval_mask_seed))
+    t0 = time.perf_counter()
+    rec = method.reconstruct(task, mask, slices)
+    path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib._safe(p.label)}.npz"
+    np.savez_compressed(path, fine=rec["fine"], coarse=rec["coarse"],
+                        fine_q05=np.quantile(rec["samples"], 0.05, axis=0),
+                        fine_q95=np.quantile(rec["samples"], 0.95, axis=0),
+                        mask=mask[slices], slices=slices, timestamps=task.series.timestamps[slices],
+                        mask_seed=seed)
+    logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
+    written[p.label] = str(path)
+  return written
