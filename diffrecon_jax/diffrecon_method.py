@@ -35,6 +35,8 @@ class DiffReconMethod:
     (`x0_clip_bounds`), or None for no clip."""
     self.config = config
     self.x0_clip = tuple(x0_clip)
+    # Fine maps that pool exactly to the completed coarse map (residual parameterisation only).
+    self.consistent = bool(config.diffusion.get("fine_consistent", False))
     self.params = params
     self.models = models
     d = config.diffusion
@@ -72,7 +74,12 @@ class DiffReconMethod:
     n = self.models.f.scale
     out = self._sample(self.models.f, params, {"coarse": coarse, "external": external},
                        (b, n * i, n * j, c), rng, self.x0_clip[1])
-    return out["median"], jnp.swapaxes(out["samples"], 0, 1)
+    samples = out["samples"]                                  # (S, B, NI, NJ, C)
+    if self.models.fine_base is not None:                     # residual parameterisation
+      if self.consistent:
+        samples = jax.vmap(lambda r: pipeline.block_mean_zero(r, n))(samples)
+      samples = samples + self.models.fine_base(coarse[:, -1])[None]
+    return jnp.median(samples, axis=0), jnp.swapaxes(samples, 0, 1)
 
   # -- host loop -------------------------------------------------------------------------------
   def _batched(self, fn, arrays: list, rng) -> list:
@@ -125,15 +132,19 @@ def x0_clip_bounds(config, task) -> tuple:
   if factor <= 0:
     return (None, None)
   lo, hi = task.split.range("train")
-  return (factor * float(np.abs(task.coarse[lo:hi]).max()),
-          factor * float(np.abs(task.fine[lo:hi]).max()))
+  fine = task.fine[lo:hi]
+  if config.diffusion.get("fine_residual", False):  # Diffusion-F samples the residual
+    fine = fine - np.asarray(pipeline.fine_base(task.coarse[lo:hi], task.stats, task.scale,
+                                                task.series.aggregation))
+  return (factor * float(np.abs(task.coarse[lo:hi]).max()), factor * float(np.abs(fine).max()))
 
 
 def load_method(workdir: str):
   """(config, DiffReconMethod) from a workdir holding finished checkpoints."""
   from diffrecon_jax import train
   config, ema_params, meta = train.load_for_sampling(workdir)
-  models = train.build_models(config, int(meta["scale"]))
+  models = train.build_models(config, int(meta["scale"]), meta.get("stats"),
+                              meta.get("aggregation", "sum"))
   return config, DiffReconMethod(config, ema_params, models), meta
 
 
@@ -155,6 +166,7 @@ def run(config, workdir: str, mode: str) -> list:
   saved_config.diffusion.n_samples = config.diffusion.n_samples
   saved_config.diffusion.ddim_eta = config.diffusion.ddim_eta
   saved_config.diffusion.x0_clip_factor = config.diffusion.get("x0_clip_factor", 0.0)
+  saved_config.diffusion.fine_consistent = config.diffusion.get("fine_consistent", False)
   task = pipeline.prepare_task(saved_config)
   _check_task_matches(task, meta)
   method = DiffReconMethod(saved_config, method.params, method.models,

@@ -166,3 +166,24 @@ def test_sample_train_batch_windows_match_the_series():
     np.testing.assert_array_equal(b["external"][k], task.external[s - 3:s + 1])
     np.testing.assert_array_equal(b["obs"][k], b["coarse"][k] * b["mask"][k][..., None])
   assert ((1 - b["mask"]).sum(axis=(2, 3)) == 19).all()
+
+
+def test_fine_base_plus_block_mean_zero_residual_pools_to_the_coarse_map():
+  for agg in ("sum", "mean"):
+    series = real_nytaxi(80)
+    series = SpatioTemporalSeries(series.name, series.values, series.timestamps, series.external,
+                                  series.external_names, agg, series.units, 30,
+                                  series.channel_names)
+    task = pipeline.build_task(series, 2, 2)
+    coarse = task.coarse[40:44]
+    base = np.asarray(pipeline.fine_base(coarse, task.stats, 2, agg))
+    # the base alone is the interp upsampling of the coarse map, in normalised fine units
+    np.testing.assert_allclose(
+        task.fine_norm.inverse(base),
+        coarsen.upsample_uniform(task.coarse_phys[40:44], 2, agg), rtol=1e-4, atol=1e-3)
+    r = np.asarray(pipeline.block_mean_zero(
+        np.random.default_rng(0).normal(size=base.shape).astype(np.float32), 2))
+    fine_phys = task.fine_norm.inverse(base + r)
+    np.testing.assert_allclose(coarsen.coarsen(fine_phys, 2, agg), task.coarse_phys[40:44],
+                               rtol=1e-4, atol=1e-2)
+    assert np.abs(r).max() > 0.1
