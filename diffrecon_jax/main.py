@@ -8,6 +8,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from diffrecon_jax import parallel
 from diffrecon_jax import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
@@ -21,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Multi-host (TPU pod slice, several GPU hosts): join the job before any device is touched.
+  parallel.maybe_initialize_distributed()
   run.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 

@@ -35,7 +35,7 @@ def main() -> None:
   config = helpers.tiny_config(batch_size=8)
   task = helpers.tiny_task()
   build = helpers.standin_models if args.standins else train.build_models
-  models = build(config, task.scale)
+  models = build(config, task.scale, task.stats, task.series.aggregation)
   params = jax.device_get(jax.jit(lambda k: train.init_params(models, task.shapes, k))(
       jax.random.PRNGKey(0)))
   spec = train.BatchSpec.from_task(config, task)

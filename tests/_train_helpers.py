@@ -71,8 +71,10 @@ class StandInF(nn.Module):
     return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
 
 
-def standin_models(config, scale):
-  """`train.Models` with the stand-in denoisers and the config's schedule."""
+def standin_models(config, scale, stats=None, aggregation="sum"):
+  """`train.Models` with the stand-in denoisers and the config's schedule (plain fine target:
+  the stand-ins test the training logic, not the residual parameterisation)."""
+  del stats, aggregation
   from diffrecon_jax import diffusion, train
   d = config.diffusion
   return train.Models(StandInC(), StandInF(scale=scale),
