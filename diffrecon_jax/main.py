@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 from diffrecon_jax import parallel
 from diffrecon_jax import run
+from diffrecon_jax.data.series import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
                                           "(optionally with ':variant').", lock_config=True)
@@ -24,7 +25,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Multi-host (TPU pod slice, several GPU hosts): join the job before any device is touched.
   parallel.maybe_initialize_distributed()
-  run.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  try:
+    run.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except DataError as e:
+    # Bad or missing data is the user's to fix: the message says what and how, no traceback.
+    raise SystemExit(f"diffrecon_jax: data error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -99,3 +99,12 @@ def test_masks_of_one_kind_are_nested():
              for r in (0.2, 0.4, 0.6, 0.8)]
     for lo, hi in zip(masks, masks[1:]):
       assert ((hi == 0) | (lo == 1)).all() and (hi <= lo).all() and hi.sum() < lo.sum()
+
+
+def test_main_stops_with_a_clear_message_when_data_is_missing(tmp_path):
+  cmd = [sys.executable, "-m", "diffrecon_jax.main", "--config=configs/tapbj.py",
+         f"--workdir={tmp_path}"]
+  out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "data error" in out.stderr and "tapdata.org.cn" in out.stderr
+  assert "Traceback" not in out.stderr
