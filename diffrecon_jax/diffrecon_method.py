@@ -139,13 +139,18 @@ def x0_clip_bounds(config, task) -> tuple:
   return (factor * float(np.abs(task.coarse[lo:hi]).max()), factor * float(np.abs(fine).max()))
 
 
-def load_method(workdir: str):
-  """(config, DiffReconMethod) from a workdir holding finished checkpoints."""
+# Sampling settings: chosen at evaluate time; everything else comes from the checkpoint.
+SAMPLING_FIELDS = ("sampler", "sampler_steps", "n_samples", "ddim_eta", "x0_clip_factor",
+                   "fine_consistent")
+
+
+def load_trained(workdir: str) -> tuple:
+  """(config, EMA params {'c','f'}, models, metadata) from a workdir with finished checkpoints."""
   from diffrecon_jax import train
   config, ema_params, meta = train.load_for_sampling(workdir)
   models = train.build_models(config, int(meta["scale"]), meta.get("stats"),
                               meta.get("aggregation", "sum"))
-  return config, DiffReconMethod(config, ema_params, models), meta
+  return config, ema_params, models, meta
 
 
 def run(config, workdir: str, mode: str) -> list:
@@ -157,20 +162,14 @@ def run(config, workdir: str, mode: str) -> list:
     train.train(config, workdir)
     if mode == "train":
       return []
-  saved_config, method, meta = load_method(workdir)
-  # Evaluation settings may be changed at evaluate time; model settings come from the checkpoint.
+  saved_config, params, models, meta = load_trained(workdir)
   for key in ("eval", "patterns"):
     saved_config[key] = config[key]
-  saved_config.diffusion.sampler = config.diffusion.sampler
-  saved_config.diffusion.sampler_steps = config.diffusion.sampler_steps
-  saved_config.diffusion.n_samples = config.diffusion.n_samples
-  saved_config.diffusion.ddim_eta = config.diffusion.ddim_eta
-  saved_config.diffusion.x0_clip_factor = config.diffusion.get("x0_clip_factor", 0.0)
-  saved_config.diffusion.fine_consistent = config.diffusion.get("fine_consistent", False)
+  for key in SAMPLING_FIELDS:
+    saved_config.diffusion[key] = config.diffusion.get(key, saved_config.diffusion.get(key))
   task = pipeline.prepare_task(saved_config)
   _check_task_matches(task, meta)
-  method = DiffReconMethod(saved_config, method.params, method.models,
-                           x0_clip_bounds(saved_config, task))
+  method = DiffReconMethod(saved_config, params, models, x0_clip_bounds(saved_config, task))
   if mode == "reconstruct":
     return [_reconstruct_to_files(saved_config, workdir, task, method)]
   extra = {"trained_on": list(saved_config.patterns.train)}
@@ -202,7 +201,7 @@ def _reconstruct_to_files(config, workdir, task, method) -> dict:
     mask, seed = evaluate_lib.eval_mask(task, p, int(config.patterns.eval_mask_seed))
     t0 = time.perf_counter()
     rec = method.reconstruct(task, mask, slices)
-    path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib._safe(p.label)}.npz"
+    path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
     np.savez_compressed(path, fine=rec["fine"], coarse=rec["coarse"],
                         fine_q05=np.quantile(rec["samples"], 0.05, axis=0),
                         fine_q95=np.quantile(rec["samples"], 0.95, axis=0),

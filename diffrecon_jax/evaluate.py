@@ -62,7 +62,7 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
     if workdir is not None:
       mdir = pathlib.Path(workdir) / "masks"
       mdir.mkdir(parents=True, exist_ok=True)
-      np.savez_compressed(mdir / f"{_safe(pattern.label)}.npz", mask=mask.astype(np.uint8),
+      np.savez_compressed(mdir / f"{file_label(pattern.label)}.npz", mask=mask.astype(np.uint8),
                           seed=mseed)
     fine_m, comp_m = metrics_lib.PooledMetrics(), metrics_lib.PooledMetrics()
     start = time.perf_counter()
@@ -95,7 +95,8 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
   return out
 
 
-def _safe(label: str) -> str:
+def file_label(label: str) -> str:
+  """A pattern label usable as a file name: "random:0.4" -> "random_0.4"."""
   return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label)
 
 
