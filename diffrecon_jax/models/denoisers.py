@@ -42,6 +42,15 @@ def _external(cond: Mapping[str, Any], b: int, t: int, who: str) -> Optional[Arr
   return None if ext.shape[-1] == 0 else ext
 
 
+def _unet(denoiser: nn.Module, out_channels: int) -> UNet:
+  """The denoiser's U-Net, from the U-Net fields both denoisers share. Call inside the
+  denoiser's compact `__call__` so the submodule keeps its name (UNet_0)."""
+  return UNet(out_channels=out_channels, base_channels=denoiser.base_channels,
+              channel_mults=tuple(denoiser.channel_mults),
+              num_res_blocks=denoiser.num_res_blocks, emb_dim=denoiser.emb_dim,
+              dropout=denoiser.dropout, num_groups=denoiser.num_groups)
+
+
 class DiffusionCNet(nn.Module):
   """Diffusion-C noise predictor (coarse completion): U-Net + ST-PointFormer.
 
@@ -94,9 +103,7 @@ class DiffusionCNet(nn.Module):
     external = _external(cond, b, t, who)
     mask = mask.astype(jnp.float32)
 
-    unet = UNet(out_channels=c, base_channels=self.base_channels,
-                channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
-                emb_dim=self.emb_dim, dropout=self.dropout, num_groups=self.num_groups)
+    unet = _unet(self, c)
     inter = None
     if self.use_inter:  # eqs. 12, 14-25
       enc = STPointFormer(d_model=self.d_model, num_heads=self.num_heads,
@@ -164,9 +171,7 @@ class DiffusionFNet(nn.Module):
                        f"scale N={n} and cond['coarse'] {coarse.shape}, got {x_tau.shape}")
     external = _external(cond, b, t, who)
 
-    unet = UNet(out_channels=c, base_channels=self.base_channels,
-                channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
-                emb_dim=self.emb_dim, dropout=self.dropout, num_groups=self.num_groups)
+    unet = _unet(self, c)
     inter = None
     if self.use_inter:  # eqs. 12, 26-34, then stacking as eq. 25
       enc = TPatternNet(d_model=self.d_model, d_ff=self.d_ff, top_k=self.top_k,
