@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9.0", "chex>=0.1.92"],
-        "bench": ["torch>=2.13.0"],
+        "bench": ["torch>=2.13.0", "matplotlib>=3.11.2"],
     },
 )

@@ -52,7 +52,9 @@ def tiny_task():
 # logic itself (optimizers, EMA, gradient flow, NaN checks) use these instead.
 class StandInC(nn.Module):
   @nn.compact
-  def __call__(self, x, tau, cond, deterministic=True):
+  def __call__(self, x, tau, cond, deterministic=True, inter=None, inter_only=False):
+    if inter_only:  # no sequence encoder: nothing to precompute
+      return None
     emb = nn.Dense(8)(jnp.sin(tau[:, None].astype(jnp.float32) / 3.0 + jnp.arange(4.0)))
     h = jnp.concatenate([x, cond["obs"][:, -1], cond["mask"][:, -1, ..., None]], -1)
     h = nn.Conv(8, (3, 3))(h) + emb[:, None, None]
@@ -64,7 +66,9 @@ class StandInF(nn.Module):
   scale: int = 2
 
   @nn.compact
-  def __call__(self, x, tau, cond, deterministic=True):
+  def __call__(self, x, tau, cond, deterministic=True, inter=None, inter_only=False):
+    if inter_only:
+      return None
     emb = nn.Dense(8)(jnp.sin(tau[:, None].astype(jnp.float32) / 3.0 + jnp.arange(4.0)))
     up = jnp.repeat(jnp.repeat(cond["coarse"][:, -1], self.scale, 1), self.scale, 2)
     h = nn.Conv(8, (3, 3))(jnp.concatenate([x, up], -1)) + emb[:, None, None]

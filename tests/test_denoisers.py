@@ -152,3 +152,31 @@ def test_tiny_diffusion_c_overfits_a_fixed_batch():
     params, state = train_step(params, state)
   last = float(loss_fn(params))
   assert np.isfinite(last) and last < first / 10.0, (first, last)
+
+
+@pytest.mark.parametrize("which", ["c", "f"])
+def test_precomputed_inter_gives_the_same_noise_prediction(which):
+  """S_inter computed once (inter_only) and passed back as `inter=` equals the full call; the
+  samplers rely on this to run the sequence encoder once per input instead of once per step."""
+  rs = np.random.RandomState(3)
+  t, i, j, c, n, f = 3, 6, 4, 1, 2, 2
+  tau = jnp.array([1, 30], jnp.int32)
+  if which == "c":
+    x, cond = c_inputs(rs, 2, t, i, j, c, f)
+    net = DiffusionCNet(**TINY_C, **ONE_LEVEL)
+  else:
+    x, cond = f_inputs(rs, 2, t, i, j, c, n, f)
+    net = DiffusionFNet(scale=n, **TINY_F, **ONE_LEVEL)
+  params = numpy_init(net, x, tau, cond)
+  inter = net.apply(params, None, None, cond, inter_only=True)
+  chex.assert_shape(inter, (2, None, None, net.inter_dim))
+  full = net.apply(params, x, tau, cond)
+  cached = net.apply(params, x, tau, cond, inter=inter)
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=1e-6, atol=1e-6)
+  # A different S_inter must change the prediction (the cached path really uses it).
+  moved = net.apply(params, x, tau, cond, inter=inter + 1.0)
+  assert float(jnp.max(jnp.abs(moved - full))) > 1e-4
+  with pytest.raises(ValueError, match="inter must be"):
+    net.apply(params, x, tau, cond, inter=inter[:, :1])
+  with pytest.raises(ValueError, match="x_tau must be"):
+    net.apply(params, None, tau, cond, inter=inter)

@@ -1,4 +1,6 @@
 """Tests for models/grid_stack.py and models/st_pointformer.py (paper eqs. 14-25)."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffrecon_jax.models.grid_stack import stack_to_grid, stacked_channels
-from diffrecon_jax.models.st_pointformer import STPointFormer
+from diffrecon_jax.models.st_pointformer import STPointFormer, manual_attention
 
 
 def _key(seed: int) -> jax.Array:
@@ -201,8 +203,9 @@ def test_dropout_and_impl_options(params):
   values, mask, external = _inputs(10)
   base = np.asarray(APPLY(params, values, mask, external))
   xla = STPointFormer(d_model=16, num_heads=2, num_layers=2, ff_dim=32, attention_impl="xla")
+  # The CPU default is the manual path: equal to float32 rounding, not bit for bit.
   np.testing.assert_allclose(np.asarray(jax.jit(xla.apply)(params, values, mask, external)),
-                             base, atol=1e-6)
+                             base, atol=1e-5, rtol=0)
   drop = STPointFormer(d_model=16, num_heads=2, num_layers=2, ff_dim=32, dropout=0.5)
   out = jax.jit(lambda p, r: drop.apply(p, values, mask, external, deterministic=False,
                                         rngs={"dropout": r}))(params, _key(1))
@@ -218,3 +221,89 @@ def test_shape_errors(params):
   with pytest.raises(ValueError, match="divisible"):
     jax.eval_shape(STPointFormer(d_model=10, num_heads=3).init, _key(0), values,
                    mask, external)
+
+
+# ----------------------------------------------------------------------------- manual attention
+
+
+def _qkv_mask(seed, b=3, l=24, n=2, h=4):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, l, n, h)).astype(np.float32) * 2.0)
+             for _ in range(3))
+  mask = rng.uniform(size=(b, 1, 1, l)) < 0.5
+  mask[1] = False  # every key of sample 1 masked: uniform weights, as in the reference
+  mask[2, ..., -5:] = False  # trailing padding
+  return q, k, v, jnp.asarray(mask)
+
+
+def test_manual_attention_matches_reference():
+  q, k, v, mask = _qkv_mask(0)
+  # A random cotangent (not a symmetric loss) for the gradients w.r.t. q, k, v.
+  w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape).astype(np.float32))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def out_and_grads(attention, q, k, v, mask):
+    out, vjp = jax.vjp(lambda *a: attention(*a, mask), q, k, v)
+    return out, vjp(w)
+
+  reference = lambda *a: jax.nn.dot_product_attention(*a[:3], mask=a[3], implementation="xla")
+  ref = jax.tree_util.tree_leaves(out_and_grads(reference, q, k, v, mask))
+  # chunk_bytes: all 6 (sample, head) items at once (vmap); 4 items per lax.map step + a
+  # remainder of 2.
+  for chunk_bytes in (2**20, 4 * 24 * 24 * 4):
+    new = out_and_grads(functools.partial(manual_attention, chunk_bytes=chunk_bytes),
+                        q, k, v, mask)
+    for x, x_ref in zip(jax.tree_util.tree_leaves(new), ref):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), atol=1e-5, rtol=0)
+      assert np.abs(np.asarray(x_ref)).max() > 1e-2
+  # Masked keys have no influence: change v there, the output stays.
+  v2 = jnp.where(jnp.swapaxes(mask[:, 0], 1, 2)[..., None], v, 100.0)
+  out2 = out_and_grads(manual_attention, q, k, v2, mask)[0]
+  np.testing.assert_allclose(np.asarray(out2)[[0, 2]], np.asarray(ref[0])[[0, 2]], atol=1e-5,
+                             rtol=0)
+
+
+def test_manual_attention_bad_mask():
+  q, k, v, mask = _qkv_mask(0)
+  with pytest.raises(ValueError, match="key_mask must have shape"):
+    manual_attention(q, k, v, mask[:, 0])
+
+
+def test_manual_path_matches_dot_product_attention(params):
+  # Whole module, same parameters: 'manual' vs jax.nn.dot_product_attention ('xla'), with
+  # masked keys, a fully unobserved sample (only the register token is visible) and padding
+  # (4 * 8 * 6 + 1 = 193 tokens, padded to 200).
+  values, mask, external = _inputs(13)
+  mask = mask.at[1].set(0.0)
+  kw = dict(d_model=16, num_heads=2, num_layers=2, ff_dim=32)
+  target = jnp.asarray(np.random.default_rng(14).normal(size=(2, 4, 8, 6, 16)).astype(np.float32))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def out_and_grads(impl, params, values, mask, external):
+    model = STPointFormer(attention_impl=impl, **kw)
+    out, vjp = jax.vjp(lambda p: model.apply(p, values, mask, external), params)
+    return out, jax.tree_util.tree_leaves(vjp(target))
+
+  (out, grads), (out_ref, grads_ref) = (out_and_grads(impl, params, values, mask, external)
+                                        for impl in ("manual", "xla"))
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-5, rtol=0)
+  for g, g_ref in zip(grads, grads_ref):
+    # float32 rounding relative to each leaf's size (key biases have zero gradient up to noise).
+    scale = max(float(np.abs(np.asarray(g_ref)).max()), 10.0)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=2e-6 * scale, rtol=0)
+
+
+def test_default_impl_by_backend(params):
+  # attention_impl=None traces exactly as 'manual' on CPU and as jax.nn.dot_product_attention
+  # ('xla') elsewhere.
+  values, mask, external = _inputs(15)
+  jaxpr = lambda impl: str(jax.make_jaxpr(
+      STPointFormer(d_model=16, num_heads=2, num_layers=2, ff_dim=32, attention_impl=impl).apply)(
+          params, values, mask, external))
+  expected = "manual" if jax.default_backend() == "cpu" else "xla"
+  assert jaxpr("manual") != jaxpr("xla")
+  assert jaxpr(None) == jaxpr(expected)
+  with pytest.raises(ValueError, match="attention_impl"):
+    jax.eval_shape(STPointFormer(d_model=16, num_heads=2, num_layers=2, ff_dim=32,
+                                 attention_impl="flash").apply, params, values, mask, external)

@@ -110,3 +110,31 @@ def test_unet_rejects_wrong_inter_grid():
   tau = jnp.zeros((1,), jnp.int32)
   with pytest.raises(ValueError, match="inter"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), x, tau, None, jnp.zeros((1, 3, 3, 4))))
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 5, 4, 16), 8), ((2, 7, 6, 6), 3), ((2, 4, 8), 1)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+  """unet.GroupNorm (CPU-friendly layout) computes flax.linen.GroupNorm with the same parameter
+  tree, and folds a FiLM scale/shift exactly as GN(x) * (1 + s) + t."""
+  import flax.linen as nn
+  rs = np.random.RandomState(0)
+  x = jnp.asarray(rs.normal(size=shape) * 3.0 + 1.5, jnp.float32)
+  ours = unet_lib.GroupNorm(num_groups=groups)
+  params = ours.init(jax.random.key(0), x)
+  ref = nn.GroupNorm(num_groups=groups)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+      ref.init(jax.random.key(0), x))
+  c = shape[-1]
+  params = {"params": {"scale": jnp.asarray(rs.normal(size=c), jnp.float32),
+                       "bias": jnp.asarray(rs.normal(size=c), jnp.float32)}}
+  want = ref.apply(params, x)
+  np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-4, atol=1e-4)
+  film_scale = jnp.asarray(rs.normal(size=(shape[0], c)), jnp.float32)
+  film_shift = jnp.asarray(rs.normal(size=(shape[0], c)), jnp.float32)
+  bshape = (shape[0],) + (1,) * (len(shape) - 2) + (c,)
+  np.testing.assert_allclose(
+      ours.apply(params, x, film_scale, film_shift),
+      want * (1.0 + film_scale.reshape(bshape)) + film_shift.reshape(bshape),
+      rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="do not divide"):
+    unet_lib.GroupNorm(num_groups=5).init(jax.random.key(0), x)

@@ -6,6 +6,11 @@ window (S_inter), the per-point encodings are stacked onto the U-Net bottleneck 
 at the bottleneck. Call convention (as `diffusion.EpsFn` after closing over params and cond):
 `model.apply(params, x_tau, tau, cond) -> eps_hat`.
 
+The sequence encoders read only the conditioning, never x_tau or tau, so S_inter is the same at
+every reverse step and for every sample of one input. Samplers compute it once per input with
+`model.apply(params, None, None, cond, inter_only=True)` and pass it back as `inter=` at each step
+(`diffrecon_method`): on the CPU config this removes the ST-PointFormer from the DDIM loop.
+
 All shapes (t, I, J, C, N) are read from the inputs, so one class serves every dataset; a set of
 parameters is tied to the shapes it was initialised with (the sequence encoders' position tables
 fix t, I, J).
@@ -51,6 +56,19 @@ def _unet(denoiser: nn.Module, out_channels: int) -> UNet:
               dropout=denoiser.dropout, num_groups=denoiser.num_groups)
 
 
+def _check_inter(inter: Optional[Array], denoiser: nn.Module, lead: tuple, who: str
+                 ) -> Optional[Array]:
+  """A precomputed S_inter must have the (B, Hd, Wd, inter_dim) shape the encoder would give;
+  it is ignored (None) when the denoiser has no inter branch."""
+  if not denoiser.use_inter:
+    return None
+  want = tuple(lead) + (denoiser.inter_dim,)
+  if inter.shape != want:
+    raise ValueError(f"{who}: inter must be (B, Hd, Wd, inter_dim) = {want} (from an "
+                     f"inter_only call on the same cond), got {inter.shape}")
+  return inter
+
+
 class DiffusionCNet(nn.Module):
   """Diffusion-C noise predictor (coarse completion): U-Net + ST-PointFormer.
 
@@ -75,18 +93,23 @@ class DiffusionCNet(nn.Module):
   use_inter: bool = True
 
   @nn.compact
-  def __call__(self, x_tau: Array, tau: Array, cond: Mapping[str, Any], *,
-               deterministic: bool = True) -> Array:
+  def __call__(self, x_tau: Optional[Array], tau: Optional[Array], cond: Mapping[str, Any], *,
+               deterministic: bool = True, inter: Optional[Array] = None,
+               inter_only: bool = False) -> Optional[Array]:
     """Predicts the noise of the current coarse map.
 
     Args:
-      x_tau: (B, I, J, C) noisy current coarse map.
-      tau: (B,) int32 diffusion step.
+      x_tau: (B, I, J, C) noisy current coarse map (unused, may be None, when inter_only).
+      tau: (B,) int32 diffusion step (unused when inter_only).
       cond: 'obs' (B, t, I, J, C) masked normalised coarse window, current slice LAST, missing
         entries 0; 'mask' (B, t, I, J) float, 1 = observed; 'external' (B, t, F) or None.
       deterministic: disables dropout.
+      inter: S_inter (B, Hd, Wd, inter_dim) from an `inter_only` call on the same cond; the
+        ST-PointFormer is then skipped (same output, see module docstring).
+      inter_only: return S_inter (eqs. 14-25 and the reducing Dense), or None when use_inter is
+        False, without running the U-Net.
     Returns:
-      eps_hat (B, I, J, C) float32.
+      eps_hat (B, I, J, C) float32, or S_inter when inter_only.
     """
     who = "DiffusionCNet"
     obs = _require(cond, "obs", who)
@@ -94,24 +117,27 @@ class DiffusionCNet(nn.Module):
     if obs.ndim != 5:
       raise ValueError(f"{who}: cond['obs'] must be (B, t, I, J, C), got {obs.shape}")
     b, t, i, j, c = obs.shape
-    if x_tau.shape != (b, i, j, c):
-      raise ValueError(f"{who}: x_tau must be (B, I, J, C) = {(b, i, j, c)} to match "
-                       f"cond['obs'] {obs.shape}, got {x_tau.shape}")
     if mask.shape != (b, t, i, j):
       raise ValueError(f"{who}: cond['mask'] must be (B, t, I, J) = {(b, t, i, j)}, "
                        f"got {mask.shape}")
     external = _external(cond, b, t, who)
     mask = mask.astype(jnp.float32)
+    down = bottleneck_shape(i, j, len(self.channel_mults))
 
-    unet = _unet(self, c)
-    inter = None
-    if self.use_inter:  # eqs. 12, 14-25
+    if inter is None and self.use_inter:  # eqs. 12, 14-25
       enc = STPointFormer(d_model=self.d_model, num_heads=self.num_heads,
                           num_layers=self.num_layers, ff_dim=self.ff_dim, dropout=self.dropout,
                           attention_impl=self.attention_impl)(
                               obs, mask, external, deterministic=deterministic)
-      down = bottleneck_shape(i, j, len(self.channel_mults))
       inter = nn.Dense(self.inter_dim, name="inter_proj")(grid_stack.stack_to_grid(enc, down))
+    if inter_only:
+      return inter
+    inter = _check_inter(inter, self, (b,) + down, who)
+    if x_tau is None or x_tau.shape != (b, i, j, c):
+      raise ValueError(f"{who}: x_tau must be (B, I, J, C) = {(b, i, j, c)} to match "
+                       f"cond['obs'] {obs.shape}, got "
+                       f"{None if x_tau is None else x_tau.shape}")
+    unet = _unet(self, c)
     x_in = jnp.concatenate([x_tau, obs[:, -1], mask[:, -1, ..., None]], axis=-1)
     ext_now = None if external is None else external[:, -1]
     return unet(x_in, tau, ext_now, inter, deterministic=deterministic)
@@ -145,18 +171,23 @@ class DiffusionFNet(nn.Module):
   use_inter: bool = True
 
   @nn.compact
-  def __call__(self, x_tau: Array, tau: Array, cond: Mapping[str, Any], *,
-               deterministic: bool = True) -> Array:
+  def __call__(self, x_tau: Optional[Array], tau: Optional[Array], cond: Mapping[str, Any], *,
+               deterministic: bool = True, inter: Optional[Array] = None,
+               inter_only: bool = False) -> Optional[Array]:
     """Predicts the noise of the current fine map.
 
     Args:
-      x_tau: (B, N*I, N*J, C) noisy current fine map.
-      tau: (B,) int32 diffusion step.
+      x_tau: (B, N*I, N*J, C) noisy current fine map (unused, may be None, when inter_only).
+      tau: (B,) int32 diffusion step (unused when inter_only).
       cond: 'coarse' (B, t, I, J, C) completed normalised coarse window, current slice LAST
         (t >= 2 when use_inter); 'external' (B, t, F) or None.
       deterministic: disables dropout.
+      inter: S_inter (B, Hd, Wd, inter_dim) from an `inter_only` call on the same cond; the
+        T-PatternNet is then skipped (same output, see module docstring).
+      inter_only: return S_inter (eqs. 26-34, stacking and the reducing Dense), or None when
+        use_inter is False, without running the U-Net.
     Returns:
-      eps_hat (B, N*I, N*J, C) float32.
+      eps_hat (B, N*I, N*J, C) float32, or S_inter when inter_only.
     """
     who = "DiffusionFNet"
     coarse = _require(cond, "coarse", who)
@@ -166,19 +197,22 @@ class DiffusionFNet(nn.Module):
     if n < 1:
       raise ValueError(f"{who}: scale must be a positive integer, got {self.scale}")
     b, t, i, j, c = coarse.shape
-    if x_tau.shape != (b, n * i, n * j, c):
-      raise ValueError(f"{who}: x_tau must be (B, N*I, N*J, C) = {(b, n * i, n * j, c)} for "
-                       f"scale N={n} and cond['coarse'] {coarse.shape}, got {x_tau.shape}")
     external = _external(cond, b, t, who)
+    down = bottleneck_shape(n * i, n * j, len(self.channel_mults))
 
-    unet = _unet(self, c)
-    inter = None
-    if self.use_inter:  # eqs. 12, 26-34, then stacking as eq. 25
+    if inter is None and self.use_inter:  # eqs. 12, 26-34, then stacking as eq. 25
       enc = TPatternNet(d_model=self.d_model, d_ff=self.d_ff, top_k=self.top_k,
                         num_blocks=self.num_blocks, num_kernels=self.num_kernels,
                         out_channels=self.encoder_channels)(coarse, external)
-      down = bottleneck_shape(n * i, n * j, len(self.channel_mults))
       inter = nn.Dense(self.inter_dim, name="inter_proj")(grid_stack.stack_to_grid(enc, down))
+    if inter_only:
+      return inter
+    inter = _check_inter(inter, self, (b,) + down, who)
+    if x_tau is None or x_tau.shape != (b, n * i, n * j, c):
+      raise ValueError(f"{who}: x_tau must be (B, N*I, N*J, C) = {(b, n * i, n * j, c)} for "
+                       f"scale N={n} and cond['coarse'] {coarse.shape}, got "
+                       f"{None if x_tau is None else x_tau.shape}")
+    unet = _unet(self, c)
     # Nearest upsampling: each fine cell sees its parent coarse value.
     up = jnp.repeat(jnp.repeat(coarse[:, -1], n, axis=1), n, axis=2)
     x_in = jnp.concatenate([x_tau, up.astype(x_tau.dtype)], axis=-1)
