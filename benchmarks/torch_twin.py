@@ -375,12 +375,18 @@ class DiffusionCNet(nn.Module):
     self.UNet_0 = UNet(2 * channels + 1, channels, base_channels, channel_mults, num_res_blocks,
                        emb_dim, num_groups, external_dim, inter_dim if use_inter else 0)
 
-  def forward(self, x_tau: Tensor, tau: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+  def encode(self, cond: Mapping[str, Tensor]) -> Optional[Tensor]:
+    """S_inter (B, Hd, Wd, inter_dim): reads only the conditioning (see denoisers.py)."""
+    if not self.use_inter:
+      return None
+    enc = self.STPointFormer_0(cond["obs"], cond["mask"].float(), cond.get("external"))
+    return self.inter_proj(stack_to_grid(enc, self.down))
+
+  def forward(self, x_tau: Tensor, tau: Tensor, cond: Mapping[str, Tensor],
+              inter: Optional[Tensor] = None) -> Tensor:
     obs, mask, ext = cond["obs"], cond["mask"].float(), cond.get("external")
-    inter = None
-    if self.use_inter:
-      enc = self.STPointFormer_0(obs, mask, ext)
-      inter = self.inter_proj(stack_to_grid(enc, self.down))
+    if inter is None:
+      inter = self.encode(cond)
     x_in = torch.cat([x_tau, obs[:, -1], mask[:, -1, ..., None]], dim=-1)
     return self.UNet_0(x_in, tau, None if ext is None else ext[:, -1], inter)
 
@@ -406,12 +412,18 @@ class DiffusionFNet(nn.Module):
     self.UNet_0 = UNet(2 * channels, channels, base_channels, channel_mults, num_res_blocks,
                        emb_dim, num_groups, external_dim, inter_dim if use_inter else 0)
 
-  def forward(self, x_tau: Tensor, tau: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+  def encode(self, cond: Mapping[str, Tensor]) -> Optional[Tensor]:
+    """S_inter (B, Hd, Wd, inter_dim): reads only the conditioning (see denoisers.py)."""
+    if not self.use_inter:
+      return None
+    return self.inter_proj(stack_to_grid(self.TPatternNet_0(cond["coarse"], cond.get("external")),
+                                         self.down))
+
+  def forward(self, x_tau: Tensor, tau: Tensor, cond: Mapping[str, Tensor],
+              inter: Optional[Tensor] = None) -> Tensor:
     coarse, ext = cond["coarse"], cond.get("external")
-    inter = None
-    if self.use_inter:
-      enc = self.TPatternNet_0(coarse, ext)
-      inter = self.inter_proj(stack_to_grid(enc, self.down))
+    if inter is None:
+      inter = self.encode(cond)
     up = coarse[:, -1].repeat_interleave(self.n, dim=1).repeat_interleave(self.n, dim=2)
     x_in = torch.cat([x_tau, up], dim=-1)
     return self.UNet_0(x_in, tau, None if ext is None else ext[:, -1], inter)
@@ -590,6 +602,7 @@ def sample_many(net: nn.Module, cond: Mapping[str, Tensor], s: Schedule, shape: 
   """
   tile = lambda a: None if a is None else a.repeat((n_samples,) + (1,) * (a.ndim - 1))
   cond_t = {k: tile(v) for k, v in cond.items()}
+  inter_t = tile(net.encode(cond))  # once per input, as DiffReconMethod does
   known_t = tile(known)
   mask_t = None if known_mask is None else tile(known_mask.expand(shape))
   big = (n_samples * shape[0],) + tuple(shape[1:])
@@ -609,7 +622,7 @@ def sample_many(net: nn.Module, cond: Mapping[str, Tensor], s: Schedule, shape: 
       sig = torch.sqrt(s.posterior_variance[tau])
     else:
       sig = eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    eps = net(x, torch.full((big[0],), tau, device=x.device), cond_t)
+    eps = net(x, torch.full((big[0],), tau, device=x.device), cond_t, inter_t)
     x0_hat = (x - torch.sqrt(1 - a_t) * eps) / torch.sqrt(a_t)
     x = (torch.sqrt(a_prev) * x0_hat + torch.sqrt(torch.clamp(1 - a_prev - sig ** 2, min=0))
          * eps)

@@ -54,7 +54,10 @@ class DiffReconMethod:
     self.sampler = {"name": self.method, "steps": self.steps, "n_samples": self.n_samples}
     if self.method == "ddim":
       self.sampler["eta"] = self.eta
-    self._rng = jax.random.key(int(config.seed) + 1)
+    # Sampler noise: `diffusion.sampling_prng_impl` ("rbg" on the default configs: measured
+    # faster on CPU than threefry) or JAX's default when unset.
+    self._rng = jax.random.key(int(config.seed) + 1,
+                               impl=config.diffusion.get("sampling_prng_impl", None))
     self._stage_c = jax.jit(self._sample_c)
     self._stage_f = jax.jit(self._sample_f)
 
@@ -100,13 +103,14 @@ class DiffReconMethod:
     once. A stage's very first batch runs alone (it compiles), then `self.workers` at a time.
     """
     n = arrays[0].shape[0]
-    starts = list(range(0, n, self.batch))
+    size = balanced_batch_size(n, self.batch, BALANCE_BATCHES_FOR)
+    starts = list(range(0, n, size))
 
     def one(k: int) -> list:
-      part = [a[starts[k]:starts[k] + self.batch] for a in arrays]
+      part = [a[starts[k]:starts[k] + size] for a in arrays]
       real = part[0].shape[0]
-      if real < self.batch:
-        part = [np.concatenate([p, np.repeat(p[-1:], self.batch - real, axis=0)]) for p in part]
+      if real < size:
+        part = [np.concatenate([p, np.repeat(p[-1:], size - real, axis=0)]) for p in part]
       res = fn(*part, jax.random.fold_in(rng, k))
       return [np.asarray(r)[:real] for r in (res if isinstance(res, tuple) else (res,))]
 
@@ -122,6 +126,22 @@ class DiffReconMethod:
       outs += [one(k) for k in rest]
     return [np.concatenate(parts, axis=0) for parts in zip(*outs)]
 
+  def _compile_f_aside(self, task, n: int):
+    """First call only, with several workers: compiles stage 2 (one call on zeros of its batch
+    shape) in a background thread while stage 1 compiles and runs, instead of afterwards on one
+    core (saves its ~6 s compile on the 2-core CPU). Returns the future, or None."""
+    if "f" in self._compiled or self.workers < 2:
+      return None
+    size = balanced_batch_size(n, self.batch, BALANCE_BATCHES_FOR)
+    window = (size, task.history + 1)
+    coarse = np.zeros(window + tuple(task.coarse.shape[1:]), np.float32)
+    external = np.zeros(window + tuple(task.external.shape[1:]), task.external.dtype)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(lambda: jax.block_until_ready(
+        self._stage_f(self.params["f"], coarse, external, self._rng)))
+    pool.shutdown(wait=False)
+    return future
+
   def reconstruct(self, task, mask: np.ndarray, slices: np.ndarray) -> dict:
     """task: TaskData; mask (T,I,J) 1 = observed; slices (n,) contiguous current-slice indices.
 
@@ -134,6 +154,7 @@ class DiffReconMethod:
       raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
     rng = jax.random.fold_in(self._rng, int(slices[0]))
     k_c, k_f = jax.random.split(rng)
+    warm_f = self._compile_f_aside(task, len(slices))
     # Stage 1 on every slice the stage-2 windows touch; its inputs never contain hidden values.
     need = np.arange(slices[0] - h, slices[-1] + 1)
     idx = need[:, None] + np.arange(-h, 1)[None, :]
@@ -141,6 +162,9 @@ class DiffReconMethod:
     obs = task.coarse[idx] * m[..., None]
     (completed,) = self._batched("c", functools.partial(self._stage_c, self.params["c"]),
                                  [obs, m, task.external[idx]], k_c)
+    if warm_f is not None:
+      warm_f.result()
+      self._compiled.add("f")
     # Stage 2: windows of completed maps, current slice last.
     win = np.arange(len(slices))[:, None] + np.arange(0, h + 1)[None, :]
     fine, samples = self._batched("f", functools.partial(self._stage_f, self.params["f"]),
@@ -149,6 +173,28 @@ class DiffReconMethod:
     return {"coarse": task.coarse_norm.inverse(completed[h:]),
             "fine": task.fine_norm.inverse(fine),
             "samples": task.fine_norm.inverse(np.swapaxes(samples, 0, 1))}
+
+
+# Batches are split for this many workers whatever `eval.concurrent_batches` is, so the batch
+# partition, and with it every batch's random key, depends on the config alone: a run with 1
+# worker reproduces a run with 2 exactly.
+BALANCE_BATCHES_FOR = 2
+
+
+def balanced_batch_size(n: int, max_batch: int, workers: int, multiple: int = 8) -> int:
+  """Batch size <= max_batch splitting n items into a multiple of `workers` batches of (nearly)
+  equal size; rounded up to `multiple` when that keeps the batch count (fewer distinct shapes).
+
+  With 2 workers, 1080 slices at max 128 would be 9 batches (the 9th runs alone, padded with 72
+  copies); 10 batches of 112 keep both workers busy to the end.
+  """
+  if n < 1 or max_batch < 1 or workers < 1:
+    raise ValueError(f"balanced_batch_size: need n, max_batch, workers >= 1, got "
+                     f"{n}, {max_batch}, {workers}")
+  batches = -(-n // (max_batch * workers)) * workers
+  size = -(-n // batches)
+  rounded = -(-size // multiple) * multiple
+  return rounded if rounded <= max_batch and -(-n // rounded) == batches else size
 
 
 def concurrent_batches(config) -> int:
@@ -178,7 +224,7 @@ def x0_clip_bounds(config, task) -> tuple:
 
 # Sampling settings: chosen at evaluate time; everything else comes from the checkpoint.
 SAMPLING_FIELDS = ("sampler", "sampler_steps", "n_samples", "ddim_eta", "x0_clip_factor",
-                   "fine_consistent")
+                   "fine_consistent", "sampling_prng_impl")
 
 
 def load_trained(workdir: str) -> tuple:

@@ -51,3 +51,19 @@ def test_concurrent_batches_setting():
   config.eval.concurrent_batches = -1
   with pytest.raises(ValueError, match="concurrent_batches"):
     diffrecon_method.concurrent_batches(config)
+
+
+@pytest.mark.parametrize("n,max_batch,workers,want", [
+    (1080, 128, 2, 112),   # 10 batches in 5 pairs instead of 9 (the last alone, mostly padding)
+    (1086, 128, 2, 112),   # stage 1's slices: the same compiled shape as stage 2's
+    (1080, 128, 1, 120),   # 9 batches of 120 instead of 8 x 128 + 56
+    (1080, 64, 2, 60),     # 18 batches of 60 (64 would give 17: the last one alone)
+    (5, 128, 2, 3),        # tiny splits: still one batch per worker
+    (100, 4, 2, 4),        # never above the configured maximum
+])
+def test_balanced_batch_size(n, max_batch, workers, want):
+  size = diffrecon_method.balanced_batch_size(n, max_batch, workers)
+  assert size == want
+  assert size <= max_batch
+  with pytest.raises(ValueError):
+    diffrecon_method.balanced_batch_size(0, max_batch, workers)
