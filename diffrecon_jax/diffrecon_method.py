@@ -50,7 +50,7 @@ class DiffReconMethod:
     self.n_samples = int(d.n_samples)
     self.batch = int(config.eval.batch_size)
     self.workers = concurrent_batches(config)
-    self._compiled = set()  # stages that ran once: their first batch need not run alone
+    self._compiled = set()  # (stage, batch size) pairs already compiled
     self.sampler = {"name": self.method, "steps": self.steps, "n_samples": self.n_samples}
     if self.method == "ddim":
       self.sampler["eta"] = self.eta
@@ -100,7 +100,8 @@ class DiffReconMethod:
     the compiled function sees one shape) and concatenates each output along axis 0.
 
     Batch k always gets `fold_in(rng, k)`, so results do not depend on how many batches run at
-    once. A stage's very first batch runs alone (it compiles), then `self.workers` at a time.
+    once. The first batch of a stage at a new batch size runs alone (it compiles), then
+    `self.workers` at a time.
     """
     n = arrays[0].shape[0]
     size = balanced_batch_size(n, self.batch, BALANCE_BATCHES_FOR)
@@ -115,9 +116,9 @@ class DiffReconMethod:
       return [np.asarray(r)[:real] for r in (res if isinstance(res, tuple) else (res,))]
 
     outs = []
-    if stage not in self._compiled:
+    if (stage, size) not in self._compiled:
       outs.append(one(0))
-      self._compiled.add(stage)
+      self._compiled.add((stage, size))
     rest = range(len(outs), len(starts))
     if self.workers > 1 and len(rest) > 1:
       with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
@@ -127,12 +128,13 @@ class DiffReconMethod:
     return [np.concatenate(parts, axis=0) for parts in zip(*outs)]
 
   def _compile_f_aside(self, task, n: int):
-    """First call only, with several workers: compiles stage 2 (one call on zeros of its batch
-    shape) in a background thread while stage 1 compiles and runs, instead of afterwards on one
-    core (saves its ~6 s compile on the 2-core CPU). Returns the future, or None."""
-    if "f" in self._compiled or self.workers < 2:
-      return None
+    """With several workers, when stage 2 has not run at this batch size yet: compiles it (one
+    call on zeros of its batch shape) in a background thread while stage 1 compiles and runs,
+    instead of afterwards on one core (saves its ~6 s compile on the 2-core CPU).
+    Returns (future, batch size), or None."""
     size = balanced_batch_size(n, self.batch, BALANCE_BATCHES_FOR)
+    if ("f", size) in self._compiled or self.workers < 2:
+      return None
     window = (size, task.history + 1)
     coarse = np.zeros(window + tuple(task.coarse.shape[1:]), np.float32)
     external = np.zeros(window + tuple(task.external.shape[1:]), task.external.dtype)
@@ -140,7 +142,7 @@ class DiffReconMethod:
     future = pool.submit(lambda: jax.block_until_ready(
         self._stage_f(self.params["f"], coarse, external, self._rng)))
     pool.shutdown(wait=False)
-    return future
+    return future, size
 
   def reconstruct(self, task, mask: np.ndarray, slices: np.ndarray) -> dict:
     """task: TaskData; mask (T,I,J) 1 = observed; slices (n,) contiguous current-slice indices.
@@ -154,7 +156,7 @@ class DiffReconMethod:
       raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
     rng = jax.random.fold_in(self._rng, int(slices[0]))
     k_c, k_f = jax.random.split(rng)
-    warm_f = self._compile_f_aside(task, len(slices))
+    warm_f = self._compile_f_aside(task, len(slices))  # (future, size) or None
     # Stage 1 on every slice the stage-2 windows touch; its inputs never contain hidden values.
     need = np.arange(slices[0] - h, slices[-1] + 1)
     idx = need[:, None] + np.arange(-h, 1)[None, :]
@@ -163,8 +165,8 @@ class DiffReconMethod:
     (completed,) = self._batched("c", functools.partial(self._stage_c, self.params["c"]),
                                  [obs, m, task.external[idx]], k_c)
     if warm_f is not None:
-      warm_f.result()
-      self._compiled.add("f")
+      warm_f[0].result()
+      self._compiled.add(("f", warm_f[1]))
     # Stage 2: windows of completed maps, current slice last.
     win = np.arange(len(slices))[:, None] + np.arange(0, h + 1)[None, :]
     fine, samples = self._batched("f", functools.partial(self._stage_f, self.params["f"]),
