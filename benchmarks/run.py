@@ -627,6 +627,12 @@ def _f(x, fmt="{:.1f}") -> str:
   return "-" if x is None else fmt.format(x)
 
 
+def _table(title: str, columns: list, rows: list) -> list:
+  """Markdown lines of a titled table; rows are lists of cell strings, one per column."""
+  return ([f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+          + ["| " + " | ".join(row) + " |" for row in rows] + [""])
+
+
 def markdown(results: dict) -> str:
   m = results["machine"]
   lines = [f"# diffrecon_jax benchmarks ({results['mode']}, device {results['device']})", "",
@@ -642,47 +648,42 @@ def markdown(results: dict) -> str:
               f"{chk['params_f']} (equal in both); max |flax - torch| of eps_hat: "
               f"{chk['max_abs_diff_c']:.1e} (C), {chk['max_abs_diff_f']:.1e} (F).", ""]
   if results.get("train"):
-    lines += ["## Train step", "",
-              "| step | batch | JAX ms | JAX samples/s | JAX fused ms/step | compile s | GFLOP/step "
-              "| achieved GFLOP/s | JAX mem MiB | torch ms | torch samples/s | speed-up |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in results["train"]:
       j, t = r["jax"], r.get("torch", {})
       fused = r.get("jax_fused", {})
       mem = (j.get("memory") or {}).get("total")
-      lines.append(
-          f"| {r['phase']} | {r['batch']} | {_f(j.get('step_ms'))} | {_f(j.get('samples_per_s'))} "
-          f"| {_f(fused.get('step_ms'))}{' (x%d)' % fused['steps_per_call'] if fused else ''} "
-          f"| {_f(j.get('compile_s'))} | {_f((j.get('flops_per_step') or 0) / 1e9 or None, '{:.2f}')} "
-          f"| {_f(j.get('achieved_gflops'))} | {_f(mem / 2**20 if mem else None, '{:.0f}')} "
-          f"| {_f(t.get('step_ms'))} | {_f(t.get('samples_per_s'))} "
-          f"| {_f(r.get('speedup_jax_over_torch'), '{:.2f}')} |")
-    lines.append("")
+      rows.append([
+          r["phase"], str(r["batch"]), _f(j.get("step_ms")), _f(j.get("samples_per_s")),
+          _f(fused.get("step_ms")) + (" (x%d)" % fused["steps_per_call"] if fused else ""),
+          _f(j.get("compile_s")), _f((j.get("flops_per_step") or 0) / 1e9 or None, "{:.2f}"),
+          _f(j.get("achieved_gflops")), _f(mem / 2**20 if mem else None, "{:.0f}"),
+          _f(t.get("step_ms")), _f(t.get("samples_per_s")),
+          _f(r.get("speedup_jax_over_torch"), "{:.2f}")])
+    lines += _table("Train step", [
+        "step", "batch", "JAX ms", "JAX samples/s", "JAX fused ms/step", "compile s",
+        "GFLOP/step", "achieved GFLOP/s", "JAX mem MiB", "torch ms", "torch samples/s",
+        "speed-up"], rows)
   if results.get("components"):
-    lines += ["## Where the time goes: sub-networks alone (forward / forward+backward)", "",
-              "| sub-network | params | JAX fwd ms | torch fwd ms | fwd speed-up | JAX fwd+bwd ms "
-              "| torch fwd+bwd ms | fwd+bwd speed-up | JAX compile s | GFLOP fwd+bwd |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["components"]:
-      lines.append(
-          f"| {r['component']} | {r['params']} | {_f(r['jax_fwd_ms'])} "
-          f"| {_f(r.get('torch_fwd_ms'))} | {_f(r.get('speedup_fwd'), '{:.2f}')} "
-          f"| {_f(r['jax_fwd_bwd_ms'])} | {_f(r.get('torch_fwd_bwd_ms'))} "
-          f"| {_f(r.get('speedup_fwd_bwd'), '{:.2f}')} | {_f(r['jax_compile_s'])} "
-          f"| {_f(r.get('jax_gflops_fwd_bwd'), '{:.2f}')} |")
-    lines.append("")
+    rows = [[r["component"], str(r["params"]), _f(r["jax_fwd_ms"]), _f(r.get("torch_fwd_ms")),
+             _f(r.get("speedup_fwd"), "{:.2f}"), _f(r["jax_fwd_bwd_ms"]),
+             _f(r.get("torch_fwd_bwd_ms")), _f(r.get("speedup_fwd_bwd"), "{:.2f}"),
+             _f(r["jax_compile_s"]), _f(r.get("jax_gflops_fwd_bwd"), "{:.2f}")]
+            for r in results["components"]]
+    lines += _table("Where the time goes: sub-networks alone (forward / forward+backward)", [
+        "sub-network", "params", "JAX fwd ms", "torch fwd ms", "fwd speed-up", "JAX fwd+bwd ms",
+        "torch fwd+bwd ms", "fwd+bwd speed-up", "JAX compile s", "GFLOP fwd+bwd"], rows)
   if results.get("sampling"):
-    lines += ["## Sampling (Diffusion-C completion + Diffusion-F inference)", "",
-              "| sampler | steps | windows x samples | JAX s | JAX fine maps/s | compile C+F s "
-              "| torch s | torch fine maps/s | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in results["sampling"]:
       j, t = r["jax"], r.get("torch", {})
-      lines.append(
-          f"| {r['method']} | {r['steps']} | {r['windows']} x {r['n_samples']} "
-          f"| {_f(j['time_s'], '{:.2f}')} | {_f(j['fine_maps_per_s'])} "
-          f"| {_f(j['compile_c_s'] + j['compile_f_s'])} | {_f(t.get('time_s'), '{:.2f}')} "
-          f"| {_f(t.get('fine_maps_per_s'))} | {_f(r.get('speedup_jax_over_torch'), '{:.2f}')} |")
-    lines.append("")
+      rows.append([r["method"], str(r["steps"]), f"{r['windows']} x {r['n_samples']}",
+                   _f(j["time_s"], "{:.2f}"), _f(j["fine_maps_per_s"]),
+                   _f(j["compile_c_s"] + j["compile_f_s"]), _f(t.get("time_s"), "{:.2f}"),
+                   _f(t.get("fine_maps_per_s")), _f(r.get("speedup_jax_over_torch"), "{:.2f}")])
+    lines += _table("Sampling (Diffusion-C completion + Diffusion-F inference)", [
+        "sampler", "steps", "windows x samples", "JAX s", "JAX fine maps/s", "compile C+F s",
+        "torch s", "torch fine maps/s", "speed-up"], rows)
   if results.get("split"):
     s = results["split"]
     lines += ["## Whole test split, all evaluation patterns (real `reconstruct`)", "",
@@ -692,28 +693,25 @@ def markdown(results: dict) -> str:
                  f"{s['measured_s']:.0f} s)" if s["extrapolated"] else " (measured)")
               + f"; {s['fine_maps_per_s']:.0f} fine maps/s. Target: < 120 s.", ""]
   if results.get("scaling"):
-    lines += ["## Scaling: joint train step", "",
-              "| axis | value | batch | coarse -> fine | window | ST-points | JAX ms | compile s "
-              "| JAX mem MiB | torch ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in results["scaling"]:
       j, t = r.get("jax", {}), r.get("torch", {})
       mem = (j.get("memory") or {}).get("total")
       note = j.get("skipped") or r.get("error")
-      lines.append(
-          f"| {r['axis']} | {r['value']} | {r['batch']} | {r['coarse']} -> {r['fine']} "
-          f"| {r['window']} | {r['st_points']} | {_f(j.get('step_ms')) if not note else note} "
-          f"| {_f(j.get('compile_s'))} | {_f(mem / 2**20 if mem else None, '{:.0f}')} "
-          f"| {_f(t.get('step_ms'))} | {_f(r.get('speedup_jax_over_torch'), '{:.2f}')} |")
-    lines.append("")
+      rows.append([str(r["axis"]), str(r["value"]), str(r["batch"]),
+                   f"{r['coarse']} -> {r['fine']}", str(r["window"]), str(r["st_points"]),
+                   _f(j.get("step_ms")) if not note else str(note), _f(j.get("compile_s")),
+                   _f(mem / 2**20 if mem else None, "{:.0f}"), _f(t.get("step_ms")),
+                   _f(r.get("speedup_jax_over_torch"), "{:.2f}")])
+    lines += _table("Scaling: joint train step", [
+        "axis", "value", "batch", "coarse -> fine", "window", "ST-points", "JAX ms", "compile s",
+        "JAX mem MiB", "torch ms", "speed-up"], rows)
   if results.get("scaling_samples"):
-    lines += ["## Scaling: samples per map (DDIM)", "",
-              "| samples | JAX s | JAX fine maps/s | torch s | speed-up |", "|---|---|---|---|---|"]
-    for r in results["scaling_samples"]:
-      j, t = r["jax"], r.get("torch", {})
-      lines.append(f"| {r['value']} | {_f(j['time_s'], '{:.2f}')} | {_f(j['fine_maps_per_s'])} "
-                   f"| {_f(t.get('time_s'), '{:.2f}')} "
-                   f"| {_f(r.get('speedup_jax_over_torch'), '{:.2f}')} |")
-    lines.append("")
+    rows = [[str(r["value"]), _f(r["jax"]["time_s"], "{:.2f}"), _f(r["jax"]["fine_maps_per_s"]),
+             _f(r.get("torch", {}).get("time_s"), "{:.2f}"),
+             _f(r.get("speedup_jax_over_torch"), "{:.2f}")] for r in results["scaling_samples"]]
+    lines += _table("Scaling: samples per map (DDIM)",
+                    ["samples", "JAX s", "JAX fine maps/s", "torch s", "speed-up"], rows)
   for note in results.get("notes", []):
     lines.append(f"- {note}")
   return "\n".join(lines) + "\n"
