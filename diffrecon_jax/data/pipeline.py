@@ -141,34 +141,9 @@ class TaskData:
 
 
 def load_series(config) -> SpatioTemporalSeries:
-  """Loads config.data.name through the dataset registry, with the loader arguments the config
-  gives (`path`, `variable`, and per-dataset extras such as `year`, `daily`, `aggregation`)."""
+  """Loads config.data.name; `registry.loader_kwargs` maps the config's fields to the loader."""
   from diffrecon_jax.data import registry  # local: keeps this module importable on its own.
-  d = config.data
-  name = d.name
-  path = d.get("path", "") or None
-  if name in ("nytaxi", "nybike"):
-    kwargs = {"data_dir": path}
-  elif name == "bikenyc14":
-    kwargs = {"path": path}
-  elif name == "taxibj":
-    kwargs = {"data_dir": path, "year": int(d.get("year", 13)),
-              "verify_checksum": bool(d.get("verify_checksum", True))}
-  elif name == "ncep_air":
-    kwargs = {"zarr_path": path, "daily": bool(d.get("daily", False))}
-  elif name == "tapbj":
-    kwargs = {"path": path, "variable": d.get("variable", "") or "pm25"}
-  elif name == "custom":
-    kwargs = {"path": path, "variable": d.get("variable", "") or None,
-              "aggregation": d.get("aggregation", "sum"),
-              "interval_minutes": int(d.get("interval_minutes", 60))}
-  else:
-    kwargs = {}
-  needs_path = name in ("bikenyc14", "taxibj", "ncep_air", "custom")
-  if needs_path and path is None:
-    raise DataError(f"dataset {name!r} is not embedded: set --config.data.path to its file or "
-                    "folder (see the dataset's module docstring for where to get it)")
-  return registry.load_dataset(name, **kwargs)
+  return registry.load_from_config(config.data)
 
 
 def build_task(series: SpatioTemporalSeries, scale: int, history: int, crop: bool = False,
