@@ -1,6 +1,8 @@
 """Installable package for diffrecon_jax.
 
-Lower bounds are the versions the test suite was run with (see WORKSPACE.md).
+Lower bounds are the versions the test suite was run with (see WORKSPACE.md). Every package
+the code or the tests import is declared here: CI installs into a fresh virtual environment, so
+an undeclared one fails there.
 TensorFlow is deliberately absent: TFDS builders are read with `tfds.data_source`.
 """
 from setuptools import find_packages, setup
@@ -15,6 +17,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "jax>=0.10.2",
+        "scipy>=1.17.1",  # interp baseline (ndimage distance transform); also a jax dependency.
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
@@ -26,6 +29,7 @@ setup(
         "h5py>=3.16.0",
         "numcodecs>=0.16.6",
         "netCDF4>=1.7.5",
+        "zarr>=3.1.0",  # users' Zarr v3 stores (v2 stores are decoded with numcodecs alone).
     ],
     extras_require={
         "test": ["pytest>=9.0", "chex>=0.1.92"],

@@ -1,6 +1,6 @@
 """Command line entry point: flags only; the work lives in `diffrecon_jax.run`.
 
-  python -m diffrecon_jax.main --config=configs/nytaxi.py --workdir=/tmp/nytaxi
+  python -m diffrecon_jax.main --config=configs/nytaxi.py --workdir=runs/nytaxi
   python -m diffrecon_jax.main --config=configs/nytaxi.py:cpu --workdir=DIR --mode=evaluate
   python -m diffrecon_jax.main --config=configs/nytaxi.py --workdir=DIR --config.method=interp
 """
@@ -26,7 +26,7 @@ def main(argv):
   # Multi-host (TPU pod slice, several GPU hosts): join the job before any device is touched.
   parallel.maybe_initialize_distributed()
   try:
-    run.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    run.run(_CONFIG.value, run.resolve_workdir(_WORKDIR.value), _MODE.value)
   except DataError as e:
     # Bad or missing data is the user's to fix: the message says what and how, no traceback.
     raise SystemExit(f"diffrecon_jax: data error: {e}") from None

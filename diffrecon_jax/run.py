@@ -7,6 +7,7 @@ workdir by EVALUATION.md; DiffRecon's results carry the `interp` baseline beside
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 from absl import logging
@@ -40,10 +41,24 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None) -
   return docs
 
 
+def resolve_workdir(workdir) -> str:
+  """`workdir` as an absolute path ("~" expanded); a relative path is taken from the current
+  directory. Raises ValueError for an empty path or one that exists as a file."""
+  if workdir is None or str(workdir).strip() == "":
+    raise ValueError("workdir is empty: pass --workdir=DIR (created if missing)")
+  path = os.path.abspath(os.path.expanduser(str(workdir)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"workdir {path} exists and is not a directory")
+  return path
+
+
 def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   """Runs `mode` for `config` in `workdir`; returns the results documents (if any)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  # Orbax needs absolute paths, and a notebook may change its directory between calls: resolve
+  # once, against the directory the run was started from.
+  workdir = resolve_workdir(workdir)
   wd = pathlib.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   (wd / "config.json").write_text(config.to_json_best_effort(indent=1))

@@ -14,6 +14,7 @@ results). `sample_train_masks` draws masks on the fly inside the jitted training
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Sequence
 
@@ -48,7 +49,9 @@ def parse_pattern(spec: str) -> Pattern:
                     "or 'file:/path/mask.npy'")
   kind, arg = spec.split(":", 1)
   if kind == "file":
-    return Pattern("file", float("nan"), arg)
+    # Absolute at parse time: a relative mask path means "from the directory the run started in",
+    # whatever the process's directory is when the mask is read.
+    return Pattern("file", float("nan"), os.path.abspath(os.path.expanduser(arg)))
   if kind not in KINDS:
     raise DataError(f"pattern {spec!r}: unknown kind {kind!r}; expected one of {KINDS} or 'file'")
   try:
