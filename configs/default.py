@@ -2,7 +2,8 @@
 
 `get_config(arg)` returns the `nytaxi` CPU run: the README's main command. Every field has a comment
 saying where its value comes from: the paper (section), a peer code base (CSDI, PriSTI, TimesNet,
-UrbanFM), the evaluation contract (EVALUATION.md) or our own measurement on the 2-core CPU machine.
+UrbanFM), the evaluation contract (docs/evaluation.md) or our own measurement on the 2-core CPU
+machine.
 Dataset configs call `base_config()` and override what differs.
 """
 import ml_collections
@@ -13,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
   c.method = "diffrecon"  # "diffrecon" or a baseline name ("interp").
 
-  # ---- data (paper Sec. V-A; EVALUATION.md) ----
+  # ---- data (paper Sec. V-A; docs/evaluation.md) ----
   c.data = ml_collections.ConfigDict()
   c.data.name = "nytaxi"          # registry name (diffrecon_jax/data/registry.py).
   c.data.path = ""                # file/folder for datasets that are not embedded; "" = embedded.
@@ -23,16 +24,22 @@ def base_config() -> ml_collections.ConfigDict:
                                   # crop the bottom/right rows/cols that N does not divide.
   c.data.history = 6              # t - 1 history slices before the current one. Paper: not
                                   # given; ours: 6 (3 h of 30-min data) keeps CPU attention cheap.
-  c.data.normalization = "zscore"  # per channel, fitted on the train split only (EVALUATION.md).
+  c.data.tfds_dir = ""            # "" = read the source files; a folder = keep a TFDS
+                                  # array_record copy there (prepared on first use, read after;
+                                  # data/tfds_builders.py).
+  c.data.gap_rule = "skip"        # holes in the time axis (data/time_axis.py): "skip" = train on
+                                  # and score only slices whose windows are whole, "fill" = insert
+                                  # the missing slots as fully unobserved slices. Ours: "skip"
+                                  # scores only what was observed at the nominal interval.
 
-  # ---- sparse patterns (paper Sec. V-A.2; EVALUATION.md) ----
+  # ---- sparse patterns (paper Sec. V-A.2; docs/evaluation.md) ----
   c.patterns = ml_collections.ConfigDict()
   # Evaluated: the nine of the contract.
   c.patterns.eval = ("fixed:0.2", "fixed:0.4", "fixed:0.6", "fixed:0.8", "random:0.2",
                      "random:0.4", "random:0.6", "random:0.8", "large_scale:0.25")
   # Drawn on the fly in training (ours): one model trained on a mix of every pattern and ratio.
   c.patterns.train = c.patterns.get_ref("eval")
-  c.patterns.eval_mask_seed = 0   # EVALUATION.md: masks drawn from a recorded seed.
+  c.patterns.eval_mask_seed = 0   # docs/evaluation.md: masks drawn from a recorded seed.
 
   # ---- diffusion (paper Sec. IV-B; values from CSDI since the paper gives none) ----
   c.diffusion = ml_collections.ConfigDict()
@@ -40,10 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.schedule = "quad"     # CSDI: quad.
   c.diffusion.beta_start = 1e-4     # CSDI: 1e-4.
   c.diffusion.beta_end = 0.5        # CSDI: 0.5 (PriSTI: 0.2).
-  c.diffusion.sampler = "ddim"      # ours: DDIM on CPU (DESIGN.md: DDPM chains cost ~20x more).
+  c.diffusion.sampler = "ddim"      # ours: DDIM on CPU (measured: DDPM chains cost ~20x more).
   c.diffusion.sampler_steps = 10    # S for DDIM; ours (CPU budget).
   c.diffusion.ddim_eta = 1.0        # ours: stochastic DDIM so samples spread (CRPS is meaningful).
-  c.diffusion.n_samples = 2         # samples per map; point estimate = median (EVALUATION.md);
+  c.diffusion.n_samples = 2         # samples per map; point estimate = median (docs/evaluation.md);
                                     # ours (CPU budget: sampling dominates evaluation time).
   c.diffusion.fine_residual = True  # ours (measured): Diffusion-F diffuses fine minus the
                                     # coarse map's uniform upsampling; the plain fine target
@@ -114,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA cache: reruns (evaluate after train, resumed runs) skip recompiling.
   c.train.compilation_cache_dir = "~/.cache/diffrecon_jax/xla"
 
-  # ---- evaluation (EVALUATION.md) ----
+  # ---- evaluation (docs/evaluation.md) ----
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64            # maps per sampler call (at most; see balanced_batch_size);
                                     # measured on 2 CPU cores: a pattern of nytaxi's test split

@@ -1,12 +1,14 @@
 """Dataset loaders on the real data in ../shared/data (and small fixtures where data is absent)."""
 import hashlib
+import logging
 import shutil
 
 import h5py
 import numpy as np
 import pytest
 
-from diffrecon_jax.data import bikenyc14, custom, ncep_air, nyc_dsan, registry, tapbj, taxibj
+from diffrecon_jax.data import (bikenyc14, custom, files, ncep_air, nyc_dsan, pipeline, registry,
+                                tapbj, taxibj)
 from diffrecon_jax.data.series import DataError
 
 
@@ -22,6 +24,7 @@ def test_nytaxi_embedded(shared_data_dir):
   assert s.timestamps[0] == np.datetime64("2016-01-01T00:00")
   assert s.timestamps[-1] == np.datetime64("2016-03-30T23:30")
   assert (np.diff(s.timestamps) == np.timedelta64(30, "m")).all()
+  assert not s.time_axis.has_gaps
   assert s.external.shape == (4320, 65) and len(s.external_names) == 65
   names = list(s.external_names)
   # Slot 0 = Friday 1 Jan 2016, New Year's Day.
@@ -78,6 +81,7 @@ def test_bikenyc14(shared_data_dir):
   assert s.timestamps[0] == np.datetime64("2014-04-01T00:00")
   assert s.timestamps[-1] == np.datetime64("2014-09-30T23:00")
   assert (np.diff(s.timestamps) == np.timedelta64(60, "m")).all()
+  assert s.time_axis.summary().endswith("no gaps")
   with h5py.File(h5, "r") as f:
     raw = f["data"][()]
   np.testing.assert_array_equal(s.values, raw.transpose(0, 2, 3, 1).astype(np.float32))
@@ -134,6 +138,7 @@ def test_ncep_air(shared_data_dir):
   assert s.timestamps[0] == np.datetime64("2013-01-01T00:00")
   assert s.timestamps[-1] == np.datetime64("2014-12-31T18:00")
   assert (s.aggregation, s.interval_minutes) == ("mean", 360)
+  assert not s.time_axis.has_gaps
   assert s.external.shape == (2920, 7 + 4 + 1 + 2)
   names = list(s.external_names)
   assert s.external[1, names.index("slot_1")] == 1
@@ -159,13 +164,13 @@ def test_ncep_air(shared_data_dir):
 
 
 def test_decode_cf_time():
-  t = custom.decode_cf_time(np.array([0.0, 36.5]), "days since 2014-01-01 06:00:00")
+  t = files.decode_cf_time(np.array([0.0, 36.5]), "days since 2014-01-01 06:00:00")
   np.testing.assert_array_equal(t, np.array(["2014-01-01T06:00", "2014-02-06T18:00"],
                                              dtype="datetime64[m]"))
   with pytest.raises(DataError, match="calendar"):
-    custom.decode_cf_time(np.zeros(1), "days since 2014-01-01", "360_day")
+    files.decode_cf_time(np.zeros(1), "days since 2014-01-01", "360_day")
   with pytest.raises(DataError, match="not understood"):
-    custom.decode_cf_time(np.zeros(1), "fortnights since 2014-01-01")
+    files.decode_cf_time(np.zeros(1), "fortnights since 2014-01-01")
 
 
 # ---- custom -----------------------------------------------------------------------------------
@@ -254,6 +259,41 @@ def test_custom_netcdf_roundtrip(tmp_path):
   np.testing.assert_array_equal(s.values[..., 0], x)  # fill value -> NaN.
   assert s.timestamps[3] == np.datetime64("2014-01-04T00:00") and s.interval_minutes == 1440
   assert s.external.shape == (6, 7 + 1 + 1)
+
+
+def test_custom_netcdf_time_axis_with_dropped_records(tmp_path):
+  import netCDF4
+  x = _grid(t=6, c=1)[..., 0]
+
+  def write(path, hours):
+    with netCDF4.Dataset(path, "w") as ds:
+      ds.createDimension("time", 6)
+      ds.createDimension("y", 4)
+      ds.createDimension("x", 3)
+      tv = ds.createVariable("time", "f8", ("time",))
+      tv.units = "hours since 2014-01-01 00:00:00"
+      tv[:] = hours
+      ds.createVariable("pm25", "f4", ("time", "y", "x"))[:] = x
+
+  write(tmp_path / "gaps.nc", [0, 1, 2, 6, 7, 8])  # a sensor offline 03:00 .. 05:00
+  s = custom.load_array(tmp_path / "gaps.nc", aggregation="mean")
+  assert s.interval_minutes == 60 and s.num_slices == 6
+  assert s.time_axis.summary() == ("6 slices at 60 min (2014-01-01 00:00 .. 2014-01-01 08:00), "
+                                   "1 gap totalling 3 missing slots, largest 3 slots at "
+                                   "2014-01-01 03:00")
+  np.testing.assert_array_equal(s.time_axis.whole_windows(2), [0, 1, 1, 0, 1, 1])
+  write(tmp_path / "unsorted.nc", [0, 1, 2, 8, 7, 6])
+  with pytest.raises(DataError, match=r"unsorted\.nc: timestamps not in time order: index 3 "
+                                      r"\(2014-01-01 08:00\) is followed by index 4"):
+    custom.load_array(tmp_path / "unsorted.nc")
+  write(tmp_path / "dup.nc", [0, 1, 2, 2, 3, 4])
+  with pytest.raises(DataError, match=r"dup\.nc: duplicate timestamp 2014-01-01 02:00"):
+    custom.load_array(tmp_path / "dup.nc")
+  for label, hours in (("nan", [0, 1, np.nan, 3, 4, 5]),
+                       ("masked", np.ma.masked_array(np.arange(6.0), np.arange(6) == 2))):
+    write(tmp_path / f"{label}.nc", hours)  # masked: written as the fill value
+    with pytest.raises(DataError, match=rf"{label}\.nc: timestamp 2 is NaT"):
+      custom.load_array(tmp_path / f"{label}.nc")
 
 
 def test_custom_zarr_v2(tmp_path):
@@ -351,6 +391,31 @@ def test_taxibj_fixture(tmp_path):
   lo, hi = taxibj.TEMPERATURE_RANGE
   assert s.external[0, names.index("temperature")] == pytest.approx((temp - lo) / (hi - lo))
   assert s.external[0, names.index("weather_0") + 48 % 17] == 1
+
+
+def test_taxibj_fixture_gaps_go_through_the_time_axis(tmp_path, caplog):
+  folder = tmp_path / "TaxiBJ"
+  _write_taxibj(folder, np.random.default_rng(0))
+  with caplog.at_level(logging.INFO):
+    s = taxibj.load_taxibj(folder, year=13, verify_checksum=False)
+  log = " ".join(r.getMessage() for r in caplog.records)
+  # The fixture duplicates the 05:00 slot with other (random) values, and misses 02:00.
+  assert ("1 duplicated slots dropped (first 2013-07-01 05:00; 1 with values different from the "
+          "kept first occurrence); 1 of 2 days incomplete") in log
+  axis = s.time_axis
+  assert [(g.index, g.start, g.missing) for g in axis.gaps()] == [
+      (4, np.datetime64("2013-07-01T02:00"), 1)]
+  assert axis.summary() == ("95 slices at 30 min (2013-07-01 00:00 .. 2013-07-02 23:30), 1 gap "
+                            "totalling 1 missing slot, largest 1 slot at 2013-07-01 02:00")
+  names = list(s.external_names)
+  np.testing.assert_array_equal(s.external[:, names.index("slot_0"):][:, :48].argmax(1),
+                                axis.slot_of_day())
+  assert axis.slot_of_day()[4] == 5  # 02:30, not index 4
+  task = pipeline.build_task(s, 4, history=2)
+  np.testing.assert_array_equal(np.nonzero(~task.whole_windows)[0], [0, 1, 4, 5])
+  assert 4 not in task.train_current and 5 not in task.train_current and 6 in task.train_current
+  slices, rep = pipeline.eval_slices(task, "test")
+  assert rep["n_skipped_gap"] == 0 and len(slices) == rep["n_slices_in_split"] == 24
 
 
 def test_taxibj_checksum_and_missing_files(tmp_path):

@@ -1,5 +1,6 @@
 """Coarse-graining, sparse patterns and the task pipeline, on real data slices."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -166,6 +167,30 @@ def test_sample_train_batch_windows_match_the_series():
     np.testing.assert_array_equal(b["external"][k], task.external[s - 3:s + 1])
     np.testing.assert_array_equal(b["obs"][k], b["coarse"][k] * b["mask"][k][..., None])
   assert ((1 - b["mask"]).sum(axis=(2, 3)) == 19).all()
+
+
+def test_gap_free_series_draws_exactly_the_index_range_batches():
+  """Drawing from `train_current` must not move the default run: on a series without gaps the
+  batches are bit-identical to the former randint(lo, hi) draw."""
+  task = pipeline.build_task(real_nytaxi(400), 2, 3, train_patterns=ALL9)
+  assert not task.time_axis.has_gaps
+  assert task.whole_windows[3:].all() and not task.whole_windows[:3].any()
+  np.testing.assert_array_equal(task.train_current, np.arange(*task.train_range))
+  arrays = task.device_arrays()
+  assert arrays["train_current"].dtype == jnp.int32
+  enc = patterns.encode_train_patterns(task.patterns_train)
+  fn = jax.jit(lambda a, k: pipeline.sample_train_batch(
+      a, k, batch_size=16, history=3, index_range=task.train_range, patterns=enc))
+  without = {k: v for k, v in arrays.items() if k != "train_current"}
+  for seed in range(3):
+    key = jax.random.PRNGKey(seed)
+    b = jax.device_get(fn(arrays, key))
+    old = jax.device_get(fn(without, key))
+    for name in b:
+      np.testing.assert_array_equal(b[name], old[name], err_msg=name)
+    # ... and the current slices are those of the former formula.
+    current = np.asarray(jax.random.randint(jax.random.split(key)[0], (16,), *task.train_range))
+    np.testing.assert_array_equal(b["fine"], task.fine[current])
 
 
 def test_fine_base_plus_block_mean_zero_residual_pools_to_the_coarse_map():

@@ -54,3 +54,23 @@ def test_sliced_series(tmp_path):
   sources = tfds_builders.build_tfds("nybike", tmp_path, series=s)
   assert [len(sources[k]) for k in ("train", "val", "test")] == [5, 2, 3]
   np.testing.assert_array_equal(sources["test"][2]["values"], s.values[9])
+
+
+def test_a_run_reads_its_series_through_a_tfds_copy(tmp_path):
+  from configs import nybike
+  from diffrecon_jax.data import pipeline
+  config = nybike.get_config()
+  config.data.tfds_dir = str(tmp_path / "tfds")
+  first = pipeline.load_series(config)  # prepares the copy
+  assert (tmp_path / "tfds" / "diffrecon_nybike" / tfds_builders.DATA_VERSION).is_dir()
+  again = pipeline.load_series(config)  # reads it back
+  direct = nyc_dsan.load_nybike()
+  for s in (first, again):
+    np.testing.assert_array_equal(s.values, direct.values)
+    np.testing.assert_array_equal(s.timestamps, direct.timestamps)
+    np.testing.assert_array_equal(s.external, direct.external)
+    assert (s.aggregation, s.interval_minutes, s.channel_names) == (
+        direct.aggregation, direct.interval_minutes, direct.channel_names)
+  config.data.path = str(tmp_path / "elsewhere")  # another source: the copy is refused.
+  with pytest.raises(ValueError, match="was prepared from"):
+    pipeline.load_series(config)

@@ -1,4 +1,4 @@
-"""Generic loader for a user's gridded series, plus the file helpers the other loaders share.
+"""Generic loader for a user's gridded series (the file helpers live in `data/files.py`).
 
 `load_array` reads one (T, H, W) or (T, H, W, C) array from .npy / .npz / NetCDF (.nc) / Zarr
 (v2 directory stores are decoded directly with numcodecs; v3 stores through the `zarr` package)
@@ -8,185 +8,38 @@ an error.
 Timestamps, in order of precedence:
   1. from the file: `timestamps_key` (an array of datetime64, ISO strings, or integers read as
      minutes since 1970-01-01), or a CF time coordinate ("<unit> since <date>") on the variable's
-     first dimension in NetCDF/Zarr; `interval_minutes` is then the median step of those stamps;
+     first dimension in NetCDF/Zarr; `interval_minutes` is then the most common step of those
+     stamps (`time_axis.infer_interval`);
   2. `start` + k * `interval_minutes`;
   3. nothing given: 1970-01-01 00:00 + k * `interval_minutes` (placeholder steps, so calendar
      features are meaningless; pass `start` for real dates).
+
+File timestamps may have gaps (dropped records, a sensor offline): every step must be a multiple
+of the interval, and the slices present are kept as they are (`time_axis` marks the windows that
+cross a gap; `pipeline.build_task` logs how many gaps there are). Anything else is a DataError
+naming the first offending index and timestamps, never silently repaired: a NaT timestamp,
+timestamps out of time order (the file is not sorted for you, since values, timestamps and
+external features must be sorted together), a duplicated timestamp, or a step that is not a
+multiple of the interval (slices off one regular grid).
 """
 from __future__ import annotations
 
-import json
-import math
 import pathlib
-import re
 from typing import Optional, Union
 
 import numpy as np
 
+from diffrecon_jax.data import files
+from diffrecon_jax.data import time_axis
 from diffrecon_jax.data.series import (AGGREGATIONS, DataError, SpatioTemporalSeries,
                                        calendar_features)
 
 PathLike = Union[str, pathlib.Path]
 
-_TIME_UNIT_MINUTES = {"day": 1440.0, "days": 1440.0, "d": 1440.0,
-                      "hour": 60.0, "hours": 60.0, "h": 60.0, "hr": 60.0,
-                      "minute": 1.0, "minutes": 1.0, "min": 1.0, "mins": 1.0,
-                      "second": 1 / 60, "seconds": 1 / 60, "s": 1 / 60, "sec": 1 / 60}
-_GREGORIAN = (None, "", "standard", "gregorian", "proleptic_gregorian")
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared helpers (also used by the dataset-specific loaders).
-# ---------------------------------------------------------------------------------------------
-
-def check_values(values: np.ndarray, source: str, allow_nan: bool = False) -> np.ndarray:
-  """Casts to float32 and rejects Inf (always) and NaN (unless `allow_nan`: NaN = missing)."""
-  values = np.asarray(values, dtype=np.float32)
-  if np.isinf(values).any():
-    raise DataError(f"{source}: {int(np.isinf(values).sum())} infinite values (Inf) in the data "
-                    f"(after casting to float32); fix or mask them as NaN in the file")
-  n_nan = int(np.isnan(values).sum())
-  if n_nan and not allow_nan:
-    raise DataError(f"{source}: {n_nan} NaN values, but this dataset has no missing values; "
-                    f"the file is corrupt or not the expected one")
-  if n_nan == values.size:
-    raise DataError(f"{source}: every value is NaN (nothing observed)")
-  return values
-
-
-def decode_cf_time(values: np.ndarray, units: str, calendar: Optional[str] = None) -> np.ndarray:
-  """CF time ("hours since 1800-01-01 00:00:00") -> (T,) datetime64[m], Gregorian calendars only."""
-  m = re.fullmatch(r"\s*(\w+)\s+since\s+(.+?)\s*", str(units))
-  if not m or m.group(1).lower() not in _TIME_UNIT_MINUTES:
-    raise DataError(f"time units {units!r} not understood; expected '<days|hours|minutes|seconds> "
-                    f"since <YYYY-MM-DD[ hh:mm:ss]>'")
-  if calendar not in _GREGORIAN:
-    raise DataError(f"time calendar {calendar!r} is not supported (only standard/gregorian); "
-                    f"convert the time axis or pass timestamps explicitly")
-  ref = m.group(2).strip().replace("T", " ")
-  ref = re.sub(r"(\s*(UTC|Z|[+-]00:?00))$", "", ref)
-  parts = ref.split()
-  date = parts[0]
-  y, mo, d = (date.split("-") + ["1", "1"])[:3]
-  clock = parts[1] if len(parts) > 1 else "00:00:00"
-  hms = [float(x) for x in clock.split(":")] + [0.0, 0.0]
-  origin = (np.datetime64(f"{int(y):04d}-{int(mo):02d}-{int(d):02d}", "m")
-            + np.timedelta64(int(round(hms[0] * 60 + hms[1] + hms[2] / 60)), "m"))
-  minutes = np.rint(np.asarray(values, np.float64) * _TIME_UNIT_MINUTES[m.group(1).lower()])
-  return origin + minutes.astype(np.int64).astype("timedelta64[m]")
-
-
-def _zarr_v2_meta(store: pathlib.Path) -> Optional[dict]:
-  """All v2 metadata documents of a store, keyed like .zmetadata ("air/.zarray"), or None."""
-  consolidated = store / ".zmetadata"
-  if consolidated.is_file():
-    return json.loads(consolidated.read_text())["metadata"]
-  meta = {}
-  for f in list(store.glob("**/.zarray")) + list(store.glob("**/.zattrs")) + list(
-      store.glob("**/.zgroup")):
-    meta[f.relative_to(store).as_posix()] = json.loads(f.read_text())
-  return meta if any(k.endswith(".zarray") for k in meta) else None
-
-
-def zarr_arrays(store: PathLike) -> dict:
-  """Names -> attributes of the arrays in a Zarr store ("" = the store is itself an array)."""
-  store = pathlib.Path(store)
-  meta = _zarr_v2_meta(store)
-  if meta is not None:
-    out = {}
-    for k in meta:
-      if k.endswith(".zarray"):
-        name = k[:-len(".zarray")].rstrip("/")
-        out[name] = meta.get(f"{name}/.zattrs" if name else ".zattrs", {})
-    return out
-  import zarr  # v3 stores (zarr.json): use the library.
-  node = zarr.open(str(store), mode="r")
-  if isinstance(node, zarr.Array):
-    return {"": dict(node.attrs)}
-  return {name: dict(arr.attrs) for name, arr in node.arrays()}
-
-
-def read_zarr(store: PathLike, name: str = "") -> tuple[np.ndarray, dict]:
-  """Reads one array of a Zarr store -> (raw stored values, attributes); no CF decoding.
-
-  Zarr v2 chunks are decoded with numcodecs (compressor + filters), each placed at its offset
-  and cropped at the edges; missing chunks are the array's fill value.
-  """
-  store = pathlib.Path(store)
-  meta = _zarr_v2_meta(store)
-  prefix = f"{name}/" if name else ""
-  if meta is None:
-    import zarr
-    node = zarr.open(str(store), mode="r")
-    arr = node if not name else node[name]
-    return np.asarray(arr[...]), dict(arr.attrs)
-  if f"{prefix}.zarray" not in meta:
-    raise DataError(f"{store}: no array {name!r}; arrays: {sorted(zarr_arrays(store))}")
-  za = meta[f"{prefix}.zarray"]
-  attrs = meta.get(f"{prefix}.zattrs", {})
-  import numcodecs
-  dtype = np.dtype(za["dtype"])
-  if dtype.kind in "OUSV":
-    raise DataError(f"{store}/{name}: dtype {dtype} not supported (numeric arrays only)")
-  shape, chunks = tuple(za["shape"]), tuple(za["chunks"])
-  fill = za.get("fill_value")
-  if fill is None:
-    fill = 0
-  elif isinstance(fill, str):  # "NaN", "Infinity", "-Infinity"
-    fill = float(fill.replace("Infinity", "inf"))
-  out = np.full(shape, fill, dtype=dtype)
-  sep = za.get("dimension_separator", ".")
-  compressor = numcodecs.get_codec(za["compressor"]) if za.get("compressor") else None
-  filters = [numcodecs.get_codec(f) for f in (za.get("filters") or [])]
-  grid = [math.ceil(s / c) for s, c in zip(shape, chunks)] or [1]
-  for idx in np.ndindex(*grid):
-    chunk_file = store / prefix / sep.join(str(i) for i in idx)
-    if not chunk_file.is_file():
-      continue
-    buf = chunk_file.read_bytes()
-    if compressor is not None:
-      buf = compressor.decode(buf)
-    for f in reversed(filters):
-      buf = f.decode(buf)
-    block = np.frombuffer(buf, dtype=dtype).reshape(chunks, order=za.get("order", "C"))
-    if not shape:
-      return block.reshape(()).copy(), attrs
-    dst = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape))
-    out[dst] = block[tuple(slice(0, d.stop - d.start) for d in dst)]
-  return out, attrs
-
-
-def _cf_decode(raw: np.ndarray, attrs: dict) -> np.ndarray:
-  """Applies CF _FillValue/missing_value (-> NaN), scale_factor and add_offset."""
-  values = raw.astype(np.float64)
-  for key in ("_FillValue", "missing_value"):
-    if attrs.get(key) is not None:
-      values[raw == np.asarray(attrs[key]).astype(raw.dtype)] = np.nan
-  values = values * float(attrs.get("scale_factor", 1.0)) + float(attrs.get("add_offset", 0.0))
-  return values
-
 
 # ---------------------------------------------------------------------------------------------
 # Generic loader.
 # ---------------------------------------------------------------------------------------------
-
-def _to_datetimes(arr: np.ndarray, source: str) -> np.ndarray:
-  arr = np.asarray(arr)
-  if arr.ndim != 1:
-    raise DataError(f"{source}: timestamps must be 1-d, got shape {arr.shape}")
-  if arr.dtype.kind == "M":
-    return arr.astype("datetime64[m]")
-  if arr.dtype.kind in "iu":
-    return arr.astype(np.int64).astype("datetime64[m]")  # minutes since 1970-01-01.
-  if arr.dtype.kind in "SUO":
-    try:
-      return np.array([np.datetime64(a.decode() if isinstance(a, bytes) else str(a), "m")
-                       for a in arr])
-    except ValueError as e:
-      raise DataError(f"{source}: timestamps not ISO 8601 strings ({e})") from e
-  raise DataError(f"{source}: timestamps dtype {arr.dtype} not understood (use datetime64, ISO "
-                  f"strings or integer minutes since 1970-01-01)")
-
 
 def _pick(names: list, variable: Optional[str], path: pathlib.Path, what: str) -> str:
   if variable is not None:
@@ -229,7 +82,9 @@ def _read_file(path: pathlib.Path, variable, timestamps_key, external_key):
       if tname in ds.variables and "since" in str(getattr(ds.variables[tname], "units", "")):
         tv = ds.variables[tname]
         tv.set_auto_maskandscale(False)
-        times = decode_cf_time(tv[...], tv.units, getattr(tv, "calendar", None))
+        tv.set_auto_mask(True)  # a masked (fill value) time -> NaN -> NaT, refused later.
+        traw = np.ma.filled(np.ma.asarray(tv[...]).astype(np.float64), np.nan)
+        times = files.decode_cf_time(traw, tv.units, getattr(tv, "calendar", None))
       elif timestamps_key:
         raise DataError(f"{path}: timestamps variable {timestamps_key!r} missing or has no CF "
                         f"'<unit> since <date>' units")
@@ -238,37 +93,26 @@ def _read_file(path: pathlib.Path, variable, timestamps_key, external_key):
     return values, var, times, external
   if path.is_dir() and ((path / ".zmetadata").exists() or (path / ".zgroup").exists()
                         or (path / ".zarray").exists() or (path / "zarr.json").exists()):
-    arrays = zarr_arrays(path)
+    arrays = files.zarr_arrays(path)
     candidates = [k for k, a in arrays.items() if k not in (timestamps_key, external_key)]
     if variable is None:  # only >= 3-d arrays are candidates; coordinates are 1-d.
-      candidates = [k for k in candidates if len(read_zarr_shape(path, k)) >= 3]
+      candidates = [k for k in candidates if len(files.read_zarr_shape(path, k)) >= 3]
     var = _pick(candidates, variable, path, "array")
-    raw, attrs = read_zarr(path, var)
-    values = _cf_decode(raw, attrs) if raw.dtype.kind in "iuf" else raw
+    raw, attrs = files.read_zarr(path, var)
+    values = files.cf_decode(raw, attrs) if raw.dtype.kind in "iuf" else raw
     dims = attrs.get("_ARRAY_DIMENSIONS") or [None]
     tname = timestamps_key or dims[0]
     if tname in arrays and "since" in str(arrays[tname].get("units", "")):
-      traw, tattrs = read_zarr(path, tname)
-      times = decode_cf_time(traw, tattrs["units"], tattrs.get("calendar"))
+      traw, tattrs = files.read_zarr(path, tname)
+      times = files.decode_cf_time(traw, tattrs["units"], tattrs.get("calendar"))
     elif timestamps_key in arrays:
-      times = read_zarr(path, timestamps_key)[0]
+      times = files.read_zarr(path, timestamps_key)[0]
     elif timestamps_key:
       raise DataError(f"{path}: no timestamps array {timestamps_key!r}")
     if external_key:
-      external = read_zarr(path, external_key)[0]
+      external = files.read_zarr(path, external_key)[0]
     return values, var or path.stem, times, external
   raise DataError(f"{path}: unsupported file; use .npy, .npz, .nc or a Zarr directory")
-
-
-def read_zarr_shape(store: PathLike, name: str) -> tuple:
-  """Shape of one array of a Zarr store without reading its chunks."""
-  store = pathlib.Path(store)
-  meta = _zarr_v2_meta(store)
-  if meta is not None:
-    return tuple(meta[f"{name}/.zarray" if name else ".zarray"]["shape"])
-  import zarr
-  node = zarr.open(str(store), mode="r")
-  return tuple((node if not name else node[name]).shape)
 
 
 def _to_thwc(values: np.ndarray, layout: str, source: str) -> np.ndarray:
@@ -302,7 +146,9 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
     interval_minutes: minutes between slices (ignored when the file has timestamps).
     start: first timestamp (ISO string or datetime64) when the file has none.
     timestamps_key: array/variable holding the timestamps (datetime64, ISO strings, integer
-      minutes since 1970, or CF "<unit> since <date>" in NetCDF/Zarr).
+      minutes since 1970, or CF "<unit> since <date>" in NetCDF/Zarr). Gaps are kept; NaT,
+      unsorted or duplicated timestamps and steps off the interval grid are DataErrors (module
+      docstring).
     external_key: array/variable holding (T, F) external features; default calendar features.
     layout: axis order of the stored array, a permutation of "THWC" (or "THW"); a 3-d array with
       the default "THWC" is read as (T, H, W) with C = 1.
@@ -320,17 +166,15 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
   raw = np.asarray(raw)
   if raw.dtype.kind not in "iufb":
     raise DataError(f"{path}: values dtype {raw.dtype} is not numeric")
-  values = check_values(_to_thwc(raw, layout, str(path)), str(path), allow_nan=True)
+  values = files.check_values(_to_thwc(raw, layout, str(path)), str(path), allow_nan=True)
   t = values.shape[0]
 
   if times is not None:
-    timestamps = _to_datetimes(times, str(path))
+    timestamps = files.to_datetimes(times, str(path))
     if timestamps.shape != (t,):
       raise DataError(f"{path}: {timestamps.shape[0]} timestamps for {t} slices")
-    steps = np.diff(timestamps).astype(np.int64)
-    if (steps <= 0).any():
-      raise DataError(f"{path}: timestamps are not strictly increasing")
-    interval_minutes = int(np.median(steps))
+    interval_minutes = time_axis.infer_interval(timestamps, str(path))
+    timestamps = time_axis.check_timestamps(timestamps, interval_minutes, str(path))
   else:
     if interval_minutes <= 0:
       raise DataError(f"interval_minutes must be positive, got {interval_minutes}")

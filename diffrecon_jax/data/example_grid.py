@@ -31,7 +31,8 @@ def write_grid(series: SpatioTemporalSeries, path, variable: str = "flow") -> pa
   minutes = (series.timestamps.astype("datetime64[m]") - _EPOCH).astype(np.int64)
   path.parent.mkdir(parents=True, exist_ok=True)
   if path.suffix == ".npz":
-    np.savez_compressed(path, **{variable: values, "time": series.timestamps.astype("datetime64[m]")})
+    stamps = series.timestamps.astype("datetime64[m]")
+    np.savez_compressed(path, **{variable: values, "time": stamps})
     return path
   if path.suffix != ".nc":
     raise ValueError(f"{path}: use a .nc or .npz file name")

@@ -16,7 +16,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from diffrecon_jax.data.custom import check_values, decode_cf_time, read_zarr
+from diffrecon_jax.data import time_axis
+from diffrecon_jax.data.files import check_values, decode_cf_time, read_zarr
 from diffrecon_jax.data.series import DataError, SpatioTemporalSeries, calendar_features
 
 
@@ -60,7 +61,8 @@ def load_ncep_air(zarr_path: Union[str, pathlib.Path], daily: bool = False,
   timestamps = decode_cf_time(hours, tattrs.get("units", ""), tattrs.get("calendar"))
   if timestamps.shape[0] != values.shape[0]:
     raise DataError(f"{store}: {timestamps.shape[0]} times for {values.shape[0]} fields")
-  interval = int(np.median(np.diff(timestamps).astype(np.int64)))
+  interval = time_axis.infer_interval(timestamps, f"{store}/time")
+  time_axis.check_timestamps(timestamps, interval, f"{store}/time")
 
   if daily:
     days, first, counts = np.unique(timestamps.astype("datetime64[D]"), return_index=True,

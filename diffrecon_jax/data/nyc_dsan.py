@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from diffrecon_jax.data.custom import check_values
+from diffrecon_jax.data.files import check_values
 from diffrecon_jax.data.series import DataError, SpatioTemporalSeries
 
 EMBEDDED_DIR = pathlib.Path(__file__).resolve().parent / "embedded"

@@ -1,4 +1,4 @@
-"""Sparse patterns: which coarse cells are observed (paper Sec. V-A.2, EVALUATION.md).
+"""Sparse patterns: which coarse cells are observed (paper Sec. V-A.2, docs/evaluation.md).
 
 A mask is float32 with 1 = observed, 0 = missing, the same for every channel. A pattern with
 missing ratio r hides n = floor(r * I * J + 0.5) cells of every slice (round half up, the same rule
@@ -118,11 +118,6 @@ def load_user_mask(path: str, num_slices: int, coarse_shape: tuple) -> np.ndarra
   if not np.all((m == 0) | (m == 1)):
     raise DataError(f"mask file {path}: values must be 0 (missing) or 1 (observed)")
   return m.astype(np.float32)
-
-
-def combine_with_nan(mask: np.ndarray, coarse: np.ndarray) -> np.ndarray:
-  """Marks cells whose coarse value is NaN in any channel as missing. mask (T,I,J), coarse (T,I,J,C)."""
-  return mask * np.all(np.isfinite(coarse), axis=-1).astype(np.float32)
 
 
 def encode_train_patterns(patterns: Sequence[Pattern]) -> tuple:

@@ -11,11 +11,10 @@ from typing import Optional
 
 import numpy as np
 
+from diffrecon_jax.data import time_axis
+from diffrecon_jax.data.errors import DataError  # re-exported: `series.DataError` is public.
+
 AGGREGATIONS = ("sum", "mean")
-
-
-class DataError(ValueError):
-  """Bad input data: the message names the file / array, the shape or value, and what to fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +24,16 @@ class SpatioTemporalSeries:
   Attributes:
     name: dataset name, e.g. "nytaxi".
     values: (T, H, W, C) float32, physical units (counts for flows, Kelvin for temperature...).
-    timestamps: (T,) numpy datetime64[m] start time of each slice.
+    timestamps: (T,) numpy datetime64[m] start time of each slice: no NaT, strictly increasing,
+      every step a multiple of `interval_minutes`. Steps longer than one interval are gaps
+      (missing slots); `time_axis` says which windows are whole.
     external: (T, F) float32 external features per slice (time of day, day of week, holiday,
       weather where the source has it). F may be 0.
     external_names: F names, one per column of `external`.
     aggregation: "sum" (counts: a coarse cell is the total of its fine cells) or "mean"
       (intensive quantities such as PM2.5 or temperature). Definition 1-2 of the paper.
     units: free text, e.g. "trips per 30 min".
-    interval_minutes: time between consecutive slices.
+    interval_minutes: the nominal time between slices (the grid the timestamps lie on).
     channel_names: C names, e.g. ("inflow", "outflow").
     source: free text, where the data came from (file path, citation).
   """
@@ -70,6 +71,12 @@ class SpatioTemporalSeries:
                       f"got {self.aggregation!r}")
     if not np.all(np.isfinite(self.external)):
       raise DataError(f"{self.name}: external features contain NaN/Inf")
+    _ = self.time_axis  # validates the timestamps against interval_minutes.
+
+  @property
+  def time_axis(self):
+    """The validated `time_axis.TimeAxis` of the timestamps (gaps, whole windows, calendar)."""
+    return time_axis.TimeAxis.of(self)
 
   @property
   def num_slices(self) -> int:
@@ -101,10 +108,8 @@ def calendar_features(timestamps: np.ndarray, slots_per_day: int,
   """
   ts = np.asarray(timestamps).astype("datetime64[m]")
   days = ts.astype("datetime64[D]")
-  # 1970-01-01 was a Thursday (weekday 3 with Monday = 0).
-  dow = (days.astype(np.int64) + 3) % 7
-  minutes = (ts - days).astype(np.int64)
-  slot = (minutes * slots_per_day) // (24 * 60)
+  dow = time_axis.day_of_week(ts)
+  slot = time_axis.slot_of_day(ts, slots_per_day)
   t = ts.shape[0]
   feats = np.zeros((t, 7 + slots_per_day + 1), np.float32)
   feats[np.arange(t), dow] = 1.0

@@ -8,10 +8,12 @@ AAAI 2017. The files are not redistributed with this package; `data_dir` must ho
 The flow and meteorology files are checked against the sha256 recorded for the official release.
 
 Gaps: the real files miss some 30-min slots and contain duplicated and incomplete days. We keep
-exactly the slots present (first occurrence of a duplicated `date`, sorted by time); timestamps
-come from `date`, so they are NOT contiguous and consumers must check `np.diff(timestamps)`
-(`interval_minutes` = 30 is the nominal step). Incomplete days are not dropped (ST-ResNet's own
-preprocessing drops them; do so downstream if wanted).
+exactly the slots present: the first occurrence of a duplicated `date` (how many were dropped,
+and how many of those held different values, is logged), sorted by time. Timestamps come from
+`date`, on the 30-min grid (`interval_minutes` = 30), so they are NOT contiguous where slots are
+missing: `time_axis.TimeAxis` finds the gaps, training draws only windows that do not cross one,
+and `pipeline.eval_slices` skips (or, with gap rule "fill", fills) them. Incomplete days are not
+dropped (ST-ResNet's own preprocessing drops them); their count is logged.
 
 External features (F = 75): calendar (day-of-week one-hot, 48 half-hour one-hot, holiday from
 BJ_Holiday.txt), then meteorology matched by `date`: temperature and wind speed min-max scaled
@@ -25,9 +27,11 @@ import pathlib
 from typing import Union
 
 import numpy as np
+from absl import logging
 
+from diffrecon_jax.data import time_axis
 from diffrecon_jax.data.bikenyc14 import parse_slot_dates
-from diffrecon_jax.data.custom import check_values
+from diffrecon_jax.data.files import check_values
 from diffrecon_jax.data.series import DataError, SpatioTemporalSeries, calendar_features
 
 METEOROLOGY_FILE = "BJ_Meteorology.h5"
@@ -99,6 +103,25 @@ def _dedupe_sorted(timestamps: np.ndarray) -> np.ndarray:
   return first
 
 
+def _log_duplicates_and_days(all_times: np.ndarray, keep: np.ndarray, data: np.ndarray,
+                             path: pathlib.Path) -> None:
+  """Logs the duplicated slots dropped (and how many differ from the kept first occurrence)
+  and the incomplete days kept. all_times (T0,), keep (T,) indices into it, data (T0, ...)."""
+  dropped = np.setdiff1d(np.arange(len(all_times)), keep)
+  kept_times = all_times[keep]  # sorted
+  days, counts = np.unique(kept_times.astype("datetime64[D]"), return_counts=True)
+  incomplete = int((counts < SLOTS_PER_DAY).sum())
+  if dropped.size:
+    first = keep[np.searchsorted(kept_times, all_times[dropped])]
+    differ = int((data[dropped] != data[first]).reshape(len(dropped), -1).any(axis=1).sum())
+    logging.info("%s: %d duplicated slots dropped (first %s; %d with values different from the "
+                 "kept first occurrence); %d of %d days incomplete", path.name, dropped.size,
+                 time_axis.format_time(all_times[dropped[0]]), differ, incomplete, len(days))
+  else:
+    logging.info("%s: no duplicated slots; %d of %d days incomplete", path.name, incomplete,
+                 len(days))
+
+
 def _minmax(x: np.ndarray, lo_hi: tuple) -> np.ndarray:
   lo, hi = lo_hi
   return (x - lo) / (hi - lo)
@@ -114,8 +137,9 @@ def load_taxibj(data_dir: Union[str, pathlib.Path], year: int = 13,
     verify_checksum: check the sha256 of the flow and meteorology files.
 
   Returns:
-    values (T, 32, 32, 2) float32 taxi counts per 30 min [inflow, outflow], T = slots present;
-    external (T, 75) float32 (see module docstring).
+    values (T, 32, 32, 2) float32 taxi counts per 30 min [inflow, outflow], T = slots present
+    (duplicates dropped); timestamps (T,) sorted, on the 30-min grid, with gaps where slots are
+    missing (module docstring); external (T, 75) float32 (see module docstring).
   """
   if data_dir is None:
     raise DataError(f"TaxiBJ needs data_dir. {_MANUAL_DOWNLOAD}")
@@ -132,9 +156,10 @@ def load_taxibj(data_dir: Union[str, pathlib.Path], year: int = 13,
   if data.ndim != 4 or data.shape[1] != 2 or data.shape[0] != len(dates):
     raise DataError(f"{flow_path}: data {data.shape} with {len(dates)} dates; expected "
                     f"(T, 2, 32, 32) and T dates")
-  timestamps = parse_slot_dates(dates, SLOTS_PER_DAY, str(flow_path))
-  keep = _dedupe_sorted(timestamps)
-  timestamps = timestamps[keep]
+  all_times = parse_slot_dates(dates, SLOTS_PER_DAY, str(flow_path))
+  keep = _dedupe_sorted(all_times)
+  timestamps = time_axis.check_timestamps(all_times[keep], 30, str(flow_path))
+  _log_duplicates_and_days(all_times, keep, data, flow_path)
   values = check_values(np.transpose(data[keep], (0, 2, 3, 1)), str(flow_path))
 
   met = _read_h5(met_path, ("date", "Temperature", "WindSpeed", "Weather"))
