@@ -452,7 +452,8 @@ def bench_split(config, task, params, models, results, max_patterns: int) -> dic
     p = patterns_lib.parse_pattern(spec)
     mask, _ = evaluate_lib.eval_mask(task, p, int(config.patterns.eval_mask_seed))
     t0 = time.perf_counter()
-    method.reconstruct(task, mask, slices)
+    view = evaluate_lib.observe(task, mask)
+    method.reconstruct(view, slices)
     per.append({"pattern": p.label, "time_s": time.perf_counter() - t0})
     log(f"split {p.label}: {per[-1]['time_s']:.1f} s")
   total = time.perf_counter() - t_all

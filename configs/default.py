@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_joint_c = 2e-4         # ours: smaller rates when fine-tuning jointly.
   c.train.lr_joint_f = 2e-4         # ours.
   c.train.weight_decay = 1e-6       # CSDI: 1e-6.
+  c.train.adam_eps = 1e-8           # optax's default: Adam's denominator floor.
   c.train.grad_clip = 1.0           # ours: guards the first steps of the attention layers.
   c.train.joint_weight_c = 1.0      # joint loss = w_c * L_C + w_f * L_F; ours: equal.
   c.train.joint_weight_f = 1.0

@@ -1,12 +1,17 @@
 """DiffRecon as an evaluated method: stage 1 completes, stage 2 infers (paper Sec. IV-A).
 
-Reconstruction of the slices `slices` under a sparse mask:
+Reconstruction of the slices `slices` from what the evaluation lets a method see
+(`evaluate.ObservedTask`: the coarse series with its hidden cells NaN, the mask, the external
+features; nothing else of the task is read at sampling time):
   1. Diffusion-C completes the coarse map of every slice the windows need (the slices themselves
      and the `history` slices before the first one), each from its own window of *incomplete*
      observations; observed cells are imposed at every reverse step and exactly at the end
      (`diffusion._impose`). The per-cell median of the samples is the completed coarse map.
   2. Diffusion-F draws fine samples for each slice conditioned on the window of completed coarse
      maps (through T-PatternNet) and the external features; the median is the point estimate.
+     With `diffusion.fine_consistent` every sample pools exactly (sum or mean) to the completed
+     coarse map, and so does the point estimate: the per-cell median of more than two samples
+     is not linear, so its residual is projected back onto the block constraint.
 Both chains run as one compiled function per stage on fixed-size batches (the last batch is padded),
 so nothing recompiles across batches, patterns or splits. On CPU several batches run at once from
 a small thread pool (`eval.concurrent_batches`): XLA:CPU keeps about one core busy with one
@@ -30,13 +35,14 @@ from diffrecon_jax.data import pipeline
 
 
 class DiffReconMethod:
-  """`reconstruct(task, mask, slices)` with trained (EMA) parameters; see module docstring."""
+  """`reconstruct(view, slices)` with trained (EMA) parameters; see module docstring."""
 
   name = "diffrecon"
 
   def __init__(self, config, params: dict, models, x0_clip: tuple = (None, None)):
     """x0_clip: (coarse, fine) bounds on each reverse step's estimate of s_0, normalised units
-    (`x0_clip_bounds`), or None for no clip."""
+    (`x0_clip_bounds`: computed from the train split when the method is built), or None for no
+    clip."""
     self.config = config
     self.x0_clip = tuple(x0_clip)
     # Fine maps that pool exactly to the completed coarse map (residual parameterisation only).
@@ -88,11 +94,19 @@ class DiffReconMethod:
     out = self._sample(self.models.f, params, {"coarse": coarse, "external": external},
                        (b, n * i, n * j, c), rng, self.x0_clip[1])
     samples = out["samples"]                                  # (S, B, NI, NJ, C)
-    if self.models.fine_base is not None:                     # residual parameterisation
-      if self.consistent:
-        samples = jax.vmap(lambda r: pipeline.block_mean_zero(r, n))(samples)
-      samples = samples + self.models.fine_base(coarse[:, -1])[None]
-    return jnp.median(samples, axis=0), jnp.swapaxes(samples, 0, 1)
+    if self.models.fine_base is None:
+      return jnp.median(samples, axis=0), jnp.swapaxes(samples, 0, 1)
+    base = self.models.fine_base(coarse[:, -1])               # residual parameterisation
+    if self.consistent:
+      samples = jax.vmap(lambda r: pipeline.block_mean_zero(r, n))(samples)
+    samples = samples + base[None]
+    median = jnp.median(samples, axis=0)
+    if self.consistent and self.n_samples > 2:
+      # The median of one or two samples is their mean and pools exactly already; a per-cell
+      # median of more is not linear, so its residual's block means are removed again (the
+      # nearest map, in L2, that pools exactly to the completed coarse map).
+      median = pipeline.block_mean_zero(median - base, n) + base
+    return median, jnp.swapaxes(samples, 0, 1)
 
   # -- host loop -------------------------------------------------------------------------------
   def _batched(self, stage: str, fn, arrays: list, rng) -> list:
@@ -127,7 +141,7 @@ class DiffReconMethod:
       outs += [one(k) for k in rest]
     return [np.concatenate(parts, axis=0) for parts in zip(*outs)]
 
-  def _compile_f_aside(self, task, n: int):
+  def _compile_f_aside(self, view, n: int):
     """With several workers, when stage 2 has not run at this batch size yet: compiles it (one
     call on zeros of its batch shape) in a background thread while stage 1 compiles and runs,
     instead of afterwards on one core (saves its ~6 s compile on the 2-core CPU).
@@ -135,46 +149,45 @@ class DiffReconMethod:
     size = balanced_batch_size(n, self.batch, BALANCE_BATCHES_FOR)
     if ("f", size) in self._compiled or self.workers < 2:
       return None
-    window = (size, task.history + 1)
-    coarse = np.zeros(window + tuple(task.coarse.shape[1:]), np.float32)
-    external = np.zeros(window + tuple(task.external.shape[1:]), task.external.dtype)
+    window = (size, view.window)
+    coarse = np.zeros(window + tuple(view.coarse_shape) + (view.channels,), np.float32)
+    external = np.zeros(window + tuple(view.external.shape[1:]), view.external.dtype)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     future = pool.submit(lambda: jax.block_until_ready(
         self._stage_f(self.params["f"], coarse, external, self._rng)))
     pool.shutdown(wait=False)
     return future, size
 
-  def reconstruct(self, task, mask: np.ndarray, slices: np.ndarray) -> dict:
-    """task: TaskData; mask (T,I,J) 1 = observed; slices (n,) contiguous current-slice indices.
+  def reconstruct(self, view, slices: np.ndarray) -> dict:
+    """view: evaluate.ObservedTask; slices (n,) contiguous current-slice indices.
 
     Returns physical-unit dict: coarse (n,I,J,C) completed maps, fine (n,NI,NJ,C) medians,
     samples (S,n,NI,NJ,C).
     """
-    h = task.history
+    h = view.history
     slices = np.asarray(slices)
     if slices[0] < 2 * h:
       raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
     rng = jax.random.fold_in(self._rng, int(slices[0]))
     k_c, k_f = jax.random.split(rng)
-    warm_f = self._compile_f_aside(task, len(slices))  # (future, size) or None
-    # Stage 1 on every slice the stage-2 windows touch; its inputs never contain hidden values.
+    warm_f = self._compile_f_aside(view, len(slices))  # (future, size) or None
+    # Stage 1 on every slice the stage-2 windows touch, from observed values only (0 = hidden).
     need = np.arange(slices[0] - h, slices[-1] + 1)
     idx = need[:, None] + np.arange(-h, 1)[None, :]
-    m = mask[idx]
-    obs = task.coarse[idx] * m[..., None]
     (completed,) = self._batched("c", functools.partial(self._stage_c, self.params["c"]),
-                                 [obs, m, task.external[idx]], k_c)
+                                 [view.coarse_obs_norm[idx], view.mask[idx],
+                                  view.external[idx]], k_c)
     if warm_f is not None:
       warm_f[0].result()
       self._compiled.add(("f", warm_f[1]))
     # Stage 2: windows of completed maps, current slice last.
     win = np.arange(len(slices))[:, None] + np.arange(0, h + 1)[None, :]
     fine, samples = self._batched("f", functools.partial(self._stage_f, self.params["f"]),
-                                  [completed[win], task.external[slices[:, None] +
+                                  [completed[win], view.external[slices[:, None] +
                                                                  np.arange(-h, 1)[None, :]]], k_f)
-    return {"coarse": task.coarse_norm.inverse(completed[h:]),
-            "fine": task.fine_norm.inverse(fine),
-            "samples": task.fine_norm.inverse(np.swapaxes(samples, 0, 1))}
+    return {"coarse": view.coarse_norm.inverse(completed[h:]),
+            "fine": view.fine_norm.inverse(fine),
+            "samples": view.fine_norm.inverse(np.swapaxes(samples, 0, 1))}
 
 
 # Batches are split for this many workers whatever `eval.concurrent_batches` is, so the batch
@@ -212,7 +225,8 @@ def concurrent_batches(config) -> int:
 
 def x0_clip_bounds(config, task) -> tuple:
   """(coarse, fine) clip bounds: config.diffusion.x0_clip_factor times the largest |value| of
-  the normalised train split; (None, None) when the factor is 0."""
+  the normalised train split (task: pipeline.TaskData; nothing outside the train split is read);
+  (None, None) when the factor is 0."""
   factor = float(config.diffusion.get("x0_clip_factor", 0.0))
   if factor <= 0:
     return (None, None)
@@ -258,8 +272,8 @@ def run(config, workdir: str, mode: str) -> list:
   if mode == "reconstruct":
     return [_reconstruct_to_files(saved_config, workdir, task, method)]
   extra = {"trained_on": list(saved_config.patterns.train)}
-  return run_lib.evaluate_methods(saved_config, workdir, task,
-                                  [method, run_lib.BASELINES["interp"]()], extra)
+  references = [run_lib.BASELINES[name]() for name in run_lib.REFERENCES]
+  return run_lib.evaluate_methods(saved_config, workdir, task, [method] + references, extra)
 
 
 def _check_task_matches(task, meta: dict) -> None:
@@ -273,19 +287,23 @@ def _check_task_matches(task, meta: dict) -> None:
 
 
 def _reconstruct_to_files(config, workdir, task, method) -> dict:
-  """Writes reconstruction_<pattern>.npz (fine median, quantiles, completed coarse, mask)."""
+  """Writes reconstruction_<pattern>.npz (fine median, quantiles, completed coarse, mask).
+
+  The method sees what an evaluation shows it (`evaluate.observe`), on a val or test split.
+  """
   from diffrecon_jax import evaluate as evaluate_lib
   from diffrecon_jax.data import patterns as patterns_lib
-  lo, hi = task.split.range(config.eval.split)
-  if int(config.eval.max_slices):
-    hi = min(hi, lo + int(config.eval.max_slices))
-  slices = np.arange(lo, hi)
+  slices, _ = evaluate_lib.evaluation_slices(task, config.eval.split,
+                                             int(config.eval.max_slices))
   written = {}
   for spec in config.patterns.eval:
     p = patterns_lib.parse_pattern(spec)
     mask, seed = evaluate_lib.eval_mask(task, p, int(config.patterns.eval_mask_seed))
     t0 = time.perf_counter()
-    rec = method.reconstruct(task, mask, slices)
+    view = evaluate_lib.observe(task, mask)
+    parts = [method.reconstruct(view, piece) for piece in evaluate_lib.contiguous_pieces(slices)]
+    rec = {k: np.concatenate([r[k] for r in parts], axis=1 if k == "samples" else 0)
+           for k in ("fine", "coarse", "samples")}
     path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
     np.savez_compressed(path, fine=rec["fine"], coarse=rec["coarse"],
                         fine_q05=np.quantile(rec["samples"], 0.05, axis=0),

@@ -1,14 +1,18 @@
-"""Scores methods by the evaluation contract (EVALUATION.md) and writes results.json / results.md.
+"""Scores methods by the evaluation contract (docs/evaluation.md) and writes results.json / results.md.
 
 A *method* is any object with `name`, `sampler` (dict or None) and
-`reconstruct(task, mask (T,I,J), slices (n,)) -> {"coarse": (n,I,J,C), "fine": (n,NI,NJ,C),
+`reconstruct(view: ObservedTask, slices (n,)) -> {"coarse": (n,I,J,C), "fine": (n,NI,NJ,C),
 "samples": (S,n,NI,NJ,C) or None}` in physical units. The evaluation draws every pattern's mask
 over the whole series (history windows included) from a recorded seed, saves it under
-`workdir/masks/`, hides the masked coarse cells from the method (it receives the mask and reads
-coarse values only where the mask is 1), and pools the metrics over the split.
+`workdir/masks/`, and hands the method an `ObservedTask` built by `observe`: the coarse series with
+the hidden cells already NaN, the mask, the always-observed external features, and the truth of
+the train split only. The method never holds the task itself, so it cannot read a hidden value;
+the metrics are pooled over the split against the truth the evaluation keeps to itself.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -20,6 +24,143 @@ from absl import logging
 
 from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax.data import patterns as patterns_lib
+from diffrecon_jax.data import pipeline
+from diffrecon_jax.data import time_axis
+
+# Splits a method may be scored on: the view holds the train split's truth.
+EVAL_SPLITS = ("val", "test")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ObservedTask:
+  """Everything a method may see of a task under one evaluation mask (the contract's input).
+
+  Built by `observe`; every array is a read-only copy, so nothing here leads back to the task's
+  hidden values.
+
+  Attributes:
+    name: dataset name.
+    coarse_obs: (T, I, J, C) float32 physical coarse values, NaN where mask == 0.
+    mask: (T, I, J) float32, 1 = observed (the pattern's mask times `TaskData.coarse_valid`).
+    external: (T, F) float32 external features (always observed).
+    timestamps: (T,) datetime64[m] slice start times.
+    interval_minutes: time between consecutive slices.
+    scale: N, the magnification.
+    aggregation: "sum" or "mean" (how N x N fine cells pool to a coarse cell).
+    history: t - 1 past slices in a window.
+    split: chronological split boundaries.
+    coarse_norm, fine_norm: normalisers fitted on the train split.
+    train_fine: (split.val_start, N*I, N*J, C) float32 physical fine truth of the train split
+      only (NaN = unobserved).
+    train_coarse: (split.val_start, I, J, C) float32 physical pooled truth of the train split only.
+  """
+  name: str
+  coarse_obs: np.ndarray
+  mask: np.ndarray
+  external: np.ndarray
+  timestamps: np.ndarray
+  interval_minutes: int
+  scale: int
+  aggregation: str
+  history: int
+  split: pipeline.Split
+  coarse_norm: pipeline.Normalizer
+  fine_norm: pipeline.Normalizer
+  train_fine: np.ndarray
+  train_coarse: np.ndarray
+
+  @property
+  def coarse_shape(self) -> tuple:
+    """(I, J)."""
+    return tuple(self.coarse_obs.shape[1:3])
+
+  @property
+  def fine_shape(self) -> tuple:
+    """(N*I, N*J)."""
+    return tuple(self.scale * n for n in self.coarse_shape)
+
+  @property
+  def channels(self) -> int:
+    return int(self.coarse_obs.shape[-1])
+
+  @property
+  def window(self) -> int:
+    return self.history + 1
+
+  @functools.cached_property
+  def coarse_obs_norm(self) -> np.ndarray:
+    """(T, I, J, C) float32 normalised observed coarse values, 0 (the train mean) where hidden."""
+    with np.errstate(invalid="ignore"):
+      norm = self.coarse_norm.apply(self.coarse_obs)
+    return _readonly(np.where(self.mask[..., None] > 0, norm, 0.0).astype(np.float32))
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+  """A copy of `a` that cannot be written to and owns its memory (no `.base` to the source)."""
+  a = np.array(a, copy=True)
+  a.flags.writeable = False
+  return a
+
+
+def hide(task, mask: np.ndarray) -> np.ndarray:
+  """The coarse series a method may see: physical values where observed, NaN elsewhere."""
+  return np.where(mask[..., None] > 0, task.coarse_phys, np.nan).astype(np.float32)
+
+
+def observe(task, mask: np.ndarray) -> ObservedTask:
+  """The `ObservedTask` of `task` (pipeline.TaskData) under `mask` (T, I, J), 1 = observed.
+
+  Cells that are NaN in the data (`task.coarse_valid` == 0) are hidden whatever the mask says.
+  """
+  mask = np.asarray(mask, np.float32)
+  if mask.shape != task.coarse_valid.shape:
+    raise ValueError(f"mask shape {mask.shape} != the task's (T, I, J) {task.coarse_valid.shape}")
+  mask = mask * task.coarse_valid
+  lo, hi = task.split.range("train")
+  series = task.series
+  return ObservedTask(
+      name=series.name, coarse_obs=_readonly(hide(task, mask)), mask=_readonly(mask),
+      external=_readonly(task.external), timestamps=_readonly(series.timestamps),
+      interval_minutes=int(series.interval_minutes), scale=int(task.scale),
+      aggregation=series.aggregation, history=int(task.history), split=task.split,
+      coarse_norm=task.coarse_norm, fine_norm=task.fine_norm,
+      train_fine=_readonly(task.fine_phys[lo:hi]), train_coarse=_readonly(task.coarse_phys[lo:hi]))
+
+
+def evaluation_slices(task, split: str, max_slices: int = 0) -> tuple:
+  """The current-slice indices scored on `split` ("val" or "test") and what was left out.
+
+  Only slices whose whole reconstruction span lies on the time grid without a break are scored
+  (`pipeline.eval_slices`: under `data.gap_rule` "skip" a span across a hole in the series is
+  left out and counted; under "fill" the holes are unobserved slices); `max_slices` > 0 keeps
+  the first ones (smoke runs). The train split is refused: every method's view holds its truth
+  (`ObservedTask`).
+
+  Returns:
+    slices: (n,) int64 sorted indices, not necessarily contiguous (`time_axis.contiguous_runs`).
+    report: `pipeline.eval_slices`'s report, with "n_scored" after `max_slices`.
+  """
+  if split not in EVAL_SPLITS:
+    why = (" (a method's view holds the train split's truth as train_fine / train_coarse)"
+           if split == "train" else "")
+    raise ValueError(f"cannot evaluate on split {split!r}{why}; use one of {EVAL_SPLITS}")
+  slices, report = pipeline.eval_slices(task, split)
+  if max_slices:
+    slices = slices[:int(max_slices)]
+    report = dict(report, n_scored=int(len(slices)), max_slices=int(max_slices))
+  if not len(slices):
+    raise ValueError(f"no slice of split {split!r} can be scored: {report}")
+  return slices, report
+
+
+def contiguous_pieces(slices: np.ndarray, chunk: int = 0) -> list:
+  """Sorted slice indices (n,) -> list of contiguous index arrays, each at most `chunk` long
+  (0 = runs whole); what `method.reconstruct` is called with."""
+  pieces = []
+  for start, stop in time_axis.contiguous_runs(slices):
+    step = chunk if chunk > 0 else stop - start
+    pieces += [np.arange(a, min(a + step, stop)) for a in range(start, stop, step)]
+  return pieces
 
 
 def pattern_seed(base_seed: int, kind: str) -> int:
@@ -38,23 +179,24 @@ def eval_mask(task, pattern: patterns_lib.Pattern, base_seed: int) -> tuple:
   return mask * task.coarse_valid, seed
 
 
-def hide(task, mask: np.ndarray) -> np.ndarray:
-  """The coarse series a method may see: physical values where observed, NaN elsewhere."""
-  return np.where(mask[..., None] > 0, task.coarse_phys, np.nan).astype(np.float32)
-
-
 def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "test",
                     max_slices: int = 0, chunk: int = 0, workdir=None) -> list:
   """Scores `method` on every pattern; returns the contract's `results` entries.
 
-  `chunk` > 0 hands the split to the method in pieces of that many slices (bounded memory for
-  large grids); 0 hands it over whole (fewest padded batches).
+  The method gets the scored slices in contiguous runs (a hole in the time axis starts a new
+  run); `chunk` > 0 cuts the runs into pieces of at most that many slices (bounded memory for
+  large grids); 0 hands each run over whole (fewest padded batches). The method sees only
+  `observe(task, mask)`; the completion metrics are scored on the hidden coarse cells alone, the
+  fine metrics on every finite fine cell. The train split is refused (`evaluation_slices`).
   """
-  lo, hi = task.split.range(split)
-  if max_slices:
-    hi = min(hi, lo + int(max_slices))
-  slices_all = np.arange(lo, hi)
-  chunk = chunk if chunk > 0 else len(slices_all)
+  slices_all, gaps = evaluation_slices(task, split, max_slices)
+  pieces = contiguous_pieces(slices_all, chunk)
+  if gaps["n_skipped_gap"] or gaps["n_skipped_start"]:
+    logging.warning("%s: %d of %d %s slices not scored (reconstruction span of %d slices "
+                    "crosses a gap: %d, starts before the series: %d; first %s)",
+                    task.series.name, gaps["n_slices_in_split"] - gaps["n_scored"],
+                    gaps["n_slices_in_split"], split, gaps["span"], gaps["n_skipped_gap"],
+                    gaps["n_skipped_start"], gaps["first_skipped"])
   out = []
   for spec in pattern_specs:
     pattern = patterns_lib.parse_pattern(spec)
@@ -64,11 +206,11 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
       mdir.mkdir(parents=True, exist_ok=True)
       np.savez_compressed(mdir / f"{file_label(pattern.label)}.npz", mask=mask.astype(np.uint8),
                           seed=mseed)
+    view = observe(task, mask)
     fine_m, comp_m = metrics_lib.PooledMetrics(), metrics_lib.PooledMetrics()
     start = time.perf_counter()
-    for c0 in range(0, len(slices_all), chunk):
-      sl = slices_all[c0:c0 + chunk]
-      rec = method.reconstruct(task, mask, sl)
+    for sl in pieces:
+      rec = method.reconstruct(view, sl)
       fine_m.update(rec["fine"], task.fine_phys[sl], samples=rec.get("samples"))
       comp_m.update(rec["coarse"], task.coarse_phys[sl], where=(mask[sl] == 0)[..., None])
     seconds = time.perf_counter() - start
@@ -78,12 +220,13 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
         "missing_ratio": pattern.ratio if pattern.kind != "file" else round(float(missing), 4),
         "mae": fine_m.mae, "rmse": fine_m.rmse,
         "completion_mae": comp_m.mae, "completion_rmse": comp_m.rmse,
-        "crps": fine_m.crps,
+        "crps": fine_m.crps, "coverage_90": fine_m.coverage_90,
         "n_test_slices": int(len(slices_all)),
         "seconds": seconds,
         "maps_per_second": len(slices_all) / seconds if seconds > 0 else None,
         "mask_seed": mseed,
         "observed_missing_ratio": round(float(missing), 4),
+        "slices": gaps,
     }
     if pattern.kind == "file":
       entry["mask_file"] = pattern.path
@@ -101,7 +244,7 @@ def file_label(label: str) -> str:
 
 
 def results_document(task, method, results: list, seed: int, extra: dict = None) -> dict:
-  """The results.json document of EVALUATION.md."""
+  """The results.json document of docs/evaluation.md."""
   doc = {
       "dataset": task.series.name,
       "method": method.name,

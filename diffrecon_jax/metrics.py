@@ -1,11 +1,16 @@
-"""Metrics of the evaluation contract (EVALUATION.md; paper eqs. 35-36).
+"""Metrics of the evaluation contract (docs/evaluation.md; paper eqs. 35-36).
 
 All metrics are pooled over every cell of every channel of every slice (not a mean of per-batch
 means), in physical units, and skip cells whose truth is not finite. `PooledMetrics` accumulates
 sums batch by batch so a split of any length is scored in constant memory.
 
 CRPS of a sample set {x_s} against truth y, per cell, is the CRPS of the empirical distribution of
-the samples: mean_s |x_s - y| - 1/(2 S^2) sum_{s,s'} |x_s - x_s'|; then pooled like MAE.
+the samples: mean_s |x_s - y| - 1/(2 S^2) sum_{s,s'} |x_s - x_s'|; then pooled like MAE. A
+deterministic method's prediction is a point forecast, whose CRPS is its absolute error: `crps`
+then equals `mae`, so every method can be ranked on it.
+
+Coverage of the 90% interval: the share of finite truth cells inside the per-cell [5%, 95%]
+quantiles of the samples (linear interpolation between order statistics, numpy's default).
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ class PooledMetrics:
   crps_sum: float = 0.0
   count: int = 0
   crps_count: int = 0
+  covered: int = 0
+  coverage_count: int = 0
 
   def update(self, pred: np.ndarray, truth: np.ndarray, where: Optional[np.ndarray] = None,
              samples: Optional[np.ndarray] = None) -> None:
@@ -58,6 +65,10 @@ class PooledMetrics:
       c = crps_per_cell(samples, np.where(keep, truth, 0.0))
       self.crps_sum += float(c[keep].sum())
       self.crps_count += int(keep.sum())
+      lo, hi = np.quantile(np.asarray(samples, np.float64), [0.05, 0.95], axis=0)
+      inside = (truth >= lo) & (truth <= hi)
+      self.covered += int(inside[keep].sum())
+      self.coverage_count += int(keep.sum())
 
   @property
   def mae(self) -> Optional[float]:
@@ -69,7 +80,15 @@ class PooledMetrics:
 
   @property
   def crps(self) -> Optional[float]:
-    return self.crps_sum / self.crps_count if self.crps_count else None
+    """CRPS of the sample sets; for a method that gave no samples, its MAE (a point forecast)."""
+    if self.crps_count:
+      return self.crps_sum / self.crps_count
+    return self.mae
+
+  @property
+  def coverage_90(self) -> Optional[float]:
+    """Share of truth cells inside the samples' 5-95% interval; None without samples."""
+    return self.covered / self.coverage_count if self.coverage_count else None
 
 
 def mae(pred, truth) -> float:

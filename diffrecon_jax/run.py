@@ -2,7 +2,8 @@
 
 `run(config, workdir, mode)` dispatches on `config.method`: "diffrecon" (the two-stage diffusion
 model) or a baseline name ("interp"). Every evaluation writes results.json / results.md into the
-workdir by EVALUATION.md; DiffRecon's results carry the `interp` baseline beside them.
+workdir by docs/evaluation.md; DiffRecon's results carry the `climatology` and `interp` baselines
+beside them.
 """
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import pathlib
 from absl import logging
 
 from diffrecon_jax import evaluate as evaluate_lib
-from diffrecon_jax.baselines import interp
+from diffrecon_jax.baselines import climatology, interp
 from diffrecon_jax.data import pipeline
 
 MODES = ("train", "evaluate", "train_and_evaluate", "reconstruct")
-BASELINES = {"interp": interp.InterpBaseline}
+BASELINES = {"interp": interp.InterpBaseline, "climatology": climatology.ClimatologyBaseline}
+# Deterministic references scored beside every learned method, on the same masks
+# (docs/evaluation.md): the floor and the bar.
+REFERENCES = ("climatology", "interp")
 
 
 def _baseline(name: str):

@@ -167,10 +167,14 @@ def make_optimizer(phase: str, train_cfg: ml_collections.ConfigDict) -> optax.Gr
 
   Global-norm clipping over both models, then AdamW per model (`optax.multi_transform`) with the
   phase's rate; the model that does not train in a pre-training phase gets `set_to_zero`, so
-  neither its gradient nor weight decay moves it.
+  neither its gradient nor weight decay moves it. `train_cfg.adam_eps` (default 1e-8, optax's)
+  is Adam's denominator floor: it bounds the step lr * g / (rms(g) + eps) of a parameter whose
+  gradient is rounding noise (the denoisers have a few the loss is invariant to).
   """
+  eps = float(train_cfg.get("adam_eps", 1e-8))
+
   def adamw(lr):
-    return optax.adamw(float(lr), weight_decay=float(train_cfg.weight_decay))
+    return optax.adamw(float(lr), eps=eps, weight_decay=float(train_cfg.weight_decay))
   if phase == "stage_c":
     transforms = {"c": adamw(train_cfg.lr_c), "f": optax.set_to_zero()}
   elif phase == "stage_f":

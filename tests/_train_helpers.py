@@ -92,3 +92,42 @@ def use_standins() -> None:
 
 
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@functools.lru_cache(maxsize=None)
+def _real_params(models_json: str, scale: int, shapes_json: str, seed: int):
+  """Fresh parameters of the real denoisers, initialised once per process (the jitted init of
+  the real models takes ~5-10 s to compile on 2 cores). They depend on the model fields
+  (`models_json`: {"model_c": ..., "model_f": ...}) and the shapes only, not on the
+  aggregation, the statistics or the sampler."""
+  import json
+  import jax
+  from diffrecon_jax import train
+  config = tiny_config()
+  fields = train.config_from_json(models_json)
+  config.model_c, config.model_f = fields.model_c, fields.model_f
+  config.diffusion.fine_residual = False  # the residual target changes no parameter
+  models = train.build_models(config, scale)
+  shapes = json.loads(shapes_json)
+  return jax.jit(lambda k: train.init_params(models, shapes, k))(jax.random.PRNGKey(seed))
+
+
+def tiny_diffrecon(config=None, task=None, seed: int = 0):
+  """`DiffReconMethod` with the real denoisers of `config` (default `tiny_config()` sampling with
+  3 DDIM steps, batches of 8), freshly initialised from `seed`, clip bounds from `task`'s train
+  split (default `tiny_task()`). Untrained, so its samples are noisy and differ from each other:
+  what the sampling-path tests need."""
+  import json
+  from diffrecon_jax import diffrecon_method, train
+  if config is None:
+    config = tiny_config()
+    config.diffusion.sampler_steps = 3
+    config.eval.batch_size = 8
+  task = tiny_task() if task is None else task
+  models = train.build_models(config, task.scale, task.stats, task.series.aggregation)
+  models_json = json.dumps({"model_c": config.model_c.to_dict(),
+                            "model_f": config.model_f.to_dict()}, sort_keys=True)
+  params = _real_params(models_json, int(task.scale), json.dumps(task.shapes, sort_keys=True),
+                        int(seed))
+  return diffrecon_method.DiffReconMethod(config, params, models,
+                                          diffrecon_method.x0_clip_bounds(config, task))

@@ -54,10 +54,12 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
     assert r["n_test_slices"] == 6
     for key in ("mae", "rmse", "completion_mae", "completion_rmse", "crps", "maps_per_second"):
       assert np.isfinite(r[key]) and r[key] > 0, (key, r)
-  interp = json.loads((wd / "results_interp.json").read_text())
-  assert interp["method"] == "interp" and len(interp["results"]) == 2
+  for name in ("climatology", "interp"):  # the references, on the same masks
+    ref = json.loads((wd / f"results_{name}.json").read_text())
+    assert ref["method"] == name and len(ref["results"]) == 2 and ref["sampler"] is None
+    assert all(r["crps"] == r["mae"] for r in ref["results"])  # point forecasts
   md = (wd / "results.md").read_text()
-  assert "| diffrecon | interp |" in md and "CRPS" in md
+  assert "| diffrecon | climatology | interp |" in md and "CRPS" in md
 
   # --mode=reconstruct needs nothing but the workdir's checkpoints (and the data).
   _main(tmp_path, "--mode=reconstruct")

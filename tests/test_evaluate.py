@@ -9,7 +9,7 @@ import pytest
 from configs import default, tapbj
 from diffrecon_jax import evaluate, run
 from diffrecon_jax.data import pipeline
-from diffrecon_jax.data.series import DataError
+from diffrecon_jax.data.series import DataError, SpatioTemporalSeries
 from tests.conftest import REPO_ROOT
 
 KEYS = {"pattern", "missing_ratio", "mae", "rmse", "completion_mae", "completion_rmse", "crps",
@@ -31,7 +31,7 @@ def test_interp_writes_results_for_all_nine_patterns(tmp_path):
       ("random", 0.4), ("random", 0.6), ("random", 0.8), ("large_scale", 0.25)]
   for r in doc["results"]:
     assert KEYS <= set(r)
-    assert r["n_test_slices"] == 48 and r["crps"] is None
+    assert r["n_test_slices"] == 48 and r["crps"] == r["mae"]  # a point forecast's CRPS
     assert 0 < r["mae"] <= r["rmse"] and 0 < r["completion_mae"] <= r["completion_rmse"]
   md = (tmp_path / "results.md").read_text()
   assert "| fixed | 0.2 | MAE |" in md and "| large_scale | 0.25 | RMSE |" in md
@@ -108,3 +108,91 @@ def test_main_stops_with_a_clear_message_when_data_is_missing(tmp_path):
   assert out.returncode != 0
   assert "data error" in out.stderr and "tapdata.org.cn" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def _hand_task():
+  """8 slices of a 4x4 fine grid, 2 channels, N = 2 (coarse 2x2), history 0: test slices 6, 7."""
+  t = 8
+  values = np.arange(t * 4 * 4 * 2, dtype=np.float32).reshape(t, 4, 4, 2)
+  series = SpatioTemporalSeries(
+      name="hand", values=values,
+      timestamps=np.datetime64("2020-01-01T00:00") + np.arange(t) * np.timedelta64(30, "m"),
+      external=np.zeros((t, 0), np.float32), external_names=(), aggregation="sum", units="",
+      interval_minutes=30, channel_names=("a", "b"))
+  return pipeline.build_task(series, 2, 0)
+
+
+class _OffOnHidden:
+  """Completion exact on observed cells, off by +1 (channel a) and -3 (channel b) on hidden ones;
+  fine maps off by 0.25 everywhere. Holds the test's truth (it is the test's oracle)."""
+  name, sampler = "off_on_hidden", None
+
+  def __init__(self, task):
+    self.task = task
+
+  def reconstruct(self, view, slices):
+    hidden = (view.mask[slices] == 0)[..., None]
+    coarse = self.task.coarse_phys[slices] + np.where(hidden, np.array([1.0, -3.0]), 0.0)
+    return {"coarse": coarse, "fine": self.task.fine_phys[slices] + 0.25, "samples": None}
+
+
+def test_completion_metrics_score_the_hidden_cells_only():
+  """large_scale on a 2x2 grid hides cell (1, 1): 2 test slices x 2 channels = 4 hidden values
+  with errors 1, 3, 1, 3, so completion MAE = 2 and RMSE = sqrt(5); scored over all 16 coarse
+  values it would be 0.5 and sqrt(5) / 2."""
+  task = _hand_task()
+  (res,) = evaluate.evaluate_method(task, _OffOnHidden(task), ("large_scale:0.25",), seed=0)
+  assert res["n_test_slices"] == 2 and res["observed_missing_ratio"] == 0.25
+  assert res["completion_mae"] == pytest.approx(2.0, rel=1e-12)
+  assert res["completion_rmse"] == pytest.approx(np.sqrt(5.0), rel=1e-12)
+  assert res["mae"] == pytest.approx(0.25, rel=1e-12)
+  assert res["rmse"] == pytest.approx(0.25, rel=1e-12)
+  assert res["crps"] == res["mae"] and res["coverage_90"] is None
+
+
+def test_the_train_split_is_never_evaluated():
+  task = _hand_task()
+  with pytest.raises(ValueError, match="train split's truth"):
+    evaluate.evaluate_method(task, _OffOnHidden(task), ("large_scale:0.25",), seed=0,
+                             split="train")
+  with pytest.raises(ValueError, match="use one of"):
+    evaluate.evaluation_slices(task, "bogus")
+  np.testing.assert_array_equal(evaluate.evaluation_slices(task, "val")[0], [4, 5])
+
+
+class _Recording:
+  """Wraps a method and records the slice pieces it is asked to reconstruct."""
+
+  def __init__(self, inner):
+    self.inner, self.name, self.sampler, self.pieces = inner, inner.name, inner.sampler, []
+
+  def reconstruct(self, view, slices):
+    self.pieces.append(np.asarray(slices))
+    return self.inner.reconstruct(view, slices)
+
+
+@pytest.mark.parametrize("gap_rule", ["skip", "fill"])
+def test_a_series_with_holes_is_scored_only_where_spans_are_whole(gap_rule):
+  from diffrecon_jax.data import example_grid
+  series = example_grid.example_series(drop_every=97)  # real nybike flows, 44 slots missing
+  task = pipeline.build_task(series, scale=2, history=3, gap_rule=gap_rule)
+  method = _Recording(run._baseline("interp"))
+  (res,) = evaluate.evaluate_method(task, method, ("random:0.4",), seed=0, chunk=100)
+  report = res["slices"]
+  lo, hi = task.split.range("test")
+  assert report["rule"] == gap_rule and report["span"] == 2 * 3 + 1
+  assert report["n_slices_in_split"] == int((~task.inserted[lo:hi]).sum())
+  scored = np.concatenate(method.pieces)
+  assert res["n_test_slices"] == report["n_scored"] == len(scored)
+  assert all(len(p) <= 100 and np.all(np.diff(p) == 1) for p in method.pieces)
+  assert not task.inserted[scored].any()  # inserted (never observed) slots are never scored
+  if gap_rule == "skip":
+    # Every scored slice's span lies on the 30-min grid; the ones whose span crosses a hole
+    # are counted, not scored.
+    minutes = task.series.timestamps.astype("datetime64[m]").astype(np.int64)
+    assert all(minutes[s] - minutes[s - 6] == 6 * 30 for s in scored)
+    assert report["n_skipped_gap"] > 0
+    assert report["n_scored"] + report["n_skipped_gap"] == report["n_slices_in_split"]
+  else:
+    assert report["n_skipped_gap"] == 0 and report["n_inserted"] > 0
+    assert report["n_scored"] == report["n_slices_in_split"]

@@ -1,6 +1,7 @@
 """The `interp` baseline: nearest-neighbour completion in space and past time."""
 import numpy as np
 
+from diffrecon_jax import evaluate
 from diffrecon_jax.baselines import interp
 from diffrecon_jax.data import coarsen, pipeline
 from tests.test_task import real_nytaxi
@@ -31,7 +32,7 @@ def test_observed_cells_are_kept_and_sum_is_consistent():
   task = pipeline.build_task(real_nytaxi(120), 2, 2)
   rng = np.random.default_rng(0)
   mask = (rng.random((120, 8, 6)) > 0.4).astype(np.float32)
-  rec = interp.InterpBaseline().reconstruct(task, mask, np.arange(90, 120))
+  rec = interp.InterpBaseline().reconstruct(evaluate.observe(task, mask), np.arange(90, 120))
   obs = mask[90:120] > 0
   np.testing.assert_array_equal(rec["coarse"][obs], task.coarse_phys[90:120][obs])
   assert rec["fine"].shape == (30, 16, 12, 2) and rec["samples"] is None
@@ -42,7 +43,7 @@ def test_hidden_values_are_never_read():
   task = pipeline.build_task(real_nytaxi(120), 2, 2)
   mask = np.ones((120, 8, 6), np.float32)
   mask[:, 2:5, 1:4] = 0
-  a = interp.InterpBaseline().reconstruct(task, mask, np.arange(90, 100))
+  a = interp.InterpBaseline().reconstruct(evaluate.observe(task, mask), np.arange(90, 100))
   poisoned = task.coarse_phys.copy()
   poisoned[mask == 0] = 1e9
   b = interp.nearest_fill(poisoned, mask, np.arange(90, 100), 2)

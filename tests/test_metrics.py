@@ -1,4 +1,4 @@
-"""Metrics checked against hand-computed cases (EVALUATION.md)."""
+"""Metrics checked against hand-computed cases (docs/evaluation.md)."""
 import math
 
 import numpy as np
@@ -53,3 +53,20 @@ def test_crps_pooled():
   samples = np.array([[0.0, 5.0], [2.0, 5.0]])
   m.update(np.median(samples, 0), np.array([1.0, 5.0]), samples=samples)
   assert m.crps == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_a_point_forecast_has_crps_equal_to_its_mae_and_no_coverage():
+  m = metrics.PooledMetrics()
+  m.update(np.array([2.0, 0.0, 3.0]), np.array([1.0, 1.0, 5.0]))
+  assert m.crps == m.mae == pytest.approx(4.0 / 3) and m.coverage_90 is None
+
+
+def test_coverage_90_by_hand():
+  # 21 samples 0..20 per cell: the 5% / 95% quantiles are exactly 1 and 19.
+  samples = np.repeat(np.arange(21.0)[:, None], 4, axis=1)
+  truth = np.array([0.5, 1.0, 19.0, 19.5])  # outside, on the edge, on the edge, outside
+  m = metrics.PooledMetrics()
+  m.update(np.median(samples, 0), truth, samples=samples)
+  assert m.coverage_90 == pytest.approx(0.5)
+  m.update(np.median(samples, 0), np.array([10.0, 10.0, np.nan, 10.0]), samples=samples)
+  assert m.coverage_90 == pytest.approx(5 / 7)  # NaN truth is not scored

@@ -59,10 +59,10 @@ class InterpBaseline:
   def __init__(self, time_weight: float = 0.1):
     self.time_weight = time_weight
 
-  def reconstruct(self, task, mask: np.ndarray, slices: np.ndarray) -> dict:
-    """task: pipeline.TaskData; mask (T, I, J); slices (n,) -> dict(coarse (n,I,J,C) and
-    fine (n,NI,NJ,C) physical predictions, samples None)."""
-    coarse = nearest_fill(task.coarse_phys, mask, slices, task.history, self.time_weight,
-                          fallback=task.coarse_norm.mean)
-    fine = coarsen_lib.upsample_uniform(coarse, task.scale, task.series.aggregation)
+  def reconstruct(self, view, slices: np.ndarray) -> dict:
+    """view: evaluate.ObservedTask; slices (n,) -> dict(coarse (n,I,J,C) and fine (n,NI,NJ,C)
+    physical predictions, samples None)."""
+    coarse = nearest_fill(view.coarse_obs, view.mask, slices, view.history, self.time_weight,
+                          fallback=view.coarse_norm.mean)
+    fine = coarsen_lib.upsample_uniform(coarse, view.scale, view.aggregation)
     return {"coarse": coarse, "fine": fine.astype(np.float32), "samples": None}
