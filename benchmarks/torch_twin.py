@@ -9,7 +9,9 @@ registered under the flax module's name (e.g. `UNet_0.ResBlock_3.Conv_1`), so
 
 Also here: the training objective (eps-MSE, joint loss through x0_hat), AdamW + global-norm
 clipping + EMA step, and the DDPM / DDIM reverse chain with observed-cell imposition, all
-written like their JAX counterparts in diffrecon_jax/train.py and diffrecon_jax/diffusion.py.
+written like their JAX counterparts in diffrecon_jax/diffrecon.py (losses, samplers),
+diffrecon_jax/train.py (step) and diffrecon_jax/diffusion.py (reverse chain). The suite that
+drives them is benchmarks/torch_side.py.
 """
 from __future__ import annotations
 
@@ -516,7 +518,7 @@ def _diffuse(s: Schedule, x0: Tensor) -> tuple:
 
 
 def loss_c(net: DiffusionCNet, s: Schedule, batch: Mapping[str, Tensor]) -> tuple:
-  """(L_C, x0_hat (B, I, J, C)) as train.loss_c."""
+  """(L_C, x0_hat (B, I, J, C)) as diffrecon.loss_c."""
   x0 = batch["coarse"][:, -1]
   tau, noise, x_tau = _diffuse(s, x0)
   eps = net(x_tau, tau, {"obs": batch["obs"], "mask": batch["mask"],
@@ -537,12 +539,14 @@ class TrainStep:
 
   Mirrors train.make_train_step with steps_per_call = 1 on a fixed batch: in 'stage_c' /
   'stage_f' only that model has an optimizer (optax.set_to_zero for the other); 'joint' trains
-  both with L = w_c L_C + w_f L_F, L_F conditioned on the window completed with x0_hat.
+  both with L = w_c L_C + w_f L_F, L_F conditioned on the window completed with x0_hat
+  (clipped to [-x0_clip, x0_clip] when given, as diffrecon.complete_current).
   """
 
   def __init__(self, phase: str, net_c: DiffusionCNet, net_f: DiffusionFNet, schedule: Schedule,
-               train_cfg: Any):
+               train_cfg: Any, x0_clip: Optional[float] = None):
     self.phase, self.c, self.f, self.s = phase, net_c, net_f, schedule
+    self.x0_clip = x0_clip
     lr = {"stage_c": (train_cfg.lr_c, None), "stage_f": (None, train_cfg.lr_f),
           "joint": (train_cfg.lr_joint_c, train_cfg.lr_joint_f)}[phase]
     groups = [{"params": list(m.parameters()), "lr": float(r)}
@@ -562,6 +566,8 @@ class TrainStep:
     if self.phase == "stage_f":
       return loss_f(self.f, self.s, batch, batch["coarse"])
     l_c, x0_hat = loss_c(self.c, self.s, batch)
+    if self.x0_clip is not None:
+      x0_hat = torch.clamp(x0_hat, -self.x0_clip, self.x0_clip)
     m = batch["mask"][:, -1, ..., None]
     current = m * batch["obs"][:, -1] + (1.0 - m) * x0_hat
     window = torch.cat([batch["coarse"][:, :-1], current[:, None]], dim=1)
@@ -602,7 +608,7 @@ def sample_many(net: nn.Module, cond: Mapping[str, Tensor], s: Schedule, shape: 
   """
   tile = lambda a: None if a is None else a.repeat((n_samples,) + (1,) * (a.ndim - 1))
   cond_t = {k: tile(v) for k, v in cond.items()}
-  inter_t = tile(net.encode(cond))  # once per input, as DiffReconMethod does
+  inter_t = tile(net.encode(cond))  # once per input, as diffrecon.sample_coarse / _fine do
   known_t = tile(known)
   mask_t = None if known_mask is None else tile(known_mask.expand(shape))
   big = (n_samples * shape[0],) + tuple(shape[1:])

@@ -47,21 +47,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.schedule = "quad"     # CSDI: quad.
   c.diffusion.beta_start = 1e-4     # CSDI: 1e-4.
   c.diffusion.beta_end = 0.5        # CSDI: 0.5 (PriSTI: 0.2).
-  c.diffusion.sampler = "ddim"      # ours: DDIM on CPU (measured: DDPM chains cost ~20x more).
-  c.diffusion.sampler_steps = 10    # S for DDIM; ours (CPU budget).
-  c.diffusion.ddim_eta = 1.0        # ours: stochastic DDIM so samples spread (CRPS is meaningful).
-  c.diffusion.n_samples = 2         # samples per map; point estimate = median (docs/evaluation.md);
-                                    # ours (CPU budget: sampling dominates evaluation time).
   c.diffusion.fine_residual = True  # ours (measured): Diffusion-F diffuses fine minus the
                                     # coarse map's uniform upsampling; the plain fine target
                                     # sampled with a biased mean (phys. MAE 53 vs interp 19).
-  c.diffusion.fine_consistent = True  # ours: remove each N x N block's residual mean, so the
-                                    # fine map pools exactly to the completed coarse map.
-  c.diffusion.x0_clip_factor = 1.2  # ours: clip each step's s_0 estimate to 1.2x the largest
+
+  # ---- sampling (paper Sec. IV-B, eqs. 6-7): chosen at evaluate time, replaced as a whole ----
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.sampler = "ddim"       # ours: DDIM on CPU (measured: DDPM chains cost ~20x more).
+  c.sampling.steps = 10             # S for DDIM; ours (CPU budget). DDPM always takes T.
+  c.sampling.eta = 1.0              # ours: stochastic DDIM so samples spread (CRPS is meaningful).
+  c.sampling.n_samples = 2          # samples per map; point estimate = median (docs/evaluation.md);
+                                    # ours (CPU budget: sampling dominates evaluation time).
+  c.sampling.consistent = True      # ours: remove each N x N block's residual mean, so the fine
+                                    # map pools exactly to the completed coarse map.
+  c.sampling.x0_clip_factor = 1.2   # ours: clip each step's s_0 estimate to 1.2x the largest
                                     # |value| of the normalised train split (0 = no clip).
-  c.diffusion.sampling_prng_impl = "rbg"  # measured: XLA's RngBitGenerator draws the sampler's
-                                    # noise ~8% faster per Diffusion-F batch on CPU than threefry;
-                                    # None = JAX's default. Bits differ between backends.
+  c.sampling.prng_impl = "rbg"      # measured: XLA's RngBitGenerator draws the sampler's noise
+                                    # ~8% faster per Diffusion-F batch on CPU than threefry;
+                                    # "" = JAX's default. Bits differ between backends.
 
   # ---- Diffusion-C: U-Net + ST-PointFormer (Sec. IV-C) ----
   # CPU sizes: measured so that the default run (train + evaluate all nine patterns on the whole
@@ -115,9 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100           # console + metrics.jsonl cadence (in steps).
   c.train.checkpoint_every = 500    # Orbax save cadence (in steps); work lost on a kill <= this.
   c.train.keep_checkpoints = 2      # Orbax max_to_keep per stage.
-  c.train.joint_x0_clip = 12.0      # ours: bound Diffusion-C's one-step estimate in the joint
-                                    # loss (it divides by sqrt(abar), ~0.006 at the last step);
-                                    # 12 is about 1.2x the largest normalised nytaxi coarse value.
+  c.train.joint_x0_clip_factor = 1.2  # ours: bound Diffusion-C's one-step estimate in the
+                                    # joint loss (it divides by sqrt(abar), ~0.006 at the last
+                                    # step) by the sampler's rule: 1.2x the largest |value| of
+                                    # the normalised coarse train split (0 = no clip).
   c.train.init_prng_impl = "rbg"    # measured: initialisation compiles 3x faster than threefry.
   # Persistent XLA cache: reruns (evaluate after train, resumed runs) skip recompiling.
   c.train.compilation_cache_dir = "~/.cache/diffrecon_jax/xla"
@@ -139,8 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
 def make_full_size(c: ml_collections.ConfigDict) -> None:
   """Peer-sized model and sampler for an accelerator (the `:gpu` variants)."""
   c.data.history = 12               # ours: 12 slices (6 h at 30 min; TimesNet periods 12,6,4,3,2).
-  c.diffusion.sampler = "ddpm"      # paper eqs. 6-7: ancestral sampling over all T steps.
-  c.diffusion.n_samples = 8         # ours; CSDI evaluates with 100 samples, 8 keeps runs short.
+  c.sampling.sampler = "ddpm"       # paper eqs. 6-7: ancestral sampling over all T steps.
+  c.sampling.n_samples = 8          # ours; CSDI evaluates with 100 samples, 8 keeps runs short.
   for m in (c.model_c, c.model_f):
     m.base_channels = 64            # CSDI: 64 channels.
     m.channel_mults = (1, 2)        # ours: 8x8 coarse / 32x32 fine keep one downsampling.

@@ -9,9 +9,8 @@ features; nothing else of the task is read at sampling time):
      (`diffusion._impose`). The per-cell median of the samples is the completed coarse map.
   2. Diffusion-F draws fine samples for each slice conditioned on the window of completed coarse
      maps (through T-PatternNet) and the external features; the median is the point estimate.
-     With `diffusion.fine_consistent` every sample pools exactly (sum or mean) to the completed
-     coarse map, and so does the point estimate: the per-cell median of more than two samples
-     is not linear, so its residual is projected back onto the block constraint.
+     With `sampling.consistent` every sample pools exactly (sum or mean) to the completed
+     coarse map, and so does the point estimate (`diffrecon.sample_fine`).
 Both chains run as one compiled function per stage on fixed-size batches (the last batch is padded),
 so nothing recompiles across batches, patterns or splits. On CPU several batches run at once from
 a small thread pool (`eval.concurrent_batches`): XLA:CPU keeps about one core busy with one
@@ -22,16 +21,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import pathlib
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from diffrecon_jax import diffusion
-from diffrecon_jax.data import pipeline
+from diffrecon_jax import diffrecon
 
 
 class DiffReconMethod:
@@ -39,74 +33,30 @@ class DiffReconMethod:
 
   name = "diffrecon"
 
-  def __init__(self, config, params: dict, models, x0_clip: tuple = (None, None)):
-    """x0_clip: (coarse, fine) bounds on each reverse step's estimate of s_0, normalised units
-    (`x0_clip_bounds`: computed from the train split when the method is built), or None for no
-    clip."""
-    self.config = config
+  def __init__(self, config, params: dict, models: diffrecon.Models,
+               x0_clip: tuple = (None, None)):
+    """config: the run's config (its `sampling`, `eval`, `seed` and `diffusion.num_steps` are
+    read); params: {'c', 'f'} parameters; x0_clip: (coarse, fine) bounds on each reverse step's
+    estimate of s_0 in normalised units (`diffrecon.x0_clip_bounds`: computed from the train
+    split when the method is built), or None for no clip."""
+    self.settings = diffrecon.SamplingSettings.from_config(config.sampling,
+                                                           int(config.diffusion.num_steps))
     self.x0_clip = tuple(x0_clip)
-    # Fine maps that pool exactly to the completed coarse map (residual parameterisation only).
-    self.consistent = bool(config.diffusion.get("fine_consistent", False))
     self.params = params
     self.models = models
-    d = config.diffusion
-    self.method = d.sampler
-    self.steps = int(d.sampler_steps) if d.sampler == "ddim" else int(d.num_steps)
-    self.eta = float(d.ddim_eta)
-    self.n_samples = int(d.n_samples)
+    self.n_samples = self.settings.n_samples
     self.batch = int(config.eval.batch_size)
     self.workers = concurrent_batches(config)
     self._compiled = set()  # (stage, batch size) pairs already compiled
-    self.sampler = {"name": self.method, "steps": self.steps, "n_samples": self.n_samples}
-    if self.method == "ddim":
-      self.sampler["eta"] = self.eta
-    # Sampler noise: `diffusion.sampling_prng_impl` ("rbg" on the default configs: measured
-    # faster on CPU than threefry) or JAX's default when unset.
+    self.sampler = self.settings.describe()
+    # Sampler noise: `sampling.prng_impl` ("rbg" on the default configs: measured faster on CPU
+    # than threefry) or JAX's default when "".
     self._rng = jax.random.key(int(config.seed) + 1,
-                               impl=config.diffusion.get("sampling_prng_impl", None))
-    self._stage_c = jax.jit(self._sample_c)
-    self._stage_f = jax.jit(self._sample_f)
-
-  # -- compiled stages -------------------------------------------------------------------------
-  def _sample(self, net, params, cond, shape, rng, clip, known=None, known_mask=None):
-    apply = functools.partial(net.apply, {"params": params}, deterministic=True)
-    # The sequence encoder reads only the conditioning: run it once per input here, not at
-    # every reverse step for every sample (denoisers module docstring).
-    inputs = {"cond": cond, "inter": apply(None, None, cond, inter_only=True)}
-    return diffusion.sample_many(
-        lambda x, t, c: apply(x, t, c["cond"], inter=c["inter"]), inputs,
-        self.models.schedule, shape, rng, n_samples=self.n_samples, method=self.method,
-        num_steps=self.steps, eta=self.eta, known=known, known_mask=known_mask,
-        return_samples=True, x0_clip=clip)
-
-  def _sample_c(self, params, obs, mask, external, rng):
-    """obs (B,t,I,J,C), mask (B,t,I,J), external (B,t,F) -> median completion (B,I,J,C)."""
-    cond = {"obs": obs, "mask": mask, "external": external}
-    out = self._sample(self.models.c, params, cond, obs[:, -1].shape, rng, self.x0_clip[0],
-                       known=obs[:, -1], known_mask=mask[:, -1, ..., None])
-    return out["median"]
-
-  def _sample_f(self, params, coarse, external, rng):
-    """coarse (B,t,I,J,C) completed window, external (B,t,F) -> (median (B,NI,NJ,C),
-    samples (B,S,NI,NJ,C); batch-major so every output of a stage is split along axis 0)."""
-    b, _, i, j, c = coarse.shape
-    n = self.models.f.scale
-    out = self._sample(self.models.f, params, {"coarse": coarse, "external": external},
-                       (b, n * i, n * j, c), rng, self.x0_clip[1])
-    samples = out["samples"]                                  # (S, B, NI, NJ, C)
-    if self.models.fine_base is None:
-      return jnp.median(samples, axis=0), jnp.swapaxes(samples, 0, 1)
-    base = self.models.fine_base(coarse[:, -1])               # residual parameterisation
-    if self.consistent:
-      samples = jax.vmap(lambda r: pipeline.block_mean_zero(r, n))(samples)
-    samples = samples + base[None]
-    median = jnp.median(samples, axis=0)
-    if self.consistent and self.n_samples > 2:
-      # The median of one or two samples is their mean and pools exactly already; a per-cell
-      # median of more is not linear, so its residual's block means are removed again (the
-      # nearest map, in L2, that pools exactly to the completed coarse map).
-      median = pipeline.block_mean_zero(median - base, n) + base
-    return median, jnp.swapaxes(samples, 0, 1)
+                               impl=config.sampling.get("prng_impl", "") or None)
+    self._stage_c = jax.jit(functools.partial(
+        diffrecon.sample_coarse, models, settings=self.settings, clip=self.x0_clip[0]))
+    self._stage_f = jax.jit(functools.partial(
+        diffrecon.sample_fine, models, settings=self.settings, clip=self.x0_clip[1]))
 
   # -- host loop -------------------------------------------------------------------------------
   def _batched(self, stage: str, fn, arrays: list, rng) -> list:
@@ -221,95 +171,3 @@ def concurrent_batches(config) -> int:
   if n == 0:
     n = 2 if jax.default_backend() == "cpu" else 1
   return n
-
-
-def x0_clip_bounds(config, task) -> tuple:
-  """(coarse, fine) clip bounds: config.diffusion.x0_clip_factor times the largest |value| of
-  the normalised train split (task: pipeline.TaskData; nothing outside the train split is read);
-  (None, None) when the factor is 0."""
-  factor = float(config.diffusion.get("x0_clip_factor", 0.0))
-  if factor <= 0:
-    return (None, None)
-  lo, hi = task.split.range("train")
-  fine = task.fine[lo:hi]
-  if config.diffusion.get("fine_residual", False):  # Diffusion-F samples the residual
-    fine = fine - np.asarray(pipeline.fine_base(task.coarse[lo:hi], task.stats, task.scale,
-                                                task.series.aggregation))
-  return (factor * float(np.abs(task.coarse[lo:hi]).max()), factor * float(np.abs(fine).max()))
-
-
-# Sampling settings: chosen at evaluate time; everything else comes from the checkpoint.
-SAMPLING_FIELDS = ("sampler", "sampler_steps", "n_samples", "ddim_eta", "x0_clip_factor",
-                   "fine_consistent", "sampling_prng_impl")
-
-
-def load_trained(workdir: str) -> tuple:
-  """(config, EMA params {'c','f'}, models, metadata) from a workdir with finished checkpoints."""
-  from diffrecon_jax import train
-  config, ema_params, meta = train.load_for_sampling(workdir)
-  models = train.build_models(config, int(meta["scale"]), meta.get("stats"),
-                              meta.get("aggregation", "sum"))
-  return config, ema_params, models, meta
-
-
-def run(config, workdir: str, mode: str) -> list:
-  """train / evaluate / train_and_evaluate / reconstruct for method 'diffrecon'."""
-  from diffrecon_jax import run as run_lib
-  from diffrecon_jax import train
-  train.setup_compilation_cache(config)
-  if mode in ("train", "train_and_evaluate"):
-    train.train(config, workdir)
-    if mode == "train":
-      return []
-  saved_config, params, models, meta = load_trained(workdir)
-  for key in ("eval", "patterns"):
-    saved_config[key] = config[key]
-  for key in SAMPLING_FIELDS:
-    saved_config.diffusion[key] = config.diffusion.get(key, saved_config.diffusion.get(key))
-  task = pipeline.prepare_task(saved_config)
-  _check_task_matches(task, meta)
-  method = DiffReconMethod(saved_config, params, models, x0_clip_bounds(saved_config, task))
-  if mode == "reconstruct":
-    return [_reconstruct_to_files(saved_config, workdir, task, method)]
-  extra = {"trained_on": list(saved_config.patterns.train)}
-  references = [run_lib.BASELINES[name]() for name in run_lib.REFERENCES]
-  return run_lib.evaluate_methods(saved_config, workdir, task, [method] + references, extra)
-
-
-def _check_task_matches(task, meta: dict) -> None:
-  """The data at evaluate time must be the data the checkpoint was trained on."""
-  if meta.get("shapes") and dict(task.shapes) != dict(meta["shapes"]):
-    raise ValueError(f"data shapes {task.shapes} differ from the checkpoint's {meta['shapes']}")
-  if meta.get("stats"):
-    saved = np.asarray(meta["stats"]["fine"]["mean"], np.float32)
-    if not np.allclose(saved, task.fine_norm.mean, rtol=1e-5):
-      raise ValueError("normalisation statistics differ from the checkpoint's: different data?")
-
-
-def _reconstruct_to_files(config, workdir, task, method) -> dict:
-  """Writes reconstruction_<pattern>.npz (fine median, quantiles, completed coarse, mask).
-
-  The method sees what an evaluation shows it (`evaluate.observe`), on a val or test split.
-  """
-  from diffrecon_jax import evaluate as evaluate_lib
-  from diffrecon_jax.data import patterns as patterns_lib
-  slices, _ = evaluate_lib.evaluation_slices(task, config.eval.split,
-                                             int(config.eval.max_slices))
-  written = {}
-  for spec in config.patterns.eval:
-    p = patterns_lib.parse_pattern(spec)
-    mask, seed = evaluate_lib.eval_mask(task, p, int(config.patterns.eval_mask_seed))
-    t0 = time.perf_counter()
-    view = evaluate_lib.observe(task, mask)
-    parts = [method.reconstruct(view, piece) for piece in evaluate_lib.contiguous_pieces(slices)]
-    rec = {k: np.concatenate([r[k] for r in parts], axis=1 if k == "samples" else 0)
-           for k in ("fine", "coarse", "samples")}
-    path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
-    np.savez_compressed(path, fine=rec["fine"], coarse=rec["coarse"],
-                        fine_q05=np.quantile(rec["samples"], 0.05, axis=0),
-                        fine_q95=np.quantile(rec["samples"], 0.95, axis=0),
-                        mask=mask[slices], slices=slices, timestamps=task.series.timestamps[slices],
-                        mask_seed=seed)
-    logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
-    written[p.label] = str(path)
-  return written

@@ -1,4 +1,4 @@
-"""Scores methods by the evaluation contract (docs/evaluation.md) and writes results.json / results.md.
+"""Scores methods by the evaluation contract (docs/evaluation.md); writes results.json / .md.
 
 A *method* is any object with `name`, `sampler` (dict or None) and
 `reconstruct(view: ObservedTask, slices (n,)) -> {"coarse": (n,I,J,C), "fine": (n,NI,NJ,C),

@@ -1,27 +1,54 @@
-"""What `main` does, importable from a notebook: train, evaluate, reconstruct.
+"""The one dispatcher: what `main` does, importable from a notebook.
 
-`run(config, workdir, mode)` dispatches on `config.method`: "diffrecon" (the two-stage diffusion
-model) or a baseline name ("interp"). Every evaluation writes results.json / results.md into the
-workdir by docs/evaluation.md; DiffRecon's results carry the `climatology` and `interp` baselines
-beside them.
+`run(config, workdir, mode)` runs a mode for `config.method`:
+  - "diffrecon" (the two-stage diffusion model): train (`train.train`), evaluate from the workdir's
+    checkpoints alone, train_and_evaluate, or reconstruct (writes the reconstructed maps);
+  - a baseline name (`BASELINES`): evaluate only (they have nothing to train).
+Every evaluation writes results.json / results.md into the workdir by docs/evaluation.md;
+DiffRecon's results carry the `REFERENCES` (climatology and interp) beside them, on the same masks.
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
+import time
 
+import jax
+import numpy as np
 from absl import logging
 
+from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
+from diffrecon_jax import train as train_lib
 from diffrecon_jax.baselines import climatology, interp
+from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
+from diffrecon_jax.diffrecon_method import DiffReconMethod
 
 MODES = ("train", "evaluate", "train_and_evaluate", "reconstruct")
 BASELINES = {"interp": interp.InterpBaseline, "climatology": climatology.ClimatologyBaseline}
 # Deterministic references scored beside every learned method, on the same masks
 # (docs/evaluation.md): the floor and the bar.
 REFERENCES = ("climatology", "interp")
+
+
+def resolve_workdir(workdir) -> str:
+  """`workdir` as an absolute path ("~" expanded); a relative path is taken from the current
+  directory. Raises ValueError for an empty path or one that exists as a file."""
+  if workdir is None or str(workdir).strip() == "":
+    raise ValueError("workdir is empty: pass --workdir=DIR (created if missing)")
+  path = os.path.abspath(os.path.expanduser(str(workdir)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"workdir {path} exists and is not a directory")
+  return path
+
+
+def setup_compilation_cache(config) -> None:
+  """Persistent compilation cache from config.train.compilation_cache_dir (JAX itself also
+  honours the JAX_COMPILATION_CACHE_DIR environment variable)."""
+  path = config.train.get("compilation_cache_dir", "")
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(str(path)))
 
 
 def _baseline(name: str):
@@ -45,17 +72,6 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None) -
   return docs
 
 
-def resolve_workdir(workdir) -> str:
-  """`workdir` as an absolute path ("~" expanded); a relative path is taken from the current
-  directory. Raises ValueError for an empty path or one that exists as a file."""
-  if workdir is None or str(workdir).strip() == "":
-    raise ValueError("workdir is empty: pass --workdir=DIR (created if missing)")
-  path = os.path.abspath(os.path.expanduser(str(workdir)))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"workdir {path} exists and is not a directory")
-  return path
-
-
 def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   """Runs `mode` for `config` in `workdir`; returns the results documents (if any)."""
   if mode not in MODES:
@@ -71,5 +87,69 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
       raise ValueError(f"method {config.method!r} has nothing to train; use --mode=evaluate")
     task = pipeline.prepare_task(config)
     return evaluate_methods(config, workdir, task, [_baseline(config.method)])
-  from diffrecon_jax import diffrecon_method  # local: pulls in the models only when needed.
-  return diffrecon_method.run(config, workdir, mode)
+  setup_compilation_cache(config)
+  if mode in ("train", "train_and_evaluate"):
+    task = pipeline.prepare_task(config)
+    models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
+    train_lib.train(config, workdir, task=task, models=models)
+    if mode == "train":
+      return []
+  saved_config, task, method = load_method(config, workdir)
+  if mode == "reconstruct":
+    return [reconstruct_to_files(saved_config, workdir, task, method)]
+  extra = {"trained_on": list(saved_config.patterns.train)}
+  references = [BASELINES[name]() for name in REFERENCES]
+  return evaluate_methods(saved_config, workdir, task, [method] + references, extra)
+
+
+def load_method(config, workdir: str) -> tuple:
+  """(config, task, DiffReconMethod) from a workdir's newest finished checkpoint.
+
+  Model, data and training settings come from the checkpoint; what is chosen at evaluate time
+  comes from `config` and replaces the saved sections whole: `eval`, `patterns` and `sampling`.
+  """
+  saved_config, params, models, meta = train_lib.load_for_sampling(workdir)
+  for key in ("eval", "patterns", "sampling"):
+    saved_config[key] = config[key]
+  task = pipeline.prepare_task(saved_config)
+  check_task_matches(task, meta)
+  clip = diffrecon.x0_clip_bounds(float(saved_config.sampling.x0_clip_factor), task, models)
+  return saved_config, task, DiffReconMethod(saved_config, params, models, clip)
+
+
+def check_task_matches(task, meta: dict) -> None:
+  """The data at evaluate time must be the data the checkpoint was trained on."""
+  if meta.get("shapes") and dict(task.shapes) != dict(meta["shapes"]):
+    raise ValueError(f"data shapes {task.shapes} differ from the checkpoint's {meta['shapes']}")
+  if meta.get("stats"):
+    saved = np.asarray(meta["stats"]["fine"]["mean"], np.float32)
+    if not np.allclose(saved, task.fine_norm.mean, rtol=1e-5):
+      raise ValueError("normalisation statistics differ from the checkpoint's: different data?")
+
+
+def reconstruct_to_files(config, workdir, task, method) -> dict:
+  """Writes reconstruction_<pattern>.npz (fine median, 5% / 95% quantiles, completed coarse,
+  mask, slices, timestamps) for every evaluation pattern; returns {pattern label: path}.
+
+  The method sees what an evaluation shows it (`evaluate.observe`), on a val or test split.
+  """
+  slices, _ = evaluate_lib.evaluation_slices(task, config.eval.split,
+                                             int(config.eval.max_slices))
+  written = {}
+  for spec in config.patterns.eval:
+    p = patterns_lib.parse_pattern(spec)
+    mask, seed = evaluate_lib.eval_mask(task, p, int(config.patterns.eval_mask_seed))
+    t0 = time.perf_counter()
+    view = evaluate_lib.observe(task, mask)
+    parts = [method.reconstruct(view, piece) for piece in evaluate_lib.contiguous_pieces(slices)]
+    rec = {k: np.concatenate([r[k] for r in parts], axis=1 if k == "samples" else 0)
+           for k in ("fine", "coarse", "samples")}
+    path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
+    np.savez_compressed(path, fine=rec["fine"], coarse=rec["coarse"],
+                        fine_q05=np.quantile(rec["samples"], 0.05, axis=0),
+                        fine_q95=np.quantile(rec["samples"], 0.95, axis=0),
+                        mask=mask[slices], slices=slices, timestamps=task.series.timestamps[slices],
+                        mask_seed=seed)
+    logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
+    written[p.label] = str(path)
+  return written

@@ -9,7 +9,10 @@ Three phases run in order, each with its own optimizer and Orbax checkpoint dire
                                         conditioned on the pseudo-complete coarse window.
   joint    (config.train.steps_joint)  both learn, end to end: w_c L_C + w_f L_F where L_F is
                                         conditioned on Diffusion-C's differentiable completion of
-                                        the current coarse map (see `joint_loss`).
+                                        the current coarse map (`diffrecon.joint_loss`).
+
+The losses and the models are the DiffRecon model's (`diffrecon.py`); this module owns the state,
+the optimizers, the compiled step, the loop, the EMA and the checkpoints.
 
 One compiled step serves every phase and every device layout: `jax.jit` over a one-axis Mesh,
 state replicated and donated, the batch drawn INSIDE the step from the state's PRNG key and split
@@ -20,15 +23,12 @@ step, a run resumed from a checkpoint reaches the same parameters as an uninterr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import os
 import time
 from typing import Any, Callable, Optional
 
 from absl import logging
 from etils import epath
-import flax.linen as nn
 from flax import struct
 import jax
 import jax.numpy as jnp
@@ -37,13 +37,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from diffrecon_jax import diffusion
+from diffrecon_jax import diffrecon
 from diffrecon_jax import parallel
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 
 Array = jax.Array
-PHASES = ("stage_c", "stage_f", "joint")
+PHASES = diffrecon.PHASES
 _STEPS_FIELD = {"stage_c": "steps_c", "stage_f": "steps_f", "joint": "steps_joint"}
 # Component losses first: a NaN is reported under the loss it starts in.
 _METRIC_NAMES = {"stage_c": ("loss_c", "loss", "grad_norm"),
@@ -75,20 +75,6 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Models:
-  """The two denoisers and the shared noise schedule.
-
-  fine_base: optional (B,I,J,C) normalised coarse -> (B,NI,NJ,C) normalised fine map implied by
-    the coarse map (`pipeline.fine_base`); when set, Diffusion-F diffuses the residual
-    fine - fine_base(coarse current) instead of the fine map itself.
-  """
-  c: nn.Module
-  f: nn.Module
-  schedule: diffusion.Schedule
-  fine_base: Optional[Callable] = None
-
-
-@dataclasses.dataclass(frozen=True)
 class BatchSpec:
   """Static arguments of `pipeline.sample_train_batch` (hashable; closed over by the step)."""
   batch_size: int
@@ -104,65 +90,12 @@ class BatchSpec:
                (tuple(int(k) for k in kinds), tuple(float(r) for r in ratios)))
 
 
-def build_models(config: ml_collections.ConfigDict, scale: int, stats: Optional[dict] = None,
-                 aggregation: str = "sum") -> Models:
-  """Diffusion-C / Diffusion-F from config.model_c / config.model_f, schedule from config.diffusion.
-
-  With config.diffusion.fine_residual and the task's normalisation `stats`, Diffusion-F works on
-  the residual over the coarse map's uniform upsampling (see `Models.fine_base`).
-  """
-  from diffrecon_jax.models import denoisers  # local: the model zoo is heavy to import.
-  d = config.diffusion
-  schedule = diffusion.make_schedule(d.schedule, int(d.num_steps), float(d.beta_start),
-                                     float(d.beta_end))
-  base = None
-  if config.diffusion.get("fine_residual", False):
-    if stats is None:
-      raise ValueError("diffusion.fine_residual needs the task's normalisation stats")
-    base = functools.partial(pipeline.fine_base, stats=stats, scale=int(scale),
-                             aggregation=aggregation)
-  return Models(c=denoisers.DiffusionCNet(**config.model_c.to_dict()),
-                f=denoisers.DiffusionFNet(scale=int(scale), **config.model_f.to_dict()),
-                schedule=schedule, fine_base=base)
-
-
-def dummy_inputs(shapes: dict, batch_size: int = 1) -> tuple:
-  """Zero inputs for `init`, from `TaskData.shapes`.
-
-  Returns ((x_c (B,I,J,C), cond_c), (x_f (B,NI,NJ,C), cond_f)) with B = batch_size.
-  """
-  b, t = batch_size, int(shapes["window"])
-  (i, j), (ni, nj) = shapes["coarse_shape"], shapes["fine_shape"]
-  c, f = int(shapes["channels"]), int(shapes["external_dim"])
-  z = lambda *s: jnp.zeros(s, jnp.float32)
-  cond_c = {"obs": z(b, t, i, j, c), "mask": jnp.ones((b, t, i, j), jnp.float32),
-            "external": z(b, t, f)}
-  cond_f = {"coarse": z(b, t, i, j, c), "external": z(b, t, f)}
-  return (z(b, i, j, c), cond_c), (z(b, ni, nj, c), cond_f)
-
-
-def init_params(models: Models, shapes: dict, rng: Array, prng_impl: str = "rbg") -> dict:
-  """Initial {'c': ..., 'f': ...} parameters (pure; call under jit).
-
-  rng: raw (2,) uint32 key. The per-parameter initialiser draws use `prng_impl` keys seeded
-  from it: with the default "rbg" (XLA's RngBitGenerator; splits / fold_in still hash with
-  threefry) the init compiles ~3x faster on CPU than with threefry, whose ~100 inlined copies
-  dominate the compile time of the init; pass "threefry2x32" for backend-independent values.
-  """
-  (xc, cc), (xf, cf) = dummy_inputs(shapes)
-  if prng_impl != "threefry2x32":
-    rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=prng_impl)
-  k_c, k_f = jax.random.split(rng)
-  tau = jnp.zeros((xc.shape[0],), jnp.int32)
-  return {"c": models.c.init({"params": k_c}, xc, tau, cc, deterministic=True)["params"],
-          "f": models.f.init({"params": k_f}, xf, tau, cf, deterministic=True)["params"]}
-
-
 def _label_tree(params: dict) -> dict:
   return {name: jax.tree_util.tree_map(lambda _, n=name: n, sub) for name, sub in params.items()}
 
 
-def make_optimizer(phase: str, train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(phase: str, train_cfg: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
   """The phase's optimizer over {'c', 'f'} parameters.
 
   Global-norm clipping over both models, then AdamW per model (`optax.multi_transform`) with the
@@ -197,102 +130,12 @@ def phase_start_state(optimizer: optax.GradientTransformation, params: dict, ema
 
 
 # --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-def _diffuse(schedule: diffusion.Schedule, x0: Array, rng: Array) -> tuple:
-  """Uniform tau (B,), noise like x0, and x_tau = q_sample (eq. 4)."""
-  k_tau, k_eps = jax.random.split(rng)
-  tau = diffusion.sample_tau(k_tau, x0.shape[0], schedule.num_steps)
-  noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
-  return tau, noise, diffusion.q_sample(schedule, x0, tau, noise)
-
-
-def loss_c(models: Models, params_c, batch: dict, rng: Array) -> tuple:
-  """Diffusion-C loss: eps-MSE on the current pseudo-complete coarse map.
-
-  x0 = batch['coarse'][:, -1] (B, I, J, C); condition: obs (B,t,I,J,C), mask (B,t,I,J),
-  external (B,t,F). Returns (L_C scalar, x0_hat (B, I, J, C)) where x0_hat is Diffusion-C's
-  one-step differentiable estimate of x0 (`diffusion.predict_x0`).
-  """
-  k_diff, k_drop = jax.random.split(rng)
-  x0 = batch["coarse"][:, -1]
-  tau, noise, x_tau = _diffuse(models.schedule, x0, k_diff)
-  cond = {"obs": batch["obs"], "mask": batch["mask"], "external": batch["external"]}
-  eps_hat = models.c.apply({"params": params_c}, x_tau, tau, cond, deterministic=False,
-                           rngs={"dropout": k_drop})
-  x0_hat = diffusion.predict_x0(models.schedule, x_tau, tau, eps_hat)
-  return diffusion.eps_loss(eps_hat, noise), x0_hat
-
-
-def loss_f(models: Models, params_f, batch: dict, coarse_window: Array, rng: Array) -> Array:
-  """Diffusion-F loss: eps-MSE on the current fine map batch['fine'] (B, NI, NJ, C), or on its
-  residual over `models.fine_base(coarse_window[:, -1])` when that is set (in joint training the
-  base then carries gradients to Diffusion-C too).
-
-  Conditioned on coarse_window (B, t, I, J, C) and batch['external'] (B, t, F).
-  """
-  k_diff, k_drop = jax.random.split(rng)
-  x0 = batch["fine"]
-  if models.fine_base is not None:
-    x0 = x0 - models.fine_base(coarse_window[:, -1])
-  tau, noise, x_tau = _diffuse(models.schedule, x0, k_diff)
-  cond = {"coarse": coarse_window, "external": batch["external"]}
-  eps_hat = models.f.apply({"params": params_f}, x_tau, tau, cond, deterministic=False,
-                           rngs={"dropout": k_drop})
-  return diffusion.eps_loss(eps_hat, noise)
-
-
-def complete_current(batch: dict, x0_hat: Array, clip: float = 0.0) -> Array:
-  """The window Diffusion-F sees in joint training: (B, t, I, J, C).
-
-  Current slice: observed cells keep their values, missing cells take Diffusion-C's estimate,
-  mask * obs + (1 - mask) * x0_hat. History slices stay pseudo-complete: completing them too would
-  need one Diffusion-C pass per history slice (t times the cost) for conditioning that
-  pre-training already made Diffusion-F rely on. `clip` > 0 bounds x0_hat to [-clip, clip]
-  (x0_hat divides by sqrt(abar_tau), which is small at the noisiest steps).
-  """
-  if clip > 0:
-    x0_hat = jnp.clip(x0_hat, -clip, clip)
-  m = batch["mask"][:, -1, ..., None]
-  current = m * batch["obs"][:, -1] + (1.0 - m) * x0_hat
-  return batch["coarse"].at[:, -1].set(current)
-
-
-def phase_loss(phase: str, models: Models, params: dict, batch: dict, rng: Array,
-               train_cfg: ml_collections.ConfigDict) -> tuple:
-  """(total loss, metrics dict) of one phase on one batch; differentiable in params."""
-  k_c, k_f = jax.random.split(rng)
-  if phase == "stage_c":
-    l_c, _ = loss_c(models, params["c"], batch, k_c)
-    return l_c, {"loss": l_c, "loss_c": l_c}
-  if phase == "stage_f":
-    l_f = loss_f(models, params["f"], batch, batch["coarse"], k_f)
-    return l_f, {"loss": l_f, "loss_f": l_f}
-  return joint_loss(models, params, batch, rng, train_cfg)
-
-
-def joint_loss(models: Models, params: dict, batch: dict, rng: Array,
-               train_cfg: ml_collections.ConfigDict) -> tuple:
-  """Joint objective w_c L_C + w_f L_F in one differentiable graph.
-
-  L_C as in stage C; its x0_hat completes the current coarse map (`complete_current`), and L_F is
-  computed with Diffusion-F conditioned on that window, so grad L_F reaches Diffusion-C's params.
-  """
-  k_c, k_f = jax.random.split(rng)
-  l_c, x0_hat = loss_c(models, params["c"], batch, k_c)
-  window = complete_current(batch, x0_hat, float(train_cfg.get("joint_x0_clip", 0.0)))
-  l_f = loss_f(models, params["f"], batch, window, k_f)
-  w_c, w_f = float(train_cfg.joint_weight_c), float(train_cfg.joint_weight_f)
-  loss = w_c * l_c + w_f * l_f
-  return loss, {"loss": loss, "loss_c": l_c, "loss_f": l_f}
-
-
-# --------------------------------------------------------------------------------------------
 # The compiled step
 # --------------------------------------------------------------------------------------------
-def make_train_step(phase: str, models: Models, optimizer: optax.GradientTransformation,
+def make_train_step(phase: str, models: diffrecon.Models, optimizer: optax.GradientTransformation,
                     train_cfg: ml_collections.ConfigDict, spec: BatchSpec, mesh,
                     steps_per_call: int,
+                    joint: diffrecon.JointSettings = diffrecon.JointSettings(),
                     sample_batch: Callable[..., dict] = pipeline.sample_train_batch) -> Callable:
   """`steps_per_call` fused train steps as one jitted, sharded function.
 
@@ -313,7 +156,7 @@ def make_train_step(phase: str, models: Models, optimizer: optax.GradientTransfo
     # Split the batch over 'data': each device computes its share, XLA all-reduces the grads.
     batch = jax.lax.with_sharding_constraint(batch, data)
     grad_fn = jax.value_and_grad(
-        lambda p: phase_loss(phase, models, p, batch, k_loss, train_cfg), has_aux=True)
+        lambda p: diffrecon.phase_loss(phase, models, p, batch, k_loss, joint), has_aux=True)
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -409,14 +252,6 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-def setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
-  """Persistent compilation cache from config.train.compilation_cache_dir (JAX itself also
-  honours the JAX_COMPILATION_CACHE_DIR environment variable)."""
-  path = config.train.get("compilation_cache_dir", "")
-  if path:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(str(path)))
-
-
 class _MetricsLog:
   """Console (absl) + workdir/metrics.jsonl, one record per log window."""
 
@@ -452,7 +287,37 @@ class _MetricsLog:
     return record
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None) -> dict:
+def joint_settings(config: ml_collections.ConfigDict, task,
+                   models: diffrecon.Models) -> diffrecon.JointSettings:
+  """The joint objective's weights and x0 clip (the one rule of `diffrecon.x0_clip_bound`, on
+  the normalised coarse train split) from config.train."""
+  lo, hi = task.split.range("train")
+  tc = config.train
+  return diffrecon.JointSettings(
+      weight_c=float(tc.joint_weight_c), weight_f=float(tc.joint_weight_f),
+      x0_clip=diffrecon.x0_clip_bound(float(tc.get("joint_x0_clip_factor", 0.0)),
+                                      task.coarse[lo:hi]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Phase:
+  """What one phase's loop needs besides its state (built once per phase by `train`)."""
+  name: str
+  total: int
+  models: diffrecon.Models
+  optimizer: optax.GradientTransformation
+  train_cfg: ml_collections.ConfigDict
+  spec: BatchSpec
+  joint: diffrecon.JointSettings
+  mesh: Any
+  manager: Any
+  base_meta: dict
+  workdir: epath.Path
+  copy_state: Callable
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
+          models: Optional[diffrecon.Models] = None) -> dict:
   """Runs stage_c, stage_f and joint in order, resuming from `workdir` when it has checkpoints.
 
   Args:
@@ -460,11 +325,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None)
     workdir: output folder: stage_c/, stage_f/, joint/ (Orbax), metrics.jsonl.
     task: optional prepared `pipeline.TaskData` (default: `pipeline.prepare_task(config)`).
     mesh: optional mesh (default: every device on the 'data' axis).
+    models: the denoisers to train (default: `diffrecon.build_models` of the config; tests pass
+      small stand-ins).
   Returns:
     {'state': final TrainState, 'phases': {phase: {'start_step', 'end_step', 'total',
      'skipped', 'last': last logged record or None}}, 'workdir': str}.
   """
-  setup_compilation_cache(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   task = pipeline.prepare_task(config) if task is None else task
@@ -473,16 +339,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None)
   spec = BatchSpec.from_task(config, task)
   parallel.check_batch_size(spec.batch_size, mesh)
   repl = parallel.replicated(mesh)
-  models = build_models(config, task.scale, task.stats, task.series.aggregation)
+  if models is None:
+    models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
+  joint = joint_settings(config, task, models)
   arrays = parallel.put_replicated(task.device_arrays(), mesh)
   base_meta = {"config": config.to_json(), "stats": task.stats, "shapes": task.shapes,
                "aggregation": task.series.aggregation,
                "history": int(task.history), "scale": int(task.scale)}
   base_key = jax.random.PRNGKey(int(config.seed))
   copy_state = jax.jit(lambda s: jax.tree_util.tree_map(jnp.copy, s), out_shardings=repl)
-  abstract_params = jax.eval_shape(lambda k: init_params(models, task.shapes, k), base_key)
-  k_every, log_every = int(tc.checkpoint_every), int(tc.log_every)
-  steps_per_call = max(1, int(tc.steps_per_call))
+  abstract_params = jax.eval_shape(lambda k: diffrecon.init_params(models, task.shapes, k),
+                                   base_key)
 
   state: Optional[TrainState] = None
   summary = {}
@@ -512,15 +379,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None)
           # EMA starts at the initial parameters; a separate buffer since the state is donated.
           params, ema = jax.jit(
               lambda k: (lambda p: (p, jax.tree_util.tree_map(jnp.copy, p)))(
-                  init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
+                  diffrecon.init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
               out_shardings=repl)(jax.random.fold_in(base_key, 0))
         else:
           params, ema = state.params, state.ema_params
         state = jax.jit(start_fn, out_shardings=repl)(
             params, ema, jax.random.fold_in(base_key, p_idx + 1))
-      state, last = _run_phase(phase, state, arrays, mngr, base_meta, total, models, optimizer,
-                               tc, spec, mesh, steps_per_call, k_every, log_every, workdir,
-                               copy_state)
+      ctx = _Phase(name=phase, total=total, models=models, optimizer=optimizer, train_cfg=tc,
+                   spec=spec, joint=joint, mesh=mesh, manager=mngr, base_meta=base_meta,
+                   workdir=workdir, copy_state=copy_state)
+      state, last = _run_phase(ctx, state, arrays)
       summary[phase] = {"start_step": int(latest or 0), "end_step": total, "total": total,
                         "skipped": False, "last": last}
     finally:
@@ -529,26 +397,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None)
   return {"state": state, "phases": summary, "workdir": str(workdir)}
 
 
-def _run_phase(phase, state, arrays, mngr, base_meta, total, models, optimizer, tc, spec, mesh,
-               steps_per_call, k_every, log_every, workdir, copy_state) -> tuple:
-  """Trains one phase from state.step to `total`, saving every k_every steps and at the end."""
+def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
+  """Trains phase `ctx.name` from state.step to `ctx.total`, saving every
+  `train.checkpoint_every` steps and at the end; returns (state, last logged record)."""
+  phase, total, tc, spec, mesh = ctx.name, ctx.total, ctx.train_cfg, ctx.spec, ctx.mesh
+  k_every, log_every = int(tc.checkpoint_every), int(tc.log_every)
+  steps_per_call = max(1, int(tc.steps_per_call))
   step = int(parallel.to_host(state.step))
   fns: dict = {}
-  log = _MetricsLog(workdir, phase, total, step)
+  log = _MetricsLog(ctx.workdir, phase, total, step)
   last = None
 
   def save(step_now: int, finished: bool):
-    meta = dict(base_meta, phase=phase, step=step_now, total=total, finished=finished)
+    meta = dict(ctx.base_meta, phase=phase, step=step_now, total=total, finished=finished)
     # A copy: the async writer must not read buffers the next (donating) call reuses.
-    mngr.save(step_now, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(copy_state(state)), meta=ocp.args.JsonSave(meta)))
+    ctx.manager.save(step_now, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(ctx.copy_state(state)), meta=ocp.args.JsonSave(meta)))
 
   logging.info("[%s] %d steps (from %d), global batch %d on %d device(s)", phase, total, step,
                spec.batch_size, mesh.devices.size)
   while step < total:
     n = _chunk(step, total, steps_per_call, k_every, log_every)
     if n not in fns:
-      fns[n] = make_train_step(phase, models, optimizer, tc, spec, mesh, n)
+      fns[n] = make_train_step(phase, ctx.models, ctx.optimizer, tc, spec, mesh, n, ctx.joint)
     state, metrics = fns[n](state, arrays)
     metrics = parallel.to_host(metrics)
     check_finite(phase, step, metrics)
@@ -567,11 +438,14 @@ def _run_phase(phase, state, arrays, mngr, base_meta, total, models, optimizer, 
 # --------------------------------------------------------------------------------------------
 # Loading for evaluation
 # --------------------------------------------------------------------------------------------
-def load_for_sampling(workdir: str, mesh=None) -> tuple:
-  """(config, ema_params {'c', 'f'}, metadata) of the newest finished phase in `workdir`.
+def load_for_sampling(workdir: str, mesh=None,
+                      build_models: Callable[..., diffrecon.Models] = diffrecon.build_models
+                      ) -> tuple:
+  """(config, ema_params {'c', 'f'}, models, metadata) of the newest finished phase in `workdir`.
 
   Looks at joint/, then stage_f/, then stage_c/; needs nothing but the workdir (the config,
-  normalisation stats and shapes are in the checkpoint's metadata).
+  normalisation stats and shapes are in the checkpoint's metadata). `build_models(config, scale,
+  stats, aggregation)` makes the denoisers the parameters belong to.
   """
   workdir = epath.Path(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
@@ -590,14 +464,15 @@ def load_for_sampling(workdir: str, mesh=None) -> tuple:
       models = build_models(config, int(meta["scale"]), meta.get("stats"),
                             meta.get("aggregation", "sum"))
       key = jax.random.PRNGKey(0)
-      abstract_params = jax.eval_shape(lambda k: init_params(models, meta["shapes"], k), key)
+      abstract_params = jax.eval_shape(
+          lambda k: diffrecon.init_params(models, meta["shapes"], k), key)
       opt = make_optimizer(phase, config.train)
       abstract = _with_sharding(jax.eval_shape(
           lambda p, e, k: phase_start_state(opt, p, e, k), abstract_params, abstract_params, key),
           parallel.replicated(mesh))
       state, meta = _restore(mngr, step, abstract)
       logging.info("loaded %s step %d from %s", phase, step, workdir)
-      return config, state.ema_params, meta
+      return config, state.ema_params, models, meta
     finally:
       mngr.close()
   raise FileNotFoundError(

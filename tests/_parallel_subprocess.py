@@ -30,8 +30,8 @@ REAL_ADAM_EPS = 1e-3
 
 
 def run_layouts(name: str, models, config, task, compiles: list, out: dict) -> None:
-  from diffrecon_jax import parallel, train
-  params = jax.device_get(jax.jit(lambda k: train.init_params(models, task.shapes, k))(
+  from diffrecon_jax import diffrecon, parallel, train
+  params = jax.device_get(jax.jit(lambda k: diffrecon.init_params(models, task.shapes, k))(
       jax.random.PRNGKey(0)))
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     out[f"{name}/init" + jax.tree_util.keystr(path)] = np.asarray(leaf)
@@ -43,7 +43,8 @@ def run_layouts(name: str, models, config, task, compiles: list, out: dict) -> N
     arrays = parallel.put_replicated(task.device_arrays(), mesh)
     state = parallel.put_replicated(
         train.phase_start_state(opt, params, params, jax.random.PRNGKey(1)), mesh)
-    step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 2)
+    step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 2,
+                                    train.joint_settings(config, task, models))
     losses, norms = [], []
     for call in range(3):
       if call == 1:
@@ -69,7 +70,7 @@ def main() -> None:
   parser.add_argument("--models", default="standins,real")
   args = parser.parse_args()
 
-  from diffrecon_jax import train
+  from diffrecon_jax import diffrecon
   from tests import _train_helpers as helpers
 
   compiles = []
@@ -86,7 +87,7 @@ def main() -> None:
       models = helpers.standin_models(config, task.scale)
     elif name == "real":
       config.train.adam_eps = REAL_ADAM_EPS
-      models = train.build_models(config, task.scale, task.stats, task.series.aggregation)
+      models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
     else:
       raise ValueError(f"--models: unknown set {name!r}")
     run_layouts(name, models, config, task, compiles, out)

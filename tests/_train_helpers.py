@@ -76,19 +76,15 @@ class StandInF(nn.Module):
 
 
 def standin_models(config, scale, stats=None, aggregation="sum"):
-  """`train.Models` with the stand-in denoisers and the config's schedule (plain fine target:
-  the stand-ins test the training logic, not the residual parameterisation)."""
+  """`diffrecon.Models` with the stand-in denoisers and the config's schedule (plain fine
+  target: the stand-ins test the training logic, not the residual parameterisation). Same
+  signature as `diffrecon.build_models`, so `train.load_for_sampling` takes it too."""
   del stats, aggregation
-  from diffrecon_jax import diffusion, train
+  from diffrecon_jax import diffrecon, diffusion
   d = config.diffusion
-  return train.Models(StandInC(), StandInF(scale=scale),
-                      diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start, d.beta_end))
-
-
-def use_standins() -> None:
-  """Makes `train.train` / `train.load_for_sampling` build the stand-in denoisers."""
-  from diffrecon_jax import train
-  train.build_models = standin_models
+  return diffrecon.Models(StandInC(), StandInF(scale=scale),
+                          diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start,
+                                                  d.beta_end))
 
 
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -102,14 +98,14 @@ def _real_params(models_json: str, scale: int, shapes_json: str, seed: int):
   aggregation, the statistics or the sampler."""
   import json
   import jax
-  from diffrecon_jax import train
+  from diffrecon_jax import diffrecon, train
   config = tiny_config()
   fields = train.config_from_json(models_json)
   config.model_c, config.model_f = fields.model_c, fields.model_f
   config.diffusion.fine_residual = False  # the residual target changes no parameter
-  models = train.build_models(config, scale)
+  models = diffrecon.build_models(config, scale)
   shapes = json.loads(shapes_json)
-  return jax.jit(lambda k: train.init_params(models, shapes, k))(jax.random.PRNGKey(seed))
+  return jax.jit(lambda k: diffrecon.init_params(models, shapes, k))(jax.random.PRNGKey(seed))
 
 
 def tiny_diffrecon(config=None, task=None, seed: int = 0):
@@ -118,16 +114,16 @@ def tiny_diffrecon(config=None, task=None, seed: int = 0):
   split (default `tiny_task()`). Untrained, so its samples are noisy and differ from each other:
   what the sampling-path tests need."""
   import json
-  from diffrecon_jax import diffrecon_method, train
+  from diffrecon_jax import diffrecon, diffrecon_method
   if config is None:
     config = tiny_config()
-    config.diffusion.sampler_steps = 3
+    config.sampling.steps = 3
     config.eval.batch_size = 8
   task = tiny_task() if task is None else task
-  models = train.build_models(config, task.scale, task.stats, task.series.aggregation)
+  models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
   models_json = json.dumps({"model_c": config.model_c.to_dict(),
                             "model_f": config.model_f.to_dict()}, sort_keys=True)
   params = _real_params(models_json, int(task.scale), json.dumps(task.shapes, sort_keys=True),
                         int(seed))
-  return diffrecon_method.DiffReconMethod(config, params, models,
-                                          diffrecon_method.x0_clip_bounds(config, task))
+  clip = diffrecon.x0_clip_bounds(float(config.sampling.x0_clip_factor), task, models)
+  return diffrecon_method.DiffReconMethod(config, params, models, clip)

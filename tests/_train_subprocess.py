@@ -91,13 +91,13 @@ def main() -> None:
   from tests import _train_helpers as helpers
 
   logging.set_verbosity(logging.INFO)
-  if args.standins:
-    helpers.use_standins()
   if args.kill_phase:
     install_kill(args.kill_phase, args.kill_step, args.kill_at)
 
   config = helpers.tiny_config(steps=tuple(int(s) for s in args.steps.split(",")))
-  out = train.train(config, args.workdir, task=helpers.tiny_task())
+  task = helpers.tiny_task()
+  models = (helpers.standin_models(config, task.scale) if args.standins else None)
+  out = train.train(config, args.workdir, task=task, models=models)
   state = out["state"]
   flat = {}
   for prefix, tree in (("params", state.params), ("ema", state.ema_params)):

@@ -21,8 +21,8 @@ CONFIG = textwrap.dedent("""
       c = tiny_config(steps=(2, 2, 2), batch_size=4, steps_per_call=2, checkpoint_every=2)
       c.eval.max_slices = 6
       c.eval.batch_size = 4
-      c.diffusion.n_samples = 2
-      c.diffusion.sampler_steps = 2
+      c.sampling.n_samples = 2
+      c.sampling.steps = 2
       c.patterns.eval = ("random:0.4", "large_scale:0.25")
       return c
     """)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax import diffrecon_method, evaluate, train
+from diffrecon_jax import diffrecon, diffrecon_method, evaluate
 from diffrecon_jax.data import coarsen, pipeline
 from tests import _train_helpers as helpers
 
@@ -17,10 +17,10 @@ def _method(workers: int, batch: int = 8):
   config = helpers.tiny_config()
   config.eval.batch_size = batch
   config.eval.concurrent_batches = workers
-  config.diffusion.sampler_steps = 3
+  config.sampling.steps = 3
   task = helpers.tiny_task()
   models = helpers.standin_models(config, task.scale)
-  params = train.init_params(models, task.shapes, jax.random.key(0))
+  params = diffrecon.init_params(models, task.shapes, jax.random.key(0))
   return diffrecon_method.DiffReconMethod(config, params, models), task
 
 
@@ -80,15 +80,15 @@ def test_balanced_batch_size(n, max_batch, workers, want):
 
 @pytest.mark.parametrize("aggregation,n_samples", [("sum", 3), ("mean", 4)])
 def test_fine_maps_pool_exactly_to_the_completed_coarse_map(aggregation, n_samples):
-  """Real (tiny, untrained) denoisers, `fine_consistent` on: every sample and the point estimate
+  """Real (tiny, untrained) denoisers, `sampling.consistent` on: every sample and the point estimate
   pool (sum or mean over each N x N block) to the completed coarse map, whatever the number of
   samples. The per-cell median of 3+ samples does not pool by itself; the point estimate is its
   L2 projection onto the block constraint."""
   config = helpers.tiny_config()
-  config.diffusion.sampler_steps = 3
-  config.diffusion.n_samples = n_samples
+  config.sampling.steps = 3
+  config.sampling.n_samples = n_samples
   config.eval.batch_size = 8
-  assert config.diffusion.fine_residual and config.diffusion.fine_consistent
+  assert config.diffusion.fine_residual and config.sampling.consistent
   task = helpers.tiny_task()
   if aggregation != task.series.aggregation:
     task = pipeline.build_task(dataclasses.replace(task.series, aggregation=aggregation),
@@ -143,13 +143,15 @@ def test_stage_one_completes_hidden_cells_from_the_observed_ones():
   cells only at the end of the chain leaves the hidden ones unconditional draws (measured 1.1;
   0.6 when they are imposed on the starting noise and at the end only)."""
   config = helpers.tiny_config()
-  config.diffusion.sampler_steps = 10
+  config.sampling.steps = 10
   config.eval.batch_size = 8
   task = helpers.tiny_task()
   standins = helpers.standin_models(config, task.scale)
-  models = train.Models(c=TiedCellsC(tuple(np.asarray(standins.schedule.alpha_bars).tolist())),
-                        f=standins.f, schedule=standins.schedule)
-  params = {"c": {}, "f": train.init_params(standins, task.shapes, jax.random.PRNGKey(0))["f"]}
+  models = diffrecon.Models(
+      c=TiedCellsC(tuple(np.asarray(standins.schedule.alpha_bars).tolist())), f=standins.f,
+      schedule=standins.schedule)
+  params = {"c": {}, "f": diffrecon.init_params(standins, task.shapes,
+                                                jax.random.PRNGKey(0))["f"]}
   method = diffrecon_method.DiffReconMethod(config, params, models)
   t, (i, j), c = 24, task.coarse_shape, task.channels
   rs = np.random.RandomState(0)

@@ -32,7 +32,7 @@ SMOKE_OVERRIDES = [
     "--config.train.checkpoint_every=2", "--config.train.log_every=2",
     "--config.train.batch_size=4",
     "--config.eval.max_slices=4", "--config.eval.batch_size=4",
-    "--config.diffusion.num_steps=10", "--config.diffusion.sampler_steps=2",
+    "--config.diffusion.num_steps=10", "--config.sampling.steps=2",
     "--config.data.history=2",
     "--config.patterns.eval=('random:0.4','large_scale:0.25')",
     "--config.patterns.train=('random:0.4',)",

@@ -156,11 +156,10 @@ def test_rerun_of_finished_training_skips_every_phase(runs):
   assert lines[-1]["phase"] == "joint" and lines[-1]["step"] == 6
 
 
-def test_load_for_sampling_takes_the_newest_finished_phase(runs, monkeypatch):
+def test_load_for_sampling_takes_the_newest_finished_phase(runs):
   root, _, _ = runs
-  if not SLOW:
-    monkeypatch.setattr(train, "build_models", helpers.standin_models)
-  config, ema, meta = train.load_for_sampling(root / "crash")
+  build = {} if SLOW else {"build_models": helpers.standin_models}
+  config, ema, _, meta = train.load_for_sampling(root / "crash", **build)
   assert meta["phase"] == "joint" and meta["finished"] and meta["step"] == 6
   assert config.train.steps_joint == 6 and config.model_c.channel_mults == (1,)
   assert set(meta["stats"]) == {"fine", "coarse"} and meta["shapes"]["scale"] == 2
@@ -169,7 +168,7 @@ def test_load_for_sampling_takes_the_newest_finished_phase(runs, monkeypatch):
     np.testing.assert_allclose(np.asarray(leaf), ref["ema" + jax.tree_util.keystr(path)],
                                rtol=1e-5, atol=1e-6)
   # Killed mid-joint: joint is unfinished, so the finished stage_f is used.
-  _, _, meta = train.load_for_sampling(root / "crash_copy")
+  _, _, _, meta = train.load_for_sampling(root / "crash_copy", **build)
   assert meta["phase"] == "stage_f" and meta["finished"] and meta["step"] == 4
   with pytest.raises(FileNotFoundError, match="no finished training phase"):
-    train.load_for_sampling(root / "empty")
+    train.load_for_sampling(root / "empty", **build)

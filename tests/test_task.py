@@ -191,24 +191,3 @@ def test_gap_free_series_draws_exactly_the_index_range_batches():
     # ... and the current slices are those of the former formula.
     current = np.asarray(jax.random.randint(jax.random.split(key)[0], (16,), *task.train_range))
     np.testing.assert_array_equal(b["fine"], task.fine[current])
-
-
-def test_fine_base_plus_block_mean_zero_residual_pools_to_the_coarse_map():
-  for agg in ("sum", "mean"):
-    series = real_nytaxi(80)
-    series = SpatioTemporalSeries(series.name, series.values, series.timestamps, series.external,
-                                  series.external_names, agg, series.units, 30,
-                                  series.channel_names)
-    task = pipeline.build_task(series, 2, 2)
-    coarse = task.coarse[40:44]
-    base = np.asarray(pipeline.fine_base(coarse, task.stats, 2, agg))
-    # the base alone is the interp upsampling of the coarse map, in normalised fine units
-    np.testing.assert_allclose(
-        task.fine_norm.inverse(base),
-        coarsen.upsample_uniform(task.coarse_phys[40:44], 2, agg), rtol=1e-4, atol=1e-3)
-    r = np.asarray(pipeline.block_mean_zero(
-        np.random.default_rng(0).normal(size=base.shape).astype(np.float32), 2))
-    fine_phys = task.fine_norm.inverse(base + r)
-    np.testing.assert_allclose(coarsen.coarsen(fine_phys, 2, agg), task.coarse_phys[40:44],
-                               rtol=1e-4, atol=1e-2)
-    assert np.abs(r).max() > 0.1

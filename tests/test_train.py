@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax import parallel, train
+from diffrecon_jax import diffrecon, parallel, train
 from tests import _train_helpers as helpers
 
 
@@ -30,10 +30,12 @@ def joint_setup():
   task = helpers.tiny_task()
   models = helpers.standin_models(config, task.scale)
   mesh = parallel.make_mesh()
-  params = jax.jit(lambda k: train.init_params(models, task.shapes, k))(jax.random.PRNGKey(0))
+  params = jax.jit(lambda k: diffrecon.init_params(models, task.shapes, k))(jax.random.PRNGKey(0))
   opt = train.make_optimizer("joint", config.train)
   spec = train.BatchSpec.from_task(config, task)
-  step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 1)
+  joint = train.joint_settings(config, task, models)
+  assert joint.weight_c == 0.0
+  step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 1, joint)
   arrays = parallel.put_replicated(task.device_arrays(), mesh)
 
   def fresh_state():
@@ -84,11 +86,11 @@ def test_complete_current_fills_only_missing_current_cells():
   mask = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 3, 8, 6)) > 0.5, jnp.float32)
   x0_hat = jnp.full((2, 8, 6, 2), 7.0)
   batch = {"coarse": window, "obs": window * mask[..., None], "mask": mask}
-  out = train.complete_current(batch, x0_hat)
+  out = diffrecon.complete_current(batch, x0_hat)
   np.testing.assert_array_equal(out[:, :-1], window[:, :-1])  # history stays pseudo-complete.
   m = mask[:, -1, ..., None]
   np.testing.assert_allclose(out[:, -1], m * window[:, -1] + (1 - m) * 7.0)
-  clipped = train.complete_current(batch, x0_hat, clip=5.0)
+  clipped = diffrecon.complete_current(batch, x0_hat, clip=5.0)
   np.testing.assert_allclose(clipped[:, -1], m * window[:, -1] + (1 - m) * 5.0)
 
 
@@ -100,7 +102,8 @@ def test_non_finite_loss_raises_naming_phase_step_and_loss(joint_setup):
     train.check_finite("joint", 7, parallel.to_host(metrics))
   # Located to the exact fused step, component loss named before the total.
   metrics = {"loss": np.array([1.0, np.inf, np.nan]), "loss_c": np.array([1.0, 2.0, np.nan])}
-  with pytest.raises(FloatingPointError, match=r"non-finite loss \(inf\) in phase stage_c at step 2"):
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite loss \(inf\) in phase stage_c at step 2"):
     train.check_finite("stage_c", 0, metrics)
   train.check_finite("stage_c", 0, {"loss": np.ones(3), "loss_c": np.ones(3)})  # finite: quiet.
 

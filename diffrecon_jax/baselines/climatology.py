@@ -1,7 +1,7 @@
 """The `climatology` baseline: per-cell, per-slot-of-week means rescaled to the current level.
 
-The reference an analyst tries first on periodic urban data (docs/evaluation.md). Statistics come from
-the training split only:
+The reference an analyst tries first on periodic urban data (docs/evaluation.md). Statistics come
+from the training split only:
   - the slot of a slice is read from its TIMESTAMP (datetime64[m]), never from its index, so series
     with gaps get the right slot: slot_of_day = minutes since midnight // interval_minutes and
     slot_of_week = day_of_week * slots_per_day + slot_of_day (Monday = 0). The week is the period

@@ -351,32 +351,3 @@ def sample_train_batch(arrays: dict, rng: jax.Array, *, batch_size: int, history
   return {"obs": coarse * mask[..., None], "mask": mask, "coarse": coarse,
           "external": gather_windows(arrays["external"], current, window),
           "fine": arrays["fine"][current]}
-
-
-def fine_base(coarse_now, stats: dict, scale: int, aggregation: str):
-  """The fine map implied by a coarse map alone, in normalised fine units (jnp, jit-able).
-
-  (B, I, J, C) normalised coarse -> (B, N*I, N*J, C) normalised fine: each coarse value spread
-  evenly over its N x N cells (`coarsen.upsample_uniform`: value / N^2 for sums, the value for
-  means), i.e. the `interp` baseline's upsampling. Diffusion-F learns the residual on top of it.
-  """
-  c_mean = jnp.asarray(stats["coarse"]["mean"], jnp.float32)
-  c_std = jnp.asarray(stats["coarse"]["std"], jnp.float32)
-  f_mean = jnp.asarray(stats["fine"]["mean"], jnp.float32)
-  f_std = jnp.asarray(stats["fine"]["std"], jnp.float32)
-  phys = coarse_now * c_std + c_mean
-  up = jnp.repeat(jnp.repeat(phys, scale, axis=-3), scale, axis=-2)
-  if aggregation == "sum":
-    up = up / (scale * scale)
-  return (up - f_mean) / f_std
-
-
-def block_mean_zero(residual, scale: int):
-  """Removes the mean of every N x N block: (B, NI, NJ, C) -> same shape.
-
-  Added to `fine_base` output, the result pools (sum or mean) exactly to the coarse map, since
-  the normalisation is affine per channel and the base is constant over each block.
-  """
-  b, h, w, c = residual.shape
-  blocks = residual.reshape(b, h // scale, scale, w // scale, scale, c)
-  return (blocks - blocks.mean(axis=(2, 4), keepdims=True)).reshape(b, h, w, c)

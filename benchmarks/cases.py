@@ -1,0 +1,166 @@
+"""The benchmark cases and their inputs: problem sizes, random parameters, batches.
+
+A `Case` is one problem size (config, shapes as `TaskData.shapes`, train batch). The nytaxi case
+draws its batches from the real train split; the scaling cases (`scaling_cases`) use synthetic
+batches of the right shapes. Parameters are random (`random_params`): the timing does not depend
+on their values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from diffrecon_jax import diffrecon
+from diffrecon_jax.data import patterns as patterns_lib
+from diffrecon_jax.data import pipeline
+from diffrecon_jax.models.unet import bottleneck_shape
+
+
+@dataclasses.dataclass
+class Case:
+  """One problem size: config (model sizes, diffusion), shapes (as TaskData.shapes), batch."""
+  name: str
+  config: Any
+  shapes: dict
+  batch_size: int
+
+  @property
+  def window(self) -> int:
+    return int(self.shapes["window"])
+
+
+def make_shapes(coarse: tuple, scale: int, channels: int, external_dim: int, window: int) -> dict:
+  """`TaskData.shapes` of a synthetic grid: coarse (I, J), fine (N*I, N*J)."""
+  return {"coarse_shape": list(coarse), "fine_shape": [coarse[0] * scale, coarse[1] * scale],
+          "channels": channels, "external_dim": external_dim, "window": window, "scale": scale}
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+def abstract_params(models: diffrecon.Models, shapes: dict) -> Any:
+  """ShapeDtypeStructs of `diffrecon.init_params` (nothing is computed)."""
+  return jax.eval_shape(lambda k: diffrecon.init_params(models, shapes, k),
+                        jax.random.PRNGKey(0))
+
+
+def fill_params(abstract: Any, seed: int) -> Any:
+  """Random parameters of the right shapes without running flax `init` (slow to jit on CPU).
+
+  Kernels ~ N(0, 1/fan_in), norm scales 1, biases 0, tables/tokens N(0, 0.02): the scale of
+  flax's default initialisers, which is all the timing needs.
+  """
+  rs = np.random.RandomState(seed)
+
+  def fill(path, a):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name == "kernel":
+      parent = getattr(path[-2], "key", "")
+      # DenseGeneral q/k/v kernels (d, heads, head_dim) fan in over d; 'out' over heads*head_dim.
+      fan = a.shape[0] if (len(a.shape) == 3 and parent != "out") else int(np.prod(a.shape[:-1]))
+      return rs.standard_normal(a.shape).astype(np.float32) / np.sqrt(max(fan, 1))
+    if name == "scale":
+      return np.ones(a.shape, np.float32)
+    if name == "bias":
+      return np.zeros(a.shape, np.float32)
+    return (0.02 * rs.standard_normal(a.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def random_params(models: diffrecon.Models, shapes: dict, seed: int = 0) -> Any:
+  """{'c', 'f'} parameters of `models` for `shapes`, random (`fill_params`), on the device."""
+  return jax.device_put(fill_params(abstract_params(models, shapes), seed))
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+def synthetic_batch(shapes: dict, batch_size: int, seed: int, ratio: float = 0.5) -> dict:
+  """A train batch of the right shapes (random values, random masks at the given ratio).
+
+  Returns obs (B,t,I,J,C), mask (B,t,I,J), coarse (B,t,I,J,C), external (B,t,F),
+  fine (B,NI,NJ,C), as `pipeline.sample_train_batch`.
+  """
+  rs = np.random.RandomState(seed)
+  b, t = batch_size, int(shapes["window"])
+  (i, j), (ni, nj) = shapes["coarse_shape"], shapes["fine_shape"]
+  c, f = int(shapes["channels"]), int(shapes["external_dim"])
+  coarse = rs.standard_normal((b, t, i, j, c)).astype(np.float32)
+  mask = (rs.random_sample((b, t, i, j)) >= ratio).astype(np.float32)
+  return {"obs": coarse * mask[..., None], "mask": mask, "coarse": coarse,
+          "external": rs.random_sample((b, t, f)).astype(np.float32),
+          "fine": rs.standard_normal((b, ni, nj, c)).astype(np.float32)}
+
+
+def real_batch(task: pipeline.TaskData, batch_size: int, seed: int) -> dict:
+  """One train batch drawn from the real task exactly as the train step draws it (host numpy)."""
+  kinds, ratios = patterns_lib.encode_train_patterns(task.patterns_train)
+  out = pipeline.sample_train_batch(
+      task.device_arrays(), jax.random.PRNGKey(seed), batch_size=batch_size,
+      history=task.history, index_range=task.train_range, patterns=(kinds, ratios))
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def component_inputs(case: Case, params: dict, batch: dict) -> dict:
+  """Inputs of each sub-network as the denoisers feed them (random maps and inter features).
+
+  The U-Nets' input channels are read from their `conv_in` kernels and the bottleneck grid from
+  `unet.bottleneck_shape`, so the inputs follow the denoisers rather than a copy of them.
+  Returns {'unet_c', 'unet_f': (x (B,H,W,Cin), tau (B,), external (B,F), inter (B,Hd,Wd,Di)),
+  'st_pointformer': (obs, mask, external), 't_patternnet': (coarse, external)}.
+  """
+  s, cfg = case.shapes, case.config
+  b = case.batch_size
+  rs = np.random.RandomState(3)
+  (i, j), (ni, nj) = s["coarse_shape"], s["fine_shape"]
+  r = lambda *shape: rs.standard_normal(shape).astype(np.float32)
+  tau = (np.arange(b) % int(cfg.diffusion.num_steps)).astype(np.int32)
+  ext = batch["external"]
+
+  def unet_in(which, h, w, model_cfg):
+    cin = int(params[which]["UNet_0"]["conv_in"]["kernel"].shape[2])
+    down = bottleneck_shape(h, w, len(model_cfg.channel_mults))
+    return (r(b, h, w, cin), tau, ext[:, -1], r(b, *down, int(model_cfg.inter_dim)))
+
+  return {"unet_c": unet_in("c", i, j, cfg.model_c), "unet_f": unet_in("f", ni, nj, cfg.model_f),
+          "st_pointformer": (batch["obs"], batch["mask"], ext),
+          "t_patternnet": (batch["coarse"], ext)}
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling points
+# --------------------------------------------------------------------------------------------
+def scaling_cases(base: Any, device: str, batch: int) -> list:
+  """(axis, value, Case) points of the scaling section: grid, history and batch size.
+
+  On CPU the grid points run at batch 4 (the largest grid's step would not fit otherwise); on GPU
+  every point at `batch`.
+  """
+  pts = []
+
+  def case(name, coarse, scale, window, b):
+    c = base.copy_and_resolve_references()
+    c.data.scale_factor = scale
+    c.data.history = window - 1
+    c.train.batch_size = b
+    return Case(name, c, make_shapes(coarse, scale, 2, 8, window), b)
+
+  w = int(base.data.history) + 1
+  grid_b = batch if device == "gpu" else 4
+  grids = [("nytaxi 8x6->16x12", (8, 6), 2), ("paper 8x8->32x32", (8, 8), 4),
+           ("16x16->64x64", (16, 16), 4), ("UrbanFM 32x32->128x128", (32, 32), 4)]
+  for name, coarse, n in grids:
+    pts.append(("grid", name, case(name, coarse, n, w, grid_b)))
+  for hist in (2, 12, 24):
+    pts.append(("history", hist, case(f"history {hist}", (8, 6), 2, hist + 1, batch)))
+  for b in ((4, 64) if device == "cpu" else (64, 256)):
+    pts.append(("batch", b, case(f"batch {b}", (8, 6), 2, w, b)))
+  return pts
