@@ -124,10 +124,11 @@ def bench_scaling(base, device: str, batch: int, torch_device: Optional[str], re
   rows = []
   for axis, value, case in cases_lib.scaling_cases(base, device, batch):
     log(f"scaling {axis}={value}")
-    # Synthetic grids have no normalisation stats: time the plain fine target (the residual
-    # parameterisation adds one elementwise subtraction).
+    # Synthetic grids have no normalisation stats or calendar: time the plain targets (the
+    # residual parameterisations add a few elementwise ops).
     cfg = case.config.copy_and_resolve_references()
     cfg.diffusion.fine_residual = False
+    cfg.diffusion.coarse_residual = False
     models = diffrecon.build_models(cfg, case.shapes["scale"])
     params = cases_lib.random_params(models, case.shapes)
     b = cases_lib.synthetic_batch(case.shapes, case.batch_size, 1)

@@ -7,9 +7,13 @@ Everything the paper's equations define lives here, in the order data flows thro
     encoder-decoder of eqs. 8-13; the paper gives no loss formula, this is DDPM's) and the joint
     objective `joint_loss` of Sec. IV-E (w_c L_C + w_f L_F, with L_F conditioned on Diffusion-C's
     differentiable completion, so the gradient of L_F reaches Diffusion-C);
-  - our additions to stage 2, each a config switch: the residual target over `fine_base`
-    (`diffusion.fine_residual`) and exactly consistent fine maps (`block_mean_zero`,
-    `sampling.consistent`);
+  - our additions, each a config switch: the climatology prior (`prior.py`): Diffusion-C diffuses
+    the residual over a climatological first guess (`diffusion.coarse_residual`) with its loss on
+    the hidden cells (`train.loss_c_on_hidden`), Diffusion-F the residual over a base that splits
+    the coarse map by the climatology's shares (`diffusion.fine_base = "climatology"`; "uniform"
+    spreads it evenly), each fed its first guess as an input channel; learned per-cell location
+    embeddings (`model_c/model_f.location_dim`); exactly consistent fine maps
+    (`block_mean_zero`, `sampling.consistent`);
   - the samplers `sample_coarse` (stage 1: completion with observed cells imposed at every reverse
     step) and `sample_fine` (stage 2: fine samples and their point estimate), and the one clipping
     rule for x0 estimates (`x0_clip_bound`).
@@ -29,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from diffrecon_jax import diffusion
+from diffrecon_jax import prior as prior_lib
 
 Array = jax.Array
 # Training phases in order (Sec. IV-E): pre-train each stage, then train both jointly.
@@ -40,42 +45,125 @@ PHASES = ("stage_c", "stage_f", "joint")
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """The two denoisers and the shared noise schedule.
+  """The two denoisers, the shared noise schedule and the first guesses they correct.
 
-  fine_base: optional (B,I,J,C) normalised coarse -> (B,NI,NJ,C) normalised fine map implied by
-    the coarse map (`fine_base`); when set, Diffusion-F diffuses the residual
-    fine - fine_base(coarse current) instead of the fine map itself.
+  fine_base: optional (coarse_now (B,I,J,C) normalised, slot_now (B,) int) -> (B,NI,NJ,C)
+    normalised fine map implied by the coarse map (`uniform_fine_base` or
+    `prior.fine_base`); when set, Diffusion-F diffuses the residual fine - fine_base instead of
+    the fine map itself.
+  prior: the fitted climatology (`prior.Prior`) when a stage uses it, else None.
+  coarse_residual: Diffusion-C diffuses coarse - `prior.coarse_guess` (needs `prior`).
+  feed_prior_f: Diffusion-F gets its base as an input channel (cond['prior']).
+  loss_c_on_hidden: Diffusion-C's loss covers the hidden cells of the current slice only.
+  residual_scaling: the residuals over the prior's first guesses are divided by their train-split
+    std (`prior.residual_stats`) before diffusion, so they have the unit scale the noise
+    schedule assumes.
+  prediction: what the denoisers output: "eps" (the noise, DDPM; the paper) or "x0" (the clean
+    target itself; the samplers derive the noise from it). An x0-predictor evaluated on pure
+    noise is a regression of the target on the conditioning, i.e. a one-pass estimate of the
+    posterior mean (`SamplingSettings.point`); an eps-predictor's x0 there is amplified
+    1/sqrt(abar_T) ~ 170 times.
+  point_fraction: share of each training batch drawn at the last step tau = T - 1 instead of
+    uniformly: there an x0-predictor's loss is the regression loss of the posterior-mean
+    estimate, which uniform draws train on 1 row in T.
+  point_loss: the loss of an x0-predictor at the last step tau = T - 1, where its output is the
+    point estimate: "l2" (squared error: the posterior mean) or "l1" (absolute error: the
+    posterior median, which minimises the MAE of skewed counts); every other step keeps the
+    squared error the sampler's noise derivation needs.
   """
   c: nn.Module
   f: nn.Module
   schedule: diffusion.Schedule
   fine_base: Optional[Callable] = None
+  prior: Optional[prior_lib.Prior] = None
+  coarse_residual: bool = False
+  feed_prior_f: bool = False
+  loss_c_on_hidden: bool = False
+  residual_scaling: bool = False
+  prediction: str = "eps"
+  point_fraction: float = 0.0
+  point_loss: str = "l2"
+
+  @property
+  def needs_slots(self) -> bool:
+    """Whether batches must carry each slice's climatology slot (batch['slot'] (B, t))."""
+    return self.prior is not None
+
+  def residual_scale(self, stage: str):
+    """What stage "c" or "f" divides its residual target by: (C,) jnp, or 1.0."""
+    use = self.coarse_residual if stage == "c" else self.feed_prior_f
+    if not (self.residual_scaling and use):
+      return 1.0
+    return jnp.asarray(getattr(self.prior, f"residual_std_{stage}"), jnp.float32)
+
+
+def uses_prior(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model needs the climatology prior (`prior.fit_prior`)."""
+  d = config.diffusion
+  return bool(d.get("coarse_residual", False)) or (
+      bool(d.get("fine_residual", False)) and d.get("fine_base", "uniform") == "climatology")
 
 
 def build_models(config: ml_collections.ConfigDict, scale: int, stats: Optional[dict] = None,
-                 aggregation: str = "sum") -> Models:
+                 aggregation: str = "sum", prior: Optional[prior_lib.Prior] = None) -> Models:
   """Diffusion-C / Diffusion-F from config.model_c / config.model_f, schedule from config.diffusion.
 
   With config.diffusion.fine_residual and the task's normalisation `stats`, Diffusion-F works on
-  the residual over the coarse map's uniform upsampling (see `Models.fine_base`).
+  the residual over `fine_base` ("uniform": the coarse map's even spread; "climatology": its
+  split by the prior's shares); with config.diffusion.coarse_residual Diffusion-C works on the
+  residual over the prior's first guess. `prior` (`prior.fit_prior` of the task, or loaded from
+  a workdir) is required when `uses_prior(config)`.
   """
   from diffrecon_jax.models import denoisers  # local: the model zoo is heavy to import.
   d = config.diffusion
   schedule = diffusion.make_schedule(d.schedule, int(d.num_steps), float(d.beta_start),
                                      float(d.beta_end))
-  base = None
-  if config.diffusion.get("fine_residual", False):
+  if uses_prior(config) and prior is None:
+    raise ValueError("this config uses the climatology prior (diffusion.coarse_residual or "
+                     "diffusion.fine_base='climatology') but none was given: pass "
+                     "prior=prior.fit_prior(task), or train again if the workdir lacks "
+                     f"{prior_lib.PRIOR_FILE}")
+  base, feed_f = None, False
+  if d.get("fine_residual", False):
     if stats is None:
       raise ValueError("diffusion.fine_residual needs the task's normalisation stats")
-    base = functools.partial(fine_base, stats=stats, scale=int(scale),
-                             aggregation=aggregation)
+    kind = d.get("fine_base", "uniform")
+    if kind == "uniform":
+      base = functools.partial(uniform_fine_base, stats=stats, scale=int(scale),
+                               aggregation=aggregation)
+    elif kind == "climatology":
+      base, feed_f = functools.partial(prior_lib.fine_base, prior), True
+    else:
+      raise ValueError(f"diffusion.fine_base must be 'uniform' or 'climatology', got {kind!r}")
   return Models(c=denoisers.DiffusionCNet(**config.model_c.to_dict()),
                 f=denoisers.DiffusionFNet(scale=int(scale), **config.model_f.to_dict()),
-                schedule=schedule, fine_base=base)
+                schedule=schedule, fine_base=base, prior=prior if uses_prior(config) else None,
+                coarse_residual=bool(d.get("coarse_residual", False)), feed_prior_f=feed_f,
+                loss_c_on_hidden=bool(config.train.get("loss_c_on_hidden", False)),
+                residual_scaling=bool(d.get("residual_scaling", False)),
+                prediction=_choice(d, "diffusion", "prediction", ("eps", "x0")),
+                point_fraction=float(config.train.get("point_fraction", 0.0)),
+                point_loss=_choice(config.train, "train", "point_loss", ("l2", "l1")))
 
 
-def dummy_inputs(shapes: dict, batch_size: int = 1) -> tuple:
-  """Zero inputs for `init`, from `TaskData.shapes`.
+def _choice(section: ml_collections.ConfigDict, name: str, key: str, allowed: tuple) -> str:
+  """section[key] (default allowed[0]) after checking it is one of `allowed`."""
+  value = section.get(key, allowed[0])
+  if value not in allowed:
+    raise ValueError(f"{name}.{key} must be one of {allowed}, got {value!r}")
+  return value
+
+
+def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
+  """`build_models` for a prepared `pipeline.TaskData`, fitting the prior on its train split
+  when the config uses one."""
+  prior = prior_lib.fit_prior(task) if uses_prior(config) else None
+  return build_models(config, task.scale, task.stats, task.series.aggregation, prior)
+
+
+def dummy_inputs(shapes: dict, batch_size: int = 1, models: Optional[Models] = None) -> tuple:
+  """Zero inputs for `init`, from `TaskData.shapes` (with the first-guess channels `models`
+  feeds its denoisers).
 
   Returns ((x_c (B,I,J,C), cond_c), (x_f (B,NI,NJ,C), cond_f)) with B = batch_size.
   """
@@ -86,6 +174,11 @@ def dummy_inputs(shapes: dict, batch_size: int = 1) -> tuple:
   cond_c = {"obs": z(b, t, i, j, c), "mask": jnp.ones((b, t, i, j), jnp.float32),
             "external": z(b, t, f)}
   cond_f = {"coarse": z(b, t, i, j, c), "external": z(b, t, f)}
+  if models is not None and models.coarse_residual:
+    cond_c["prior"] = z(b, i, j, c)
+    cond_c["anomaly"] = z(b, t, i, j, c)
+  if models is not None and models.feed_prior_f:
+    cond_f["prior"] = z(b, ni, nj, c)
   return (z(b, i, j, c), cond_c), (z(b, ni, nj, c), cond_f)
 
 
@@ -97,7 +190,7 @@ def init_params(models: Models, shapes: dict, rng: Array, prng_impl: str = "rbg"
   threefry) the init compiles ~3x faster on CPU than with threefry, whose ~100 inlined copies
   dominate the compile time of the init; pass "threefry2x32" for backend-independent values.
   """
-  (xc, cc), (xf, cf) = dummy_inputs(shapes)
+  (xc, cc), (xf, cf) = dummy_inputs(shapes, models=models)
   if prng_impl != "threefry2x32":
     rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=prng_impl)
   k_c, k_f = jax.random.split(rng)
@@ -109,29 +202,88 @@ def init_params(models: Models, shapes: dict, rng: Array, prng_impl: str = "rbg"
 # --------------------------------------------------------------------------------------------
 # Losses (noise prediction on eq. 4 per stage; the joint objective of Sec. IV-E)
 # --------------------------------------------------------------------------------------------
-def diffuse(schedule: diffusion.Schedule, x0: Array, rng: Array) -> tuple:
-  """Uniform tau (B,), noise like x0, and x_tau = q_sample (eq. 4)."""
+def denoise(models: Models, out: Array, x_tau: Array, tau: Array) -> tuple:
+  """(eps_hat, x0_hat) from a denoiser's output under `models.prediction` (shapes of x_tau)."""
+  s = models.schedule
+  if models.prediction == "x0":
+    eps = ((x_tau - diffusion._bcast(s.sqrt_alpha_bars[tau], x_tau) * out)
+           / diffusion._bcast(s.sqrt_one_minus_alpha_bars[tau], x_tau))
+    return eps, out
+  return out, diffusion.predict_x0(s, x_tau, tau, out)
+
+
+def stage_loss(models: Models, out: Array, x0: Array, noise: Array, tau: Array,
+               weights=None) -> Array:
+  """The denoising loss of one stage: MSE of the output against its target (the noise for an
+  eps-predictor, DDPM's simple loss; x0 for an x0-predictor), optionally cell-weighted; with
+  an x0-predictor and `models.point_loss == "l1"` the rows at tau = T - 1 count their absolute
+  error instead. out, x0, noise (B, ...); tau (B,); weights broadcastable to out."""
+  if models.prediction != "x0":
+    return diffusion.eps_loss(out, noise, weights)
+  if models.point_loss == "l2":
+    return diffusion.eps_loss(out, x0, weights)
+  err = out.astype(jnp.float32) - x0.astype(jnp.float32)
+  last = diffusion._bcast(tau == models.schedule.num_steps - 1, err)
+  per_cell = jnp.where(last, jnp.abs(err), jnp.square(err))
+  w = jnp.ones_like(per_cell) if weights is None else jnp.broadcast_to(
+      jnp.asarray(weights, jnp.float32), per_cell.shape)
+  return jnp.sum(w * per_cell) / jnp.maximum(jnp.sum(w), 1e-8)
+
+
+def diffuse(schedule: diffusion.Schedule, x0: Array, rng: Array,
+            point_fraction: float = 0.0) -> tuple:
+  """Uniform tau (B,) (a share `point_fraction` at T - 1 instead), noise like x0, and
+  x_tau = q_sample (eq. 4)."""
   k_tau, k_eps = jax.random.split(rng)
   tau = diffusion.sample_tau(k_tau, x0.shape[0], schedule.num_steps)
+  if point_fraction > 0:
+    last = jax.random.uniform(jax.random.fold_in(k_tau, 1), tau.shape) < point_fraction
+    tau = jnp.where(last, schedule.num_steps - 1, tau)
   noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
   return tau, noise, diffusion.q_sample(schedule, x0, tau, noise)
 
 
+def coarse_condition(models: Models, obs: Array, mask: Array, external: Array,
+                     slots: Optional[Array]) -> tuple:
+  """Diffusion-C's conditioning and the first guess its target is taken over.
+
+  obs (B,t,I,J,C), mask (B,t,I,J), external (B,t,F), slots (B,t) or None -> (cond dict,
+  guess (B,I,J,C) normalised, or 0. without `models.coarse_residual`). With the prior, cond
+  also holds 'prior' (the guess) and 'anomaly' (B,t,I,J,C): the observed deviations from the
+  level-scaled climatology in residual units (`prior.coarse_first_guess`).
+  """
+  cond = {"obs": obs, "mask": mask, "external": external}
+  if not models.coarse_residual:
+    return cond, 0.0
+  if slots is None:
+    raise ValueError("Diffusion-C with the climatology prior needs the window's slots")
+  guess, anomaly = prior_lib.coarse_first_guess(models.prior, obs, mask, slots)
+  cond["prior"] = guess
+  cond["anomaly"] = anomaly / models.residual_scale("c")
+  return cond, guess
+
+
 def loss_c(models: Models, params_c, batch: dict, rng: Array) -> tuple:
-  """Diffusion-C loss: eps-MSE on the current pseudo-complete coarse map.
+  """Diffusion-C loss: eps-MSE on the current pseudo-complete coarse map (or its residual over
+  the first guess, `models.coarse_residual`), over every cell or the hidden ones only
+  (`models.loss_c_on_hidden`, as CSDI and PriSTI weight their targets).
 
   x0 = batch['coarse'][:, -1] (B, I, J, C); condition: obs (B,t,I,J,C), mask (B,t,I,J),
-  external (B,t,F). Returns (L_C scalar, x0_hat (B, I, J, C)) where x0_hat is Diffusion-C's
-  one-step differentiable estimate of x0 (`diffusion.predict_x0`).
+  external (B,t,F) (and slot (B,t) with the prior). Returns (L_C scalar, x0_hat (B, I, J, C))
+  where x0_hat is Diffusion-C's one-step differentiable estimate of the coarse map (first guess
+  added back; `diffusion.predict_x0`).
   """
   k_diff, k_drop = jax.random.split(rng)
-  x0 = batch["coarse"][:, -1]
-  tau, noise, x_tau = diffuse(models.schedule, x0, k_diff)
-  cond = {"obs": batch["obs"], "mask": batch["mask"], "external": batch["external"]}
-  eps_hat = models.c.apply({"params": params_c}, x_tau, tau, cond, deterministic=False,
-                           rngs={"dropout": k_drop})
-  x0_hat = diffusion.predict_x0(models.schedule, x_tau, tau, eps_hat)
-  return diffusion.eps_loss(eps_hat, noise), x0_hat
+  cond, guess = coarse_condition(models, batch["obs"], batch["mask"], batch["external"],
+                                 batch.get("slot"))
+  scale = models.residual_scale("c")
+  x0 = (batch["coarse"][:, -1] - guess) / scale
+  tau, noise, x_tau = diffuse(models.schedule, x0, k_diff, models.point_fraction)
+  out = models.c.apply({"params": params_c}, x_tau, tau, cond, deterministic=False,
+                       rngs={"dropout": k_drop})
+  x0_hat = denoise(models, out, x_tau, tau)[1] * scale + guess
+  weights = (1.0 - batch["mask"][:, -1, ..., None]) if models.loss_c_on_hidden else None
+  return stage_loss(models, out, x0, noise, tau, weights), x0_hat
 
 
 def loss_f(models: Models, params_f, batch: dict, coarse_window: Array, rng: Array) -> Array:
@@ -143,13 +295,17 @@ def loss_f(models: Models, params_f, batch: dict, coarse_window: Array, rng: Arr
   """
   k_diff, k_drop = jax.random.split(rng)
   x0 = batch["fine"]
-  if models.fine_base is not None:
-    x0 = x0 - models.fine_base(coarse_window[:, -1])
-  tau, noise, x_tau = diffuse(models.schedule, x0, k_diff)
   cond = {"coarse": coarse_window, "external": batch["external"]}
-  eps_hat = models.f.apply({"params": params_f}, x_tau, tau, cond, deterministic=False,
-                           rngs={"dropout": k_drop})
-  return diffusion.eps_loss(eps_hat, noise)
+  if models.fine_base is not None:
+    slot = batch["slot"][:, -1] if models.needs_slots else None
+    base = models.fine_base(coarse_window[:, -1], slot)
+    x0 = (x0 - base) / models.residual_scale("f")
+    if models.feed_prior_f:
+      cond["prior"] = base
+  tau, noise, x_tau = diffuse(models.schedule, x0, k_diff, models.point_fraction)
+  out = models.f.apply({"params": params_f}, x_tau, tau, cond, deterministic=False,
+                       rngs={"dropout": k_drop})
+  return stage_loss(models, out, x0, noise, tau)
 
 
 def complete_current(batch: dict, x0_hat: Array, clip: Optional[float] = None) -> Array:
@@ -214,13 +370,15 @@ def joint_loss(models: Models, params: dict, batch: dict, rng: Array,
 # --------------------------------------------------------------------------------------------
 # Stage 2: the residual base and consistent fine maps (ours)
 # --------------------------------------------------------------------------------------------
-def fine_base(coarse_now, stats: dict, scale: int, aggregation: str):
+def uniform_fine_base(coarse_now, slot_now=None, *, stats: dict, scale: int, aggregation: str):
   """The fine map implied by a coarse map alone, in normalised fine units (jnp, jit-able).
 
   (B, I, J, C) normalised coarse -> (B, N*I, N*J, C) normalised fine: each coarse value spread
   evenly over its N x N cells (`coarsen.upsample_uniform`: value / N^2 for sums, the value for
   means), i.e. the `interp` baseline's upsampling. Diffusion-F learns the residual on top of it.
+  slot_now is ignored (the signature of `Models.fine_base`).
   """
+  del slot_now
   c_mean = jnp.asarray(stats["coarse"]["mean"], jnp.float32)
   c_std = jnp.asarray(stats["coarse"]["std"], jnp.float32)
   f_mean = jnp.asarray(stats["fine"]["mean"], jnp.float32)
@@ -267,8 +425,19 @@ def x0_clip_bounds(factor: float, task, models: Models) -> tuple:
   lo, hi = task.split.range("train")
   fine = task.fine[lo:hi]
   if models.fine_base is not None:
-    fine = fine - np.asarray(models.fine_base(task.coarse[lo:hi]))
-  return (x0_clip_bound(factor, task.coarse[lo:hi]), x0_clip_bound(factor, fine))
+    slots = (jnp.asarray(models.prior.slots(task.series.timestamps[lo:hi]))
+             if models.needs_slots else None)
+    fine = fine - np.asarray(models.fine_base(jnp.asarray(task.coarse[lo:hi]), slots))
+    fine = fine / np.asarray(models.residual_scale("f"))
+  coarse = task.coarse[lo:hi]
+  if models.coarse_residual:
+    # Diffusion-C samples the residual over its first guess; its largest train-split value (in
+    # the chain's units) was measured when the prior was fitted.
+    absmax = models.prior.residual_absmax_c
+    if not models.residual_scaling:
+      absmax = absmax * float(np.max(models.prior.residual_std_c))
+    coarse = np.array([absmax])
+  return (x0_clip_bound(factor, coarse), x0_clip_bound(factor, fine))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,14 +447,19 @@ class SamplingSettings:
   sampler: "ddim" (S = `steps` steps) or "ddpm" (ancestral, all T training steps).
   steps: S for DDIM (ignored by DDPM, which always takes T).
   eta: DDIM stochasticity (0 = deterministic chain, 1 = DDPM-like noise).
-  n_samples: samples per input; the point estimate is their per-cell median.
+  n_samples: samples per input.
   consistent: fine maps pool exactly to the completed coarse map (needs the residual target).
+  point: the point estimate: "median" (per-cell median of the samples; stage 1 completes with
+    it) or "posterior_mean" (one pass of an x0-predicting denoiser on pure noise, its estimate
+    of E[target | conditioning]: the MSE-optimal point without sampling noise; stage 1 then
+    draws no samples at all, the fine samples serve the sample metrics only).
   """
   sampler: str = "ddim"
   steps: int = 10
   eta: float = 1.0
   n_samples: int = 2
   consistent: bool = True
+  point: str = "median"
 
   @classmethod
   def from_config(cls, sampling: ml_collections.ConfigDict, num_train_steps: int):
@@ -293,14 +467,28 @@ class SamplingSettings:
       raise ValueError(f"sampling.sampler must be 'ddim' or 'ddpm', got {sampling.sampler!r}")
     steps = int(sampling.steps) if sampling.sampler == "ddim" else int(num_train_steps)
     return cls(sampler=str(sampling.sampler), steps=steps, eta=float(sampling.eta),
-               n_samples=int(sampling.n_samples), consistent=bool(sampling.consistent))
+               n_samples=int(sampling.n_samples), consistent=bool(sampling.consistent),
+               point=_choice(sampling, "sampling", "point", ("median", "posterior_mean")))
 
   def describe(self) -> dict:
     """The `sampler` entry of results.json."""
-    d = {"name": self.sampler, "steps": self.steps, "n_samples": self.n_samples}
+    d = {"name": self.sampler, "steps": self.steps, "n_samples": self.n_samples,
+         "point": self.point}
     if self.sampler == "ddim":
       d["eta"] = self.eta
     return d
+
+
+def posterior_mean(models: Models, net: nn.Module, params, cond: dict, shape: tuple) -> Array:
+  """One pass of an x0-predicting denoiser at the last step on x_T = 0 (the mean of pure
+  noise, which carries no information about the target at abar_T ~ 3e-5): its estimate of
+  E[target | cond], (B, ...) = shape."""
+  if models.prediction != "x0":
+    raise ValueError("sampling.point='posterior_mean' needs diffusion.prediction='x0' (an "
+                     "eps-predictor's estimate at the last step is amplified ~170x)")
+  tau = jnp.full((shape[0],), models.schedule.num_steps - 1, jnp.int32)
+  return net.apply({"params": params}, jnp.zeros(shape, jnp.float32), tau, cond,
+                   deterministic=True)
 
 
 def _sample(models: Models, net: nn.Module, params, cond: dict, shape: tuple, rng: Array,
@@ -310,51 +498,79 @@ def _sample(models: Models, net: nn.Module, params, cond: dict, shape: tuple, rn
   # The sequence encoder reads only the conditioning: run it once per input here, not at every
   # reverse step for every sample (denoisers module docstring).
   inputs = {"cond": cond, "inter": apply(None, None, cond, inter_only=True)}
+  eps_fn = lambda x, t, c: denoise(models, apply(x, t, c["cond"], inter=c["inter"]), x, t)[0]
   return diffusion.sample_many(
-      lambda x, t, c: apply(x, t, c["cond"], inter=c["inter"]), inputs, models.schedule, shape,
+      eps_fn, inputs, models.schedule, shape,
       rng, n_samples=settings.n_samples, method=settings.sampler, num_steps=settings.steps,
       eta=settings.eta, known=known, known_mask=known_mask, return_samples=True, x0_clip=clip)
 
 
 def sample_coarse(models: Models, params_c, obs: Array, mask: Array, external: Array, rng: Array,
-                  settings: SamplingSettings, clip: Optional[float] = None) -> Array:
+                  settings: SamplingSettings, clip: Optional[float] = None,
+                  slots: Optional[Array] = None) -> Array:
   """Stage 1: Diffusion-C completes the current coarse map of each window.
 
   obs (B,t,I,J,C) normalised observations (0 where hidden), mask (B,t,I,J) 1 = observed,
-  external (B,t,F) -> (B,I,J,C) the per-cell median of `settings.n_samples` completions. The
-  observed cells of the current slice are imposed at every reverse step (q_sample of the known
-  values at that step's level) and exactly at the end.
+  external (B,t,F), slots (B,t) climatology slots (with the prior) -> (B,I,J,C) the per-cell
+  median of `settings.n_samples` completions (or the posterior-mean estimate, `settings.point`).
+  The observed cells of the current slice are imposed at every reverse step (q_sample of the
+  known values at that step's level) and exactly at the end. With `models.coarse_residual` the
+  chain runs on the residual over the first guess, which is 0 on observed cells, and the guess
+  is added back.
   """
-  cond = {"obs": obs, "mask": mask, "external": external}
+  cond, guess = coarse_condition(models, obs, mask, external, slots)
+  scale = models.residual_scale("c")
+  known = (obs[:, -1] - guess) / scale
+  m = mask[:, -1, ..., None]
+  if settings.point == "posterior_mean":
+    residual = posterior_mean(models, models.c, params_c, cond, obs[:, -1].shape)
+    return jnp.where(m > 0.5, obs[:, -1], residual * scale + guess)
   out = _sample(models, models.c, params_c, cond, obs[:, -1].shape, rng, settings, clip,
-                known=obs[:, -1], known_mask=mask[:, -1, ..., None])
-  return out["median"]
+                known=known, known_mask=m)
+  return out["median"] * scale + guess
 
 
 def sample_fine(models: Models, params_f, coarse: Array, external: Array, rng: Array,
-                settings: SamplingSettings, clip: Optional[float] = None) -> tuple:
+                settings: SamplingSettings, clip: Optional[float] = None,
+                slot_now: Optional[Array] = None) -> tuple:
   """Stage 2: Diffusion-F draws fine maps conditioned on a window of completed coarse maps.
 
-  coarse (B,t,I,J,C) normalised completed window (current slice last), external (B,t,F) ->
+  coarse (B,t,I,J,C) normalised completed window (current slice last), external (B,t,F),
+  slot_now (B,) climatology slot of the current slice (with the prior) ->
   (point estimate (B,NI,NJ,C), samples (B,S,NI,NJ,C); batch-major so every output splits along
   axis 0). With the residual target the samples are base + residual; with
   `settings.consistent` every sample pools exactly (sum or mean) to the completed coarse map,
   and so does the point estimate: the per-cell median of more than two samples is not linear,
-  so its residual is projected back onto the block constraint (the nearest map in L2).
+  so its residual is projected back onto the block constraint (the nearest map in L2); the
+  posterior-mean estimate (`settings.point`) gets the same projection.
   """
   b, _, i, j, c = coarse.shape
   n = models.f.scale
-  out = _sample(models, models.f, params_f, {"coarse": coarse, "external": external},
-                (b, n * i, n * j, c), rng, settings, clip)
+  cond = {"coarse": coarse, "external": external}
+  base = None
+  if models.fine_base is not None:
+    if models.needs_slots and slot_now is None:
+      raise ValueError("Diffusion-F with the climatology base needs the current slot")
+    base = models.fine_base(coarse[:, -1], slot_now)
+    if models.feed_prior_f:
+      cond["prior"] = base
+  out = _sample(models, models.f, params_f, cond, (b, n * i, n * j, c), rng, settings, clip)
   samples = out["samples"]                                  # (S, B, NI, NJ, C)
-  if models.fine_base is None:
-    return jnp.median(samples, axis=0), jnp.swapaxes(samples, 0, 1)
-  base = models.fine_base(coarse[:, -1])
+  mean = None
+  if settings.point == "posterior_mean":
+    mean = posterior_mean(models, models.f, params_f, cond, (b, n * i, n * j, c))
+  if base is None:
+    point = jnp.median(samples, axis=0) if mean is None else mean
+    return point, jnp.swapaxes(samples, 0, 1)
+  scale = models.residual_scale("f")
   if settings.consistent:
     samples = jax.vmap(lambda r: block_mean_zero(r, n))(samples)
-  samples = samples + base[None]
-  median = jnp.median(samples, axis=0)
-  if settings.consistent and settings.n_samples > 2:
-    # The median of one or two samples is their mean and pools exactly already.
-    median = block_mean_zero(median - base, n) + base
-  return median, jnp.swapaxes(samples, 0, 1)
+  samples = samples * scale + base[None]
+  if mean is not None:
+    point = (block_mean_zero(mean, n) if settings.consistent else mean) * scale + base
+  else:
+    point = jnp.median(samples, axis=0)
+    if settings.consistent and settings.n_samples > 2:
+      # The median of one or two samples is their mean and pools exactly already.
+      point = block_mean_zero(point - base, n) + base
+  return point, jnp.swapaxes(samples, 0, 1)

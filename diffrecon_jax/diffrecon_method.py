@@ -53,10 +53,13 @@ class DiffReconMethod:
     # than threefry) or JAX's default when "".
     self._rng = jax.random.key(int(config.seed) + 1,
                                impl=config.sampling.get("prng_impl", "") or None)
-    self._stage_c = jax.jit(functools.partial(
-        diffrecon.sample_coarse, models, settings=self.settings, clip=self.x0_clip[0]))
-    self._stage_f = jax.jit(functools.partial(
-        diffrecon.sample_fine, models, settings=self.settings, clip=self.x0_clip[1]))
+    settings, clip = self.settings, self.x0_clip
+    # (params, *arrays, rng): the argument order `_batched` calls with; slots are the
+    # climatology slots of the windows (B, t), zeros when the model has no prior.
+    self._stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse(
+        models, p, obs, mask, ext, rng, settings, clip[0], slots))
+    self._stage_f = jax.jit(lambda p, coarse, ext, slots, rng: diffrecon.sample_fine(
+        models, p, coarse, ext, rng, settings, clip[1], slots[:, -1]))
 
   # -- host loop -------------------------------------------------------------------------------
   def _batched(self, stage: str, fn, arrays: list, rng) -> list:
@@ -102,9 +105,10 @@ class DiffReconMethod:
     window = (size, view.window)
     coarse = np.zeros(window + tuple(view.coarse_shape) + (view.channels,), np.float32)
     external = np.zeros(window + tuple(view.external.shape[1:]), view.external.dtype)
+    slots = np.zeros(window, np.int32)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     future = pool.submit(lambda: jax.block_until_ready(
-        self._stage_f(self.params["f"], coarse, external, self._rng)))
+        self._stage_f(self.params["f"], coarse, external, slots, self._rng)))
     pool.shutdown(wait=False)
     return future, size
 
@@ -121,20 +125,22 @@ class DiffReconMethod:
     rng = jax.random.fold_in(self._rng, int(slices[0]))
     k_c, k_f = jax.random.split(rng)
     warm_f = self._compile_f_aside(view, len(slices))  # (future, size) or None
+    slot = (self.models.prior.slots(view.timestamps) if self.models.needs_slots
+            else np.zeros(len(view.timestamps), np.int32))
     # Stage 1 on every slice the stage-2 windows touch, from observed values only (0 = hidden).
     need = np.arange(slices[0] - h, slices[-1] + 1)
     idx = need[:, None] + np.arange(-h, 1)[None, :]
     (completed,) = self._batched("c", functools.partial(self._stage_c, self.params["c"]),
                                  [view.coarse_obs_norm[idx], view.mask[idx],
-                                  view.external[idx]], k_c)
+                                  view.external[idx], slot[idx]], k_c)
     if warm_f is not None:
       warm_f[0].result()
       self._compiled.add(("f", warm_f[1]))
     # Stage 2: windows of completed maps, current slice last.
     win = np.arange(len(slices))[:, None] + np.arange(0, h + 1)[None, :]
+    idx_f = slices[:, None] + np.arange(-h, 1)[None, :]
     fine, samples = self._batched("f", functools.partial(self._stage_f, self.params["f"]),
-                                  [completed[win], view.external[slices[:, None] +
-                                                                 np.arange(-h, 1)[None, :]]], k_f)
+                                  [completed[win], view.external[idx_f], slot[idx_f]], k_f)
     return {"coarse": view.coarse_norm.inverse(completed[h:]),
             "fine": view.fine_norm.inverse(fine),
             "samples": view.fine_norm.inverse(np.swapaxes(samples, 0, 1))}

@@ -221,7 +221,8 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
         "mae": fine_m.mae, "rmse": fine_m.rmse,
         "completion_mae": comp_m.mae, "completion_rmse": comp_m.rmse,
         "crps": fine_m.crps, "coverage_90": fine_m.coverage_90,
-        "n_test_slices": int(len(slices_all)),
+        "split": split,
+        "n_test_slices": int(len(slices_all)),  # the contract's name; slices of `split`
         "seconds": seconds,
         "maps_per_second": len(slices_all) / seconds if seconds > 0 else None,
         "mask_seed": mseed,
@@ -272,7 +273,8 @@ def results_markdown(docs: list) -> str:
   d0 = docs[0]
   lines = [f"# {d0['dataset']}: {d0['coarse_shape'][0]}x{d0['coarse_shape'][1]} -> "
            f"{d0['fine_shape'][0]}x{d0['fine_shape'][1]} (N={d0['scale_factor']}, "
-           f"{d0['aggregation']}), {d0['results'][0]['n_test_slices']} test slices", ""]
+           f"{d0['aggregation']}), {d0['results'][0]['n_test_slices']} "
+           f"{d0['results'][0].get('split', 'test')} slices", ""]
   for d in docs:
     s = d.get("sampler")
     desc = "deterministic" if not s else ", ".join(f"{k}={v}" for k, v in s.items())

@@ -90,7 +90,7 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   setup_compilation_cache(config)
   if mode in ("train", "train_and_evaluate"):
     task = pipeline.prepare_task(config)
-    models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
+    models = diffrecon.build_models_for_task(config, task)
     train_lib.train(config, workdir, task=task, models=models)
     if mode == "train":
       return []

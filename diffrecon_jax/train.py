@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from diffrecon_jax import diffrecon
 from diffrecon_jax import parallel
+from diffrecon_jax import prior as prior_lib
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 
@@ -299,6 +300,15 @@ def joint_settings(config: ml_collections.ConfigDict, task,
                                       task.coarse[lo:hi]))
 
 
+def training_arrays(task, models: diffrecon.Models) -> dict:
+  """What the train step draws its batches from: `task.device_arrays()`, plus "slot" (T,) int32,
+  each slice's climatology slot, when the models use the prior."""
+  arrays = task.device_arrays()
+  if models.needs_slots:
+    arrays["slot"] = jnp.asarray(models.prior.slots(task.series.timestamps))
+  return arrays
+
+
 @dataclasses.dataclass(frozen=True)
 class _Phase:
   """What one phase's loop needs besides its state (built once per phase by `train`)."""
@@ -340,9 +350,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
   parallel.check_batch_size(spec.batch_size, mesh)
   repl = parallel.replicated(mesh)
   if models is None:
-    models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
+    models = diffrecon.build_models_for_task(config, task)
   joint = joint_settings(config, task, models)
-  arrays = parallel.put_replicated(task.device_arrays(), mesh)
+  if models.prior is not None and jax.process_index() == 0:
+    # The climatology the model corrects travels with its checkpoints (evaluation reads it).
+    models.prior.save(prior_lib.prior_path(workdir))
+  arrays = parallel.put_replicated(training_arrays(task, models), mesh)
   base_meta = {"config": config.to_json(), "stats": task.stats, "shapes": task.shapes,
                "aggregation": task.series.aggregation,
                "history": int(task.history), "scale": int(task.scale)}
@@ -461,8 +474,13 @@ def load_for_sampling(workdir: str, mesh=None,
       if not meta.get("finished"):
         continue
       config = config_from_json(meta["config"])
+      kwargs = {}
+      path = prior_lib.prior_path(workdir)
+      if diffrecon.uses_prior(config) and path.exists():
+        # Written by `train`; without it `build_models` says the prior is missing.
+        kwargs["prior"] = prior_lib.Prior.load(path, meta["stats"])
       models = build_models(config, int(meta["scale"]), meta.get("stats"),
-                            meta.get("aggregation", "sum"))
+                            meta.get("aggregation", "sum"), **kwargs)
       key = jax.random.PRNGKey(0)
       abstract_params = jax.eval_shape(
           lambda k: diffrecon.init_params(models, meta["shapes"], k), key)

@@ -40,7 +40,7 @@ def run_layouts(name: str, models, config, task, compiles: list, out: dict) -> N
   for layout, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     key = f"{name}/{layout}"
     mesh = parallel.make_mesh(devices)
-    arrays = parallel.put_replicated(task.device_arrays(), mesh)
+    arrays = parallel.put_replicated(train.training_arrays(task, models), mesh)
     state = parallel.put_replicated(
         train.phase_start_state(opt, params, params, jax.random.PRNGKey(1)), mesh)
     step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 2,
@@ -87,7 +87,7 @@ def main() -> None:
       models = helpers.standin_models(config, task.scale)
     elif name == "real":
       config.train.adam_eps = REAL_ADAM_EPS
-      models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
+      models = diffrecon.build_models_for_task(config, task)
     else:
       raise ValueError(f"--models: unknown set {name!r}")
     run_layouts(name, models, config, task, compiles, out)

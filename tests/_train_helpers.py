@@ -75,16 +75,17 @@ class StandInF(nn.Module):
     return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
 
 
-def standin_models(config, scale, stats=None, aggregation="sum"):
+def standin_models(config, scale, stats=None, aggregation="sum", prior=None):
   """`diffrecon.Models` with the stand-in denoisers and the config's schedule (plain fine
   target: the stand-ins test the training logic, not the residual parameterisation). Same
   signature as `diffrecon.build_models`, so `train.load_for_sampling` takes it too."""
-  del stats, aggregation
+  del stats, aggregation, prior
   from diffrecon_jax import diffrecon, diffusion
   d = config.diffusion
   return diffrecon.Models(StandInC(), StandInF(scale=scale),
                           diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start,
-                                                  d.beta_end))
+                                                  d.beta_end),
+                          prediction=d.get("prediction", "eps"))
 
 
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -96,14 +97,19 @@ def _real_params(models_json: str, scale: int, shapes_json: str, seed: int):
   the real models takes ~5-10 s to compile on 2 cores). They depend on the model fields
   (`models_json`: {"model_c": ..., "model_f": ...}) and the shapes only, not on the
   aggregation, the statistics or the sampler."""
+  import dataclasses
   import json
   import jax
   from diffrecon_jax import diffrecon, train
   config = tiny_config()
   fields = train.config_from_json(models_json)
   config.model_c, config.model_f = fields.model_c, fields.model_f
-  config.diffusion.fine_residual = False  # the residual target changes no parameter
-  models = diffrecon.build_models(config, scale)
+  feeds = json.loads(models_json)["feeds"]
+  # The residual targets change no parameter; the first-guess input channels do.
+  config.diffusion.fine_residual = False
+  config.diffusion.coarse_residual = False
+  models = dataclasses.replace(diffrecon.build_models(config, scale),
+                               coarse_residual=feeds[0], feed_prior_f=feeds[1])
   shapes = json.loads(shapes_json)
   return jax.jit(lambda k: diffrecon.init_params(models, shapes, k))(jax.random.PRNGKey(seed))
 
@@ -120,9 +126,11 @@ def tiny_diffrecon(config=None, task=None, seed: int = 0):
     config.sampling.steps = 3
     config.eval.batch_size = 8
   task = tiny_task() if task is None else task
-  models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation)
+  models = diffrecon.build_models_for_task(config, task)
   models_json = json.dumps({"model_c": config.model_c.to_dict(),
-                            "model_f": config.model_f.to_dict()}, sort_keys=True)
+                            "model_f": config.model_f.to_dict(),
+                            "feeds": [models.coarse_residual, models.feed_prior_f]},
+                           sort_keys=True)
   params = _real_params(models_json, int(task.scale), json.dumps(task.shapes, sort_keys=True),
                         int(seed))
   clip = diffrecon.x0_clip_bounds(float(config.sampling.x0_clip_factor), task, models)

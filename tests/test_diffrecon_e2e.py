@@ -48,7 +48,8 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
   assert {r["phase"] for r in logged} == {"stage_c", "stage_f", "joint"}
   doc = json.loads((wd / "results.json").read_text())
   assert doc["method"] == "diffrecon" and doc["dataset"] == "nytaxi"
-  assert doc["sampler"] == {"name": "ddim", "steps": 2, "n_samples": 2, "eta": 1.0}
+  assert doc["sampler"] == {"name": "ddim", "steps": 2, "n_samples": 2, "eta": 1.0,
+                            "point": "posterior_mean"}
   assert doc["trained_on"] == ["random:0.4", "large_scale:0.25"]
   for r in doc["results"]:
     assert r["n_test_slices"] == 6

@@ -78,15 +78,19 @@ def test_balanced_batch_size(n, max_batch, workers, want):
 
 # ---- exact pooling on the real sampling path ---------------------------------------------------
 
-@pytest.mark.parametrize("aggregation,n_samples", [("sum", 3), ("mean", 4)])
-def test_fine_maps_pool_exactly_to_the_completed_coarse_map(aggregation, n_samples):
+@pytest.mark.parametrize("aggregation,n_samples,point", [
+    ("sum", 3, "median"), ("mean", 4, "median"), ("sum", 3, "posterior_mean"),
+    ("mean", 2, "posterior_mean")])
+def test_fine_maps_pool_exactly_to_the_completed_coarse_map(aggregation, n_samples, point):
   """Real (tiny, untrained) denoisers, `sampling.consistent` on: every sample and the point estimate
   pool (sum or mean over each N x N block) to the completed coarse map, whatever the number of
-  samples. The per-cell median of 3+ samples does not pool by itself; the point estimate is its
-  L2 projection onto the block constraint."""
+  samples and the point estimate. The per-cell median of 3+ samples does not pool by itself;
+  the point estimate is its L2 projection onto the block constraint. The posterior-mean point
+  is a separate one-pass estimate, projected the same way."""
   config = helpers.tiny_config()
   config.sampling.steps = 3
   config.sampling.n_samples = n_samples
+  config.sampling.point = point
   config.eval.batch_size = 8
   assert config.diffusion.fine_residual and config.sampling.consistent
   task = helpers.tiny_task()
@@ -107,14 +111,17 @@ def test_fine_maps_pool_exactly_to_the_completed_coarse_map(aggregation, n_sampl
     np.testing.assert_allclose(coarsen.coarsen(samples[s], n, aggregation), coarse,
                                err_msg=f"sample {s}", **tol)
   np.testing.assert_allclose(coarsen.coarsen(fine, n, aggregation), coarse, **tol)
+  if n_samples > 1:  # the samples really differ (the pooling is not trivially shared)
+    assert np.abs(samples[1] - samples[0]).max() > 100 * tol["atol"]
+  if point == "posterior_mean":  # not derived from the samples
+    assert np.abs(fine - np.median(samples, axis=0)).max() > 100 * tol["atol"]
+    return
   # The point estimate is the per-cell median moved by each block's pooling gap, spread evenly.
   median = np.median(samples, axis=0)
   gap = coarse - coarsen.coarsen(median, n, aggregation)
   np.testing.assert_allclose(fine, median + coarsen.upsample_uniform(gap, n, aggregation), **tol)
   if n_samples > 2:  # the projection matters here: the plain median is off the constraint
     assert np.abs(gap).max() > 100 * tol["atol"], np.abs(gap).max()
-  if n_samples > 1:  # the samples really differ (the pooling is not trivially shared)
-    assert np.abs(samples[1] - samples[0]).max() > 100 * tol["atol"]
 
 
 # ---- stage 1: observed cells inform the hidden ones through the whole reverse chain ------------
@@ -144,6 +151,7 @@ def test_stage_one_completes_hidden_cells_from_the_observed_ones():
   0.6 when they are imposed on the starting noise and at the end only)."""
   config = helpers.tiny_config()
   config.sampling.steps = 10
+  config.sampling.point = "median"  # the chain is what is tested (an eps-predictor)
   config.eval.batch_size = 8
   task = helpers.tiny_task()
   standins = helpers.standin_models(config, task.scale)

@@ -330,7 +330,8 @@ def sample_train_batch(arrays: dict, rng: jax.Array, *, batch_size: int, history
       when `arrays` has no "train_current", which takes precedence.
     patterns: (kind_ids, ratios) from `patterns.encode_train_patterns`.
   Returns dict: obs (B,t,I,J,C) masked coarse (missing = 0), mask (B,t,I,J) 1 = observed,
-    coarse (B,t,I,J,C) pseudo-complete, external (B,t,F), fine (B,NI,NJ,C) current fine map.
+    coarse (B,t,I,J,C) pseudo-complete, external (B,t,F), fine (B,NI,NJ,C) current fine map,
+    and slot (B,t) int32 when `arrays` has "slot" (T,), each slice's climatology slot.
   """
   window = history + 1
   k_idx, k_mask = jax.random.split(rng)
@@ -348,6 +349,9 @@ def sample_train_batch(arrays: dict, rng: jax.Array, *, batch_size: int, history
   mask = patterns_lib.sample_train_masks(k_mask, batch_size, window, coarse_shape,
                                          jnp.asarray(kind_ids), jnp.asarray(ratios))
   mask = mask * gather_windows(arrays["valid"], current, window)
-  return {"obs": coarse * mask[..., None], "mask": mask, "coarse": coarse,
-          "external": gather_windows(arrays["external"], current, window),
-          "fine": arrays["fine"][current]}
+  batch = {"obs": coarse * mask[..., None], "mask": mask, "coarse": coarse,
+           "external": gather_windows(arrays["external"], current, window),
+           "fine": arrays["fine"][current]}
+  if "slot" in arrays:
+    batch["slot"] = gather_windows(arrays["slot"], current, window)
+  return batch

@@ -56,6 +56,26 @@ def _unet(denoiser: nn.Module, out_channels: int) -> UNet:
               dropout=denoiser.dropout, num_groups=denoiser.num_groups)
 
 
+def _extra_inputs(denoiser: nn.Module, cond: Mapping[str, Any], b: int, h: int, w: int,
+                  c: int, who: str) -> list:
+  """Input channels beside x_tau that the U-Net sees at every cell (ours; `diffrecon` docstring):
+  cond['prior'] (B, H, W, C), the first guess the stage's target is a residual over, when given;
+  a learned per-cell location embedding (H, W, location_dim) when location_dim > 0 (a U-Net is
+  translation-equivariant, but how a block's total splits over its cells is specific to each
+  place: a river cell stays empty)."""
+  extra = []
+  prior = cond.get("prior")
+  if prior is not None:
+    if prior.shape != (b, h, w, c):
+      raise ValueError(f"{who}: cond['prior'] must be (B, H, W, C) = {(b, h, w, c)}, "
+                       f"got {prior.shape}")
+    extra.append(prior.astype(jnp.float32))
+  if denoiser.location_dim > 0:
+    loc = denoiser.param("location", nn.initializers.normal(0.1), (h, w, denoiser.location_dim))
+    extra.append(jnp.broadcast_to(loc[None], (b, h, w, denoiser.location_dim)))
+  return extra
+
+
 def _check_inter(inter: Optional[Array], denoiser: nn.Module, lead: tuple, who: str
                  ) -> Optional[Array]:
   """A precomputed S_inter must have the (B, Hd, Wd, inter_dim) shape the encoder would give;
@@ -77,6 +97,7 @@ class DiffusionCNet(nn.Module):
     d_model, num_heads, num_layers, ff_dim, attention_impl: ST-PointFormer.
     inter_dim: channels of S_inter after the Dense that reduces the stacked encodings.
     use_inter: False drops the ST-PointFormer branch (ablation: U-Net on the current map only).
+    location_dim: channels of the learned per-cell location embedding (0 = none).
   """
   base_channels: int = 32
   channel_mults: Sequence[int] = (1, 2)
@@ -91,6 +112,7 @@ class DiffusionCNet(nn.Module):
   attention_impl: Optional[str] = None
   inter_dim: int = 64
   use_inter: bool = True
+  location_dim: int = 0
 
   @nn.compact
   def __call__(self, x_tau: Optional[Array], tau: Optional[Array], cond: Mapping[str, Any], *,
@@ -102,7 +124,10 @@ class DiffusionCNet(nn.Module):
       x_tau: (B, I, J, C) noisy current coarse map (unused, may be None, when inter_only).
       tau: (B,) int32 diffusion step (unused when inter_only).
       cond: 'obs' (B, t, I, J, C) masked normalised coarse window, current slice LAST, missing
-        entries 0; 'mask' (B, t, I, J) float, 1 = observed; 'external' (B, t, F) or None.
+        entries 0; 'mask' (B, t, I, J) float, 1 = observed; 'external' (B, t, F) or None;
+        optional 'prior' (B, I, J, C) first guess of the current map and 'anomaly'
+        (B, t, I, J, C) the observed deviations from it (joined to the values the
+        ST-PointFormer reads, and the current slice's to the U-Net input).
       deterministic: disables dropout.
       inter: S_inter (B, Hd, Wd, inter_dim) from an `inter_only` call on the same cond; the
         ST-PointFormer is then skipped (same output, see module docstring).
@@ -124,11 +149,16 @@ class DiffusionCNet(nn.Module):
     mask = mask.astype(jnp.float32)
     down = bottleneck_shape(i, j, len(self.channel_mults))
 
+    anomaly = cond.get("anomaly")
+    if anomaly is not None and anomaly.shape != obs.shape:
+      raise ValueError(f"{who}: cond['anomaly'] must be (B, t, I, J, C) = {obs.shape}, "
+                       f"got {anomaly.shape}")
     if inter is None and self.use_inter:  # eqs. 12, 14-25
+      values = obs if anomaly is None else jnp.concatenate([obs, anomaly], axis=-1)
       enc = STPointFormer(d_model=self.d_model, num_heads=self.num_heads,
                           num_layers=self.num_layers, ff_dim=self.ff_dim, dropout=self.dropout,
                           attention_impl=self.attention_impl)(
-                              obs, mask, external, deterministic=deterministic)
+                              values, mask, external, deterministic=deterministic)
       inter = nn.Dense(self.inter_dim, name="inter_proj")(grid_stack.stack_to_grid(enc, down))
     if inter_only:
       return inter
@@ -138,7 +168,10 @@ class DiffusionCNet(nn.Module):
                        f"cond['obs'] {obs.shape}, got "
                        f"{None if x_tau is None else x_tau.shape}")
     unet = _unet(self, c)
-    x_in = jnp.concatenate([x_tau, obs[:, -1], mask[:, -1, ..., None]], axis=-1)
+    extra = _extra_inputs(self, cond, b, i, j, c, who)
+    if anomaly is not None:
+      extra.append(anomaly[:, -1])
+    x_in = jnp.concatenate([x_tau, obs[:, -1], mask[:, -1, ..., None]] + extra, axis=-1)
     ext_now = None if external is None else external[:, -1]
     return unet(x_in, tau, ext_now, inter, deterministic=deterministic)
 
@@ -153,6 +186,7 @@ class DiffusionFNet(nn.Module):
       (encoder_channels is its per-point output width).
     inter_dim: channels of S_inter after the Dense that reduces the stacked encodings.
     use_inter: False drops the T-PatternNet branch (ablation).
+    location_dim: channels of the learned per-cell location embedding (0 = none).
   """
   scale: int
   base_channels: int = 32
@@ -169,6 +203,7 @@ class DiffusionFNet(nn.Module):
   encoder_channels: int = 4
   inter_dim: int = 64
   use_inter: bool = True
+  location_dim: int = 0
 
   @nn.compact
   def __call__(self, x_tau: Optional[Array], tau: Optional[Array], cond: Mapping[str, Any], *,
@@ -180,7 +215,8 @@ class DiffusionFNet(nn.Module):
       x_tau: (B, N*I, N*J, C) noisy current fine map (unused, may be None, when inter_only).
       tau: (B,) int32 diffusion step (unused when inter_only).
       cond: 'coarse' (B, t, I, J, C) completed normalised coarse window, current slice LAST
-        (t >= 2 when use_inter); 'external' (B, t, F) or None.
+        (t >= 2 when use_inter); 'external' (B, t, F) or None; optional 'prior'
+        (B, N*I, N*J, C) the base the target is a residual over.
       deterministic: disables dropout.
       inter: S_inter (B, Hd, Wd, inter_dim) from an `inter_only` call on the same cond; the
         T-PatternNet is then skipped (same output, see module docstring).
@@ -215,6 +251,7 @@ class DiffusionFNet(nn.Module):
     unet = _unet(self, c)
     # Nearest upsampling: each fine cell sees its parent coarse value.
     up = jnp.repeat(jnp.repeat(coarse[:, -1], n, axis=1), n, axis=2)
-    x_in = jnp.concatenate([x_tau, up.astype(x_tau.dtype)], axis=-1)
+    x_in = jnp.concatenate([x_tau, up.astype(x_tau.dtype)]
+                           + _extra_inputs(self, cond, b, n * i, n * j, c, who), axis=-1)
     ext_now = None if external is None else external[:, -1]
     return unet(x_in, tau, ext_now, inter, deterministic=deterministic)

@@ -1,0 +1,223 @@
+"""The climatology prior of DiffRecon (ours): a first guess for each stage, so that the diffusion
+models learn the deviations from it instead of rediscovering the calendar.
+
+Urban flows repeat with the time of the week. The `climatology` baseline (baselines/climatology.py)
+turns that into a strong deterministic reconstruction; here the same statistics, fitted on the
+training split only, become the starting point of both stages (the "prior to correct, not to
+rediscover" of CorrDiff-style residual diffusion):
+  - stage 1, `coarse_guess`: the observed cells of the current slice keep their values; hidden
+    cells take their pooled climatology for the slot, brought to the level seen on the observed
+    cells of the window (ratio of totals for `sum`, mean offset for `mean`), the current slice
+    counting most (weights `level_decay` ** age). Diffusion-C diffuses coarse - guess, which is
+    exactly 0 on observed cells;
+  - stage 2, `fine_base`: each completed coarse value split over its N x N cells by the
+    climatology's shares of the block at the slot (`sum`), or the coarse value plus the
+    climatology's anomaly from the block mean (`mean`). Diffusion-F diffuses fine - base; the base
+    pools exactly to the coarse map, so `diffrecon.block_mean_zero` keeps fine maps consistent.
+Both are pure jnp (they run inside the jitted train step and the samplers) and read the slot of
+each slice from its timestamp (`Prior.slots`), never from its index.
+
+Shapes: B batch, t window length (history + 1, current slice last), I x J coarse grid, N scale,
+C channels, P climatology slots (a week or a day of slices).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffrecon_jax.baselines import climatology as clim_lib
+from diffrecon_jax.data import coarsen as coarsen_lib
+
+Array = jax.Array
+# A climatology total at or below this is treated as zero (as the baseline does).
+_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prior:
+  """Fitted climatology tables and how to apply them (physical units inside, normalised I/O).
+
+  fine: (P, N*I, N*J, C) float32 per-slot mean fine maps of the training split.
+  coarse: (P, I, J, C) float32, `fine` pooled by `aggregation`.
+  period: P; interval_minutes: time between slices of the series it was fitted on.
+  aggregation: "sum" or "mean"; scale: N.
+  stats: the task's normalisation {'fine'|'coarse': {'mean', 'std'}} (per channel).
+  level_decay: weight of a window slice one interval older than the next (the baseline's 0.5).
+  ratio_clip: bounds of the `sum` level ratio (the baseline's guard).
+  residual_std_c, residual_std_f: (C,) per-channel std of what each stage's residual target is
+    on the training split (normalised units: hidden coarse cells minus `coarse_guess` under the
+    training patterns; fine minus `fine_base`); residual_absmax_c / _f: the largest |residual|
+    in units of that std. `residual_stats` measures them.
+  """
+  fine: np.ndarray
+  coarse: np.ndarray
+  period: int
+  interval_minutes: int
+  aggregation: str
+  scale: int
+  stats: dict
+  level_decay: float = 0.5
+  ratio_clip: tuple = (0.1, 10.0)
+  residual_std_c: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1, np.float32))
+  residual_std_f: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1, np.float32))
+  residual_absmax_c: float = 0.0
+  residual_absmax_f: float = 0.0
+
+  def slots(self, timestamps: np.ndarray) -> np.ndarray:
+    """(T,) datetime64 -> (T,) int32 climatology slot of each slice (from the calendar)."""
+    return clim_lib.slot_index(timestamps, self.interval_minutes, self.period).astype(np.int32)
+
+  def _norm(self, level: str) -> tuple:
+    s = self.stats[level]
+    return (jnp.asarray(s["mean"], jnp.float32), jnp.asarray(s["std"], jnp.float32))
+
+  def save(self, path) -> None:
+    np.savez(path, fine=self.fine, coarse=self.coarse, period=self.period,
+             interval_minutes=self.interval_minutes, aggregation=self.aggregation,
+             scale=self.scale, level_decay=self.level_decay, ratio_clip=np.asarray(self.ratio_clip),
+             residual_std_c=self.residual_std_c, residual_std_f=self.residual_std_f,
+             residual_absmax_c=self.residual_absmax_c, residual_absmax_f=self.residual_absmax_f)
+
+  @classmethod
+  def load(cls, path, stats: dict) -> "Prior":
+    with np.load(path) as z:
+      return cls(fine=z["fine"], coarse=z["coarse"], period=int(z["period"]),
+                 interval_minutes=int(z["interval_minutes"]), aggregation=str(z["aggregation"]),
+                 scale=int(z["scale"]), stats=stats, level_decay=float(z["level_decay"]),
+                 ratio_clip=tuple(float(v) for v in z["ratio_clip"]),
+                 residual_std_c=z["residual_std_c"], residual_std_f=z["residual_std_f"],
+                 residual_absmax_c=float(z["residual_absmax_c"]),
+                 residual_absmax_f=float(z["residual_absmax_f"]))
+
+
+PRIOR_FILE = "prior.npz"
+
+
+def fit_prior(task, level_decay: float = 0.5) -> Prior:
+  """The climatology of `task`'s training split (pipeline.TaskData), as the baseline fits it,
+  with the statistics of the residuals it leaves (`residual_stats`)."""
+  n_train = int(task.split.val_start)
+  fine, period = clim_lib.fit_climatology(task.fine_phys[:n_train],
+                                          task.series.timestamps[:n_train],
+                                          task.time_axis.interval_minutes)
+  coarse = coarsen_lib.coarsen(fine, int(task.scale), task.series.aggregation)
+  prior = Prior(fine=fine.astype(np.float32), coarse=coarse.astype(np.float32), period=period,
+                interval_minutes=int(task.time_axis.interval_minutes),
+                aggregation=task.series.aggregation, scale=int(task.scale), stats=task.stats,
+                level_decay=float(level_decay))
+  return dataclasses.replace(prior, **residual_stats(prior, task))
+
+
+def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0) -> dict:
+  """Std (per channel) and largest |value| (in stds) of the two residual targets on the train
+  split: hidden coarse cells minus `coarse_guess` on `num_windows` training windows drawn as the
+  train step draws them (masks from the training patterns, fixed `seed`), and fine maps minus
+  `fine_base` on every training slice. A residual over a good first guess is small (std ~0.07
+  of the normalised data on nytaxi), far below the unit scale the noise schedule is made for;
+  dividing by its std restores that scale (`diffrecon.Models.residual_scaling`)."""
+  from diffrecon_jax.data import patterns as patterns_lib  # local: data -> prior, not back.
+  from diffrecon_jax.data import pipeline
+  slots = jnp.asarray(prior.slots(task.series.timestamps))
+  arrays = dict(task.device_arrays(), slot=slots)
+  batch = pipeline.sample_train_batch(
+      arrays, jax.random.PRNGKey(seed), batch_size=num_windows, history=task.history,
+      index_range=task.train_range, patterns=patterns_lib.encode_train_patterns(
+          task.patterns_train))
+  r_c = np.asarray(batch["coarse"][:, -1] - coarse_guess(prior, batch["obs"], batch["mask"],
+                                                          batch["slot"]))
+  r_c = r_c[np.asarray(batch["mask"][:, -1]) < 0.5]            # (n hidden, C)
+  lo, hi = task.split.range("train")
+  r_f = np.asarray(task.fine[lo:hi] - fine_base(prior, jnp.asarray(task.coarse[lo:hi]),
+                                                slots[lo:hi]))
+  r_f = r_f.reshape(-1, r_f.shape[-1])
+  out = {}
+  for name, r in (("c", r_c), ("f", r_f)):
+    std = np.maximum(r.std(axis=0), 1e-3).astype(np.float32) if r.size else np.ones(
+        task.channels, np.float32)
+    out[f"residual_std_{name}"] = std
+    out[f"residual_absmax_{name}"] = float(np.abs(r / std).max()) if r.size else 0.0
+  return out
+
+
+def prior_path(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / PRIOR_FILE
+
+
+def coarse_guess(prior: Prior, obs: Array, mask: Array, slots: Array) -> Array:
+  """Stage-1 first guess of the current coarse map from observed values only: the first output
+  of `coarse_first_guess`."""
+  return coarse_first_guess(prior, obs, mask, slots)[0]
+
+
+def coarse_first_guess(prior: Prior, obs: Array, mask: Array, slots: Array) -> tuple:
+  """Stage-1 first guess of the current coarse map, and what the observations say against it.
+
+  Args:
+    obs: (B, t, I, J, C) normalised observed coarse window (values where mask is 0 never read).
+    mask: (B, t, I, J) 1 = observed.
+    slots: (B, t) int climatology slots of the window's slices.
+  Returns:
+    guess (B, I, J, C) normalised: observed cells of the current slice exactly, hidden cells
+      the climatology at the window's level;
+    anomaly (B, t, I, J, C) normalised: at every observed point of the window, its value minus
+      its slot's climatology at that level (0 where not observed): the local deviations a
+      network can spread to the hidden cells, which the one level of the guess cannot.
+  """
+  mean, std = prior._norm("coarse")
+  m = (mask > 0.5)[..., None]
+  phys = jnp.where(m, obs * std + mean, 0.0)
+  clim = jnp.asarray(prior.coarse)[slots]                      # (B, t, I, J, C)
+  t = obs.shape[1]
+  w = jnp.asarray(prior.level_decay, jnp.float32) ** jnp.arange(t - 1, -1, -1, dtype=jnp.float32)
+  w = w[None, :, None]                                         # (1, t, 1)
+  if prior.aggregation == "sum":
+    num = (w * phys.sum(axis=(2, 3))).sum(axis=1)              # (B, C)
+    den = (w * jnp.where(m, clim, 0.0).sum(axis=(2, 3))).sum(axis=1)
+    ok = jnp.abs(den) > _EPS
+    level = jnp.clip(jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0), *prior.ratio_clip)
+    expected = clim * level[:, None, None, None, :]
+  elif prior.aggregation == "mean":
+    num = (w * jnp.where(m, phys - clim, 0.0).sum(axis=(2, 3))).sum(axis=1)
+    den = (w * m.sum(axis=(2, 3))).sum(axis=1)
+    level = jnp.where(den > 0, num / jnp.maximum(den, 1e-6), 0.0)
+    expected = clim + level[:, None, None, None, :]
+  else:
+    raise ValueError(f"aggregation must be 'sum' or 'mean', got {prior.aggregation!r}")
+  guess = jnp.where(m[:, -1], phys[:, -1], expected[:, -1])
+  anomaly = jnp.where(m, phys - expected, 0.0) / std
+  return ((guess - mean) / std).astype(jnp.float32), anomaly.astype(jnp.float32)
+
+
+def fine_base(prior: Prior, coarse_now: Array, slot_now: Array) -> Array:
+  """Stage-2 base: the completed coarse map split by the climatology's pattern at the slot.
+
+  Args:
+    coarse_now: (B, I, J, C) normalised completed coarse map.
+    slot_now: (B,) int climatology slot of the slice.
+  Returns:
+    (B, N*I, N*J, C) normalised fine map that pools (sum or mean) exactly to coarse_now.
+  """
+  n = int(prior.scale)
+  c_mean, c_std = prior._norm("coarse")
+  f_mean, f_std = prior._norm("fine")
+  phys = coarse_now * c_std + c_mean
+  up = jnp.repeat(jnp.repeat(phys, n, axis=-3), n, axis=-2)    # block value on every cell
+  clim = jnp.asarray(prior.fine)[slot_now]                      # (B, NI, NJ, C)
+  b, h, w_, c = clim.shape
+  blocks = clim.reshape(b, h // n, n, w_ // n, n, c)
+  if prior.aggregation == "sum":
+    total = jnp.broadcast_to(blocks.sum(axis=(2, 4), keepdims=True), blocks.shape)
+    total = total.reshape(b, h, w_, c)
+    ok = jnp.abs(total) > _EPS
+    share = jnp.where(ok, clim / jnp.where(ok, total, 1.0), 1.0 / (n * n))
+    fine = up * share
+  elif prior.aggregation == "mean":
+    block = jnp.broadcast_to(blocks.mean(axis=(2, 4), keepdims=True), blocks.shape)
+    fine = up + clim - block.reshape(b, h, w_, c)
+  else:
+    raise ValueError(f"aggregation must be 'sum' or 'mean', got {prior.aggregation!r}")
+  return ((fine - f_mean) / f_std).astype(jnp.float32)

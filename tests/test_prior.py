@@ -1,0 +1,136 @@
+"""The climatology prior (diffrecon_jax/prior.py): the jnp first guesses equal the `climatology`
+baseline's numpy completion and split, pool exactly, never read hidden values; the denoisers'
+first-guess and location inputs have the shapes they claim."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffrecon_jax import diffrecon
+from diffrecon_jax import evaluate
+from diffrecon_jax import prior as prior_lib
+from diffrecon_jax.baselines import climatology as cl
+from diffrecon_jax.data import coarsen, nyc_dsan, patterns, pipeline
+from diffrecon_jax.models import denoisers
+
+HISTORY = 3
+
+
+@pytest.fixture(scope="module", params=["sum", "mean"])
+def task(request):
+  series = dataclasses.replace(nyc_dsan.load_nytaxi(), aggregation=request.param)
+  return pipeline.build_task(series, scale=2, history=HISTORY)
+
+
+def windows(task, mask, slices):
+  view = evaluate.observe(task, mask)
+  idx = slices[:, None] + np.arange(-HISTORY, 1)[None, :]
+  return view, idx
+
+
+def test_coarse_guess_is_the_climatology_baselines_completion(task):
+  prior = prior_lib.fit_prior(task)
+  mask, _ = evaluate.eval_mask(task, patterns.parse_pattern("random:0.6"), 0)
+  lo, _ = task.split.range("val")
+  slices = np.arange(lo + 10, lo + 60)
+  view, idx = windows(task, mask, slices)
+  slots = prior.slots(task.series.timestamps)
+  guess = prior_lib.coarse_guess(prior, jnp.asarray(view.coarse_obs_norm[idx]),
+                                 jnp.asarray(view.mask[idx]), jnp.asarray(slots[idx]))
+  # The baseline with its level window equal to the model's history: the same statistic.
+  base = cl.ClimatologyBaseline(level_window=HISTORY).reconstruct(view, slices)
+  np.testing.assert_allclose(task.coarse_norm.inverse(np.asarray(guess)), base["coarse"],
+                             rtol=1e-4, atol=1e-2)
+  # observed cells keep their values exactly (to float precision)
+  m = mask[slices] > 0
+  np.testing.assert_allclose(task.coarse_norm.inverse(np.asarray(guess))[m],
+                             task.coarse_phys[slices][m], rtol=1e-5, atol=1e-3)
+
+
+def test_coarse_guess_never_reads_hidden_values(task):
+  prior = prior_lib.fit_prior(task)
+  mask, _ = evaluate.eval_mask(task, patterns.parse_pattern("fixed:0.6"), 0)
+  slices = np.arange(200, 230)
+  view, idx = windows(task, mask, slices)
+  obs, m = view.coarse_obs_norm[idx], view.mask[idx]
+  junk = np.where(m[..., None] > 0, obs, 1e4).astype(np.float32)
+  slots = jnp.asarray(prior.slots(task.series.timestamps)[idx])
+  a = prior_lib.coarse_first_guess(prior, jnp.asarray(obs), jnp.asarray(m), slots)
+  b = prior_lib.coarse_first_guess(prior, jnp.asarray(junk), jnp.asarray(m), slots)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # anomalies: 0 where hidden, observed minus the level-scaled climatology where observed
+  anomaly = np.asarray(a[1])
+  assert np.all(anomaly[m == 0] == 0) and np.abs(anomaly[m > 0]).max() > 0.01
+
+
+def test_fine_base_is_the_climatology_split_and_pools_exactly(task):
+  prior = prior_lib.fit_prior(task)
+  s = np.arange(500, 540)
+  slot = prior.slots(task.series.timestamps[s])
+  base = np.asarray(prior_lib.fine_base(prior, jnp.asarray(task.coarse[s]), jnp.asarray(slot)))
+  agg = task.series.aggregation
+  want = cl.split_fine(task.coarse_phys[s], prior.fine[slot], 2, agg)
+  got = task.fine_norm.inverse(base)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
+  np.testing.assert_allclose(coarsen.coarsen(got, 2, agg), task.coarse_phys[s], rtol=1e-4,
+                             atol=1e-2)
+  # not the even spread: the shares carry where in a block the flow goes
+  even = coarsen.upsample_uniform(task.coarse_phys[s], 2, agg)
+  assert np.abs(got - even).mean() > 1.0
+
+
+def test_prior_round_trips_through_its_file(task, tmp_path):
+  prior = prior_lib.fit_prior(task)
+  prior.save(prior_lib.prior_path(tmp_path))
+  back = prior_lib.Prior.load(prior_lib.prior_path(tmp_path), task.stats)
+  for f in ("fine", "coarse"):
+    np.testing.assert_array_equal(getattr(back, f), getattr(prior, f))
+  assert (back.period, back.interval_minutes, back.aggregation, back.scale) == (
+      prior.period, prior.interval_minutes, prior.aggregation, prior.scale)
+
+
+def test_build_models_asks_for_the_prior_when_the_config_uses_it():
+  from configs import default
+  config = default.get_config()
+  assert diffrecon.uses_prior(config)
+  with pytest.raises(ValueError, match="climatology prior"):
+    diffrecon.build_models(config, 2, {"fine": {}, "coarse": {}})
+  paper = default.get_config("paper")
+  assert not diffrecon.uses_prior(paper)
+  assert paper.model_c.location_dim == 0 and paper.diffusion.fine_base == "uniform"
+
+
+@pytest.mark.parametrize("net", ["c", "f"])
+def test_first_guess_and_location_inputs_shapes(net):
+  b, t, i, j, c, n, loc = 2, 3, 4, 6, 2, 2, 3
+  small = dict(base_channels=8, channel_mults=(1,), emb_dim=8, inter_dim=8, location_dim=loc)
+  if net == "c":
+    model = denoisers.DiffusionCNet(d_model=8, num_heads=2, ff_dim=8, num_layers=1, **small)
+    cond = {"obs": jnp.zeros((b, t, i, j, c)), "mask": jnp.ones((b, t, i, j)),
+            "external": jnp.zeros((b, t, 5))}
+    h, w = i, j
+  else:
+    model = denoisers.DiffusionFNet(scale=n, d_model=8, d_ff=8, top_k=1, num_blocks=1,
+                                    num_kernels=1, encoder_channels=2, **small)
+    cond = {"coarse": jnp.zeros((b, t, i, j, c)), "external": jnp.zeros((b, t, 5))}
+    h, w = n * i, n * j
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, h, w, c))
+  tau = jnp.array([1, 4])
+  cond["prior"] = jnp.ones((b, h, w, c))
+  params = model.init(jax.random.PRNGKey(1), x, tau, cond)["params"]
+  assert params["location"].shape == (h, w, loc)
+  out = model.apply({"params": params}, x, tau, cond)
+  assert out.shape == (b, h, w, c)
+  # the first guess is an input: changing it changes the prediction
+  other = dict(cond, prior=jnp.full((b, h, w, c), -1.0))
+  assert not np.allclose(model.apply({"params": params}, x, tau, other), out)
+  # so is the location: the same input at two places gives two predictions after the embedding
+  # is moved
+  moved = jax.tree_util.tree_map(lambda p: p, params)
+  moved = dict(moved, location=params["location"] + 1.0)
+  assert not np.allclose(model.apply({"params": moved}, x, tau, cond), out)
+  with pytest.raises(ValueError, match="prior"):
+    model.apply({"params": params}, x, tau, dict(cond, prior=jnp.ones((b, h + 1, w, c))))
