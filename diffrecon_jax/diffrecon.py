@@ -90,7 +90,8 @@ class Models:
     return self.prior is not None
 
   def residual_scale(self, stage: str):
-    """What stage "c" or "f" divides its residual target by: (C,) jnp, or 1.0."""
+    """What stage "c" or "f" divides its residual target by: (C,) or per cell (H, W, C) jnp,
+    or 1.0."""
     use = self.coarse_residual if stage == "c" else self.feed_prior_f
     if not (self.residual_scaling and use):
       return 1.0
@@ -140,7 +141,8 @@ def build_models(config: ml_collections.ConfigDict, scale: int, stats: Optional[
                 schedule=schedule, fine_base=base, prior=prior if uses_prior(config) else None,
                 coarse_residual=bool(d.get("coarse_residual", False)), feed_prior_f=feed_f,
                 loss_c_on_hidden=bool(config.train.get("loss_c_on_hidden", False)),
-                residual_scaling=bool(d.get("residual_scaling", False)),
+                residual_scaling=_choice(d, "diffusion", "residual_scaling",
+                                         ("", "channel", "cell")) != "",
                 prediction=_choice(d, "diffusion", "prediction", ("eps", "x0")),
                 point_fraction=float(config.train.get("point_fraction", 0.0)),
                 point_loss=_choice(config.train, "train", "point_loss", ("l2", "l1")))
@@ -157,7 +159,9 @@ def _choice(section: ml_collections.ConfigDict, name: str, key: str, allowed: tu
 def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
   """`build_models` for a prepared `pipeline.TaskData`, fitting the prior on its train split
   when the config uses one."""
-  prior = prior_lib.fit_prior(task) if uses_prior(config) else None
+  per_cell = _choice(config.diffusion, "diffusion", "residual_scaling",
+                     ("", "channel", "cell")) == "cell"
+  prior = prior_lib.fit_prior(task, per_cell=per_cell) if uses_prior(config) else None
   return build_models(config, task.scale, task.stats, task.series.aggregation, prior)
 
 

@@ -97,9 +97,9 @@ class Prior:
 PRIOR_FILE = "prior.npz"
 
 
-def fit_prior(task, level_decay: float = 0.5) -> Prior:
+def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False) -> Prior:
   """The climatology of `task`'s training split (pipeline.TaskData), as the baseline fits it,
-  with the statistics of the residuals it leaves (`residual_stats`)."""
+  with the statistics of the residuals it leaves (`residual_stats`, per cell if `per_cell`)."""
   n_train = int(task.split.val_start)
   fine, period = clim_lib.fit_climatology(task.fine_phys[:n_train],
                                           task.series.timestamps[:n_train],
@@ -109,11 +109,21 @@ def fit_prior(task, level_decay: float = 0.5) -> Prior:
                 interval_minutes=int(task.time_axis.interval_minutes),
                 aggregation=task.series.aggregation, scale=int(task.scale), stats=task.stats,
                 level_decay=float(level_decay))
-  return dataclasses.replace(prior, **residual_stats(prior, task))
+  return dataclasses.replace(prior, **residual_stats(prior, task, per_cell=per_cell))
 
 
-def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0) -> dict:
-  """Std (per channel) and largest |value| (in stds) of the two residual targets on the train
+# Per-cell scales are floored at this fraction of the channel's: a cell whose residual is always
+# ~0 (a river, an empty block) would otherwise turn float noise into unit-scale targets.
+_CELL_STD_FLOOR = 0.1
+# A coarse cell hidden in fewer of the drawn windows than this keeps its channel's scale.
+_MIN_HIDDEN = 20
+
+
+def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0,
+                   per_cell: bool = False) -> dict:
+  """Std (per channel, or per cell and channel with `per_cell`: (I, J, C) for stage 1 and
+  (N*I, N*J, C) for stage 2, root mean square over the drawn windows, floored at a tenth of the
+  channel's) and largest |value| (in stds) of the two residual targets on the train
   split: hidden coarse cells minus `coarse_guess` on `num_windows` training windows drawn as the
   train step draws them (masks from the training patterns, fixed `seed`), and fine maps minus
   `fine_base` on every training slice. A residual over a good first guess is small (std ~0.07
@@ -127,19 +137,25 @@ def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0) -
       arrays, jax.random.PRNGKey(seed), batch_size=num_windows, history=task.history,
       index_range=task.train_range, patterns=patterns_lib.encode_train_patterns(
           task.patterns_train))
-  r_c = np.asarray(batch["coarse"][:, -1] - coarse_guess(prior, batch["obs"], batch["mask"],
-                                                          batch["slot"]))
-  r_c = r_c[np.asarray(batch["mask"][:, -1]) < 0.5]            # (n hidden, C)
+  full_c = np.asarray(batch["coarse"][:, -1] - coarse_guess(prior, batch["obs"], batch["mask"],
+                                                             batch["slot"]))
+  hidden = np.asarray(batch["mask"][:, -1]) < 0.5              # (n, I, J)
   lo, hi = task.split.range("train")
-  r_f = np.asarray(task.fine[lo:hi] - fine_base(prior, jnp.asarray(task.coarse[lo:hi]),
-                                                slots[lo:hi]))
-  r_f = r_f.reshape(-1, r_f.shape[-1])
+  full_f = np.asarray(task.fine[lo:hi] - fine_base(prior, jnp.asarray(task.coarse[lo:hi]),
+                                                   slots[lo:hi]))
   out = {}
-  for name, r in (("c", r_c), ("f", r_f)):
+  for name, full, where in (("c", full_c, hidden), ("f", full_f, np.ones(full_f.shape[:3], bool))):
+    r = full[where]                                             # (n cells, C)
     std = np.maximum(r.std(axis=0), 1e-3).astype(np.float32) if r.size else np.ones(
         task.channels, np.float32)
+    if per_cell:
+      w = where[..., None].astype(np.float64)
+      count = w.sum(axis=0)                                     # (H, W, 1)
+      rms = np.sqrt((w * np.square(full)).sum(axis=0) / np.maximum(count, 1.0))
+      cell = np.where(count >= _MIN_HIDDEN, np.maximum(rms, _CELL_STD_FLOOR * std), std)
+      std = cell.astype(np.float32)                             # (H, W, C)
     out[f"residual_std_{name}"] = std
-    out[f"residual_absmax_{name}"] = float(np.abs(r / std).max()) if r.size else 0.0
+    out[f"residual_absmax_{name}"] = float(np.abs(np.where(where[..., None], full / std, 0)).max())
   return out
 
 

@@ -134,3 +134,25 @@ def test_first_guess_and_location_inputs_shapes(net):
   assert not np.allclose(model.apply({"params": moved}, x, tau, cond), out)
   with pytest.raises(ValueError, match="prior"):
     model.apply({"params": params}, x, tau, dict(cond, prior=jnp.ones((b, h + 1, w, c))))
+
+
+def test_residual_stats_per_channel_and_per_cell(task):
+  """The scales the residual targets are divided by: per channel (C,), or per cell (H, W, C)
+  with a floor at a tenth of the channel's; the fine residual over the share split, divided by
+  its per-cell scale, has unit root mean square in every cell that is above the floor."""
+  channel = prior_lib.fit_prior(task)
+  cell = prior_lib.fit_prior(task, per_cell=True)
+  c = task.channels
+  assert channel.residual_std_c.shape == (c,) and channel.residual_std_f.shape == (c,)
+  assert cell.residual_std_c.shape == task.coarse_shape + (c,)
+  assert cell.residual_std_f.shape == task.fine_shape + (c,)
+  assert np.all(cell.residual_std_f >= 0.1 * channel.residual_std_f - 1e-7)
+  lo, hi = task.split.range("train")
+  slots = jnp.asarray(cell.slots(task.series.timestamps[lo:hi]))
+  r = task.fine[lo:hi] - np.asarray(prior_lib.fine_base(cell, jnp.asarray(task.coarse[lo:hi]),
+                                                         slots))
+  rms = np.sqrt(np.mean(np.square(r / cell.residual_std_f), axis=0))
+  above = cell.residual_std_f > 0.1 * channel.residual_std_f + 1e-6
+  np.testing.assert_allclose(rms[above], 1.0, rtol=1e-3)
+  # heteroscedastic data: the busiest cell's scale is many times the quietest's
+  assert cell.residual_std_f.max() > 5 * cell.residual_std_f.min()
