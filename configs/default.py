@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.sampler = "ddim"       # ours: DDIM on CPU (measured: DDPM chains cost ~20x more).
   c.sampling.steps = 10             # S for DDIM; ours (CPU budget). DDPM always takes T.
   c.sampling.eta = 1.0              # ours: stochastic DDIM so samples spread (CRPS is meaningful).
-  c.sampling.n_samples = 2          # samples per map; point estimate = median (docs/evaluation.md);
+  c.sampling.n_samples = 2          # samples per map (CRPS, 90% interval; the median point);
                                     # ours (CPU budget: sampling dominates evaluation time).
   c.sampling.consistent = True      # ours: remove each N x N block's residual mean, so the fine
                                     # map pools exactly to the completed coarse map.
@@ -198,9 +198,11 @@ def make_full_size(c: ml_collections.ConfigDict) -> None:
 
 def use_paper_architecture(c: ml_collections.ConfigDict) -> None:
   """The model as published (the `:paper` variants): none of our additions to the networks'
-  inputs and targets (climatology prior, location embeddings, hidden-cell loss). The stage-2
-  residual over the uniform spread and consistent fine maps stay: without them Diffusion-F
-  samples with a biased mean (measured MAE 53 vs interp 19)."""
+  inputs, targets and point estimate (climatology prior and its residual scaling, location
+  embeddings, hidden-cell loss, x0 prediction, the one-pass point estimate and its L1 step):
+  eps prediction and the median of the samples. The stage-2 residual over the uniform spread
+  and consistent fine maps stay: without them Diffusion-F samples with a biased mean (measured
+  MAE 53 vs interp 19)."""
   c.diffusion.fine_base = "uniform"
   c.diffusion.coarse_residual = False
   c.model_c.location_dim = 0
