@@ -566,12 +566,16 @@ def sample_fine(models: Models, params_f, coarse: Array, external: Array, rng: A
   if base is None:
     point = jnp.median(samples, axis=0) if mean is None else mean
     return point, jnp.swapaxes(samples, 0, 1)
+  # Back to normalised units first: with per-cell scales, removing the block means before
+  # scaling would leave them non-zero.
   scale = models.residual_scale("f")
+  samples = samples * scale
   if settings.consistent:
     samples = jax.vmap(lambda r: block_mean_zero(r, n))(samples)
-  samples = samples * scale + base[None]
+  samples = samples + base[None]
   if mean is not None:
-    point = (block_mean_zero(mean, n) if settings.consistent else mean) * scale + base
+    mean = mean * scale
+    point = (block_mean_zero(mean, n) if settings.consistent else mean) + base
   else:
     point = jnp.median(samples, axis=0)
     if settings.consistent and settings.n_samples > 2:
