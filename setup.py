@@ -26,6 +26,7 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8.6",
         "absl-py>=2.5.1",
+        "etils>=1.15.0",  # epath: checkpoint paths in train.py (also an orbax dependency).
         "h5py>=3.16.0",
         "numcodecs>=0.16.6",
         "netCDF4>=1.7.5",

@@ -228,10 +228,7 @@ def stage_loss(models: Models, out: Array, x0: Array, noise: Array, tau: Array,
     return diffusion.eps_loss(out, x0, weights)
   err = out.astype(jnp.float32) - x0.astype(jnp.float32)
   last = diffusion._bcast(tau == models.schedule.num_steps - 1, err)
-  per_cell = jnp.where(last, jnp.abs(err), jnp.square(err))
-  w = jnp.ones_like(per_cell) if weights is None else jnp.broadcast_to(
-      jnp.asarray(weights, jnp.float32), per_cell.shape)
-  return jnp.sum(w * per_cell) / jnp.maximum(jnp.sum(w), 1e-8)
+  return diffusion.weighted_mean(jnp.where(last, jnp.abs(err), jnp.square(err)), weights)
 
 
 def diffuse(schedule: diffusion.Schedule, x0: Array, rng: Array,

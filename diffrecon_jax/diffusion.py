@@ -146,11 +146,17 @@ def eps_loss(eps_hat: Array, eps: Array, weights: Optional[Array] = None) -> Arr
   """
   if eps_hat.shape != eps.shape:
     raise ValueError(f"eps_loss: eps_hat shape {eps_hat.shape} != eps shape {eps.shape}")
-  sq = jnp.square(eps_hat.astype(jnp.float32) - eps.astype(jnp.float32))
+  return weighted_mean(jnp.square(eps_hat.astype(jnp.float32) - eps.astype(jnp.float32)),
+                       weights)
+
+
+def weighted_mean(values: Array, weights: Optional[Array] = None) -> Array:
+  """mean(values), or sum(w * values) / sum(w) with weights broadcastable to values (0 when all
+  weights are 0). Scalar float32."""
   if weights is None:
-    return jnp.mean(sq)
-  w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), sq.shape)
-  return jnp.sum(w * sq) / jnp.maximum(jnp.sum(w), 1e-8)
+    return jnp.mean(values)
+  w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), values.shape)
+  return jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
 def _check_known(shape, known, known_mask):
