@@ -161,7 +161,11 @@ def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
   when the config uses one."""
   per_cell = _choice(config.diffusion, "diffusion", "residual_scaling",
                      ("", "channel", "cell")) == "cell"
-  prior = prior_lib.fit_prior(task, per_cell=per_cell) if uses_prior(config) else None
+  d = config.diffusion
+  prior = prior_lib.fit_prior(
+      task, per_cell=per_cell, local=bool(d.get("guess_local_level", False)),
+      local_sigma=float(d.get("guess_local_sigma", 0.0)),
+      local_shrink=float(d.get("guess_local_shrink", 1.0))) if uses_prior(config) else None
   return build_models(config, task.scale, task.stats, task.series.aggregation, prior)
 
 

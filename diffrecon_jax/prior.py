@@ -48,6 +48,11 @@ class Prior:
   stats: the task's normalisation {'fine'|'coarse': {'mean', 'std'}} (per channel).
   level_decay: weight of a window slice one interval older than the next (the baseline's 0.5).
   ratio_clip: bounds of the `sum` level ratio (the baseline's guard).
+  local: False = one level for the whole map (the baseline's guess); True = each hidden cell's
+    level from the observations of its own cell (and, with local_sigma > 0, its neighbours,
+    weighted by a Gaussian of local_sigma coarse cells) in the window (`local_level`), shrunk
+    towards the map's level by
+  local_shrink: the weight of the map's level, in units of the cell's own current climatology.
   residual_std_c, residual_std_f: (C,) per-channel std of what each stage's residual target is
     on the training split (normalised units: hidden coarse cells minus `coarse_guess` under the
     training patterns; fine minus `fine_base`); residual_absmax_c / _f: the largest |residual|
@@ -62,6 +67,9 @@ class Prior:
   stats: dict
   level_decay: float = 0.5
   ratio_clip: tuple = (0.1, 10.0)
+  local: bool = False
+  local_sigma: float = 0.0
+  local_shrink: float = 1.0
   residual_std_c: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1, np.float32))
   residual_std_f: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1, np.float32))
   residual_absmax_c: float = 0.0
@@ -79,6 +87,7 @@ class Prior:
     np.savez(path, fine=self.fine, coarse=self.coarse, period=self.period,
              interval_minutes=self.interval_minutes, aggregation=self.aggregation,
              scale=self.scale, level_decay=self.level_decay, ratio_clip=np.asarray(self.ratio_clip),
+             local=self.local, local_sigma=self.local_sigma, local_shrink=self.local_shrink,
              residual_std_c=self.residual_std_c, residual_std_f=self.residual_std_f,
              residual_absmax_c=self.residual_absmax_c, residual_absmax_f=self.residual_absmax_f)
 
@@ -89,6 +98,10 @@ class Prior:
                  interval_minutes=int(z["interval_minutes"]), aggregation=str(z["aggregation"]),
                  scale=int(z["scale"]), stats=stats, level_decay=float(z["level_decay"]),
                  ratio_clip=tuple(float(v) for v in z["ratio_clip"]),
+                 # Files written before the local level existed used the map's level.
+                 local=bool(z["local"]) if "local" in z else False,
+                 local_sigma=float(z["local_sigma"]) if "local_sigma" in z else 0.0,
+                 local_shrink=float(z["local_shrink"]) if "local_shrink" in z else 1.0,
                  residual_std_c=z["residual_std_c"], residual_std_f=z["residual_std_f"],
                  residual_absmax_c=float(z["residual_absmax_c"]),
                  residual_absmax_f=float(z["residual_absmax_f"]))
@@ -97,9 +110,11 @@ class Prior:
 PRIOR_FILE = "prior.npz"
 
 
-def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False) -> Prior:
+def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: bool = False,
+              local_sigma: float = 0.0, local_shrink: float = 1.0) -> Prior:
   """The climatology of `task`'s training split (pipeline.TaskData), as the baseline fits it,
-  with the statistics of the residuals it leaves (`residual_stats`, per cell if `per_cell`)."""
+  with the statistics of the residuals it leaves (`residual_stats`, per cell if `per_cell`);
+  `local`, `local_sigma`, `local_shrink`: the `Prior` fields of the stage-1 guess's level."""
   n_train = int(task.split.val_start)
   fine, period = clim_lib.fit_climatology(task.fine_phys[:n_train],
                                           task.series.timestamps[:n_train],
@@ -108,7 +123,8 @@ def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False) -> Prior:
   prior = Prior(fine=fine.astype(np.float32), coarse=coarse.astype(np.float32), period=period,
                 interval_minutes=int(task.time_axis.interval_minutes),
                 aggregation=task.series.aggregation, scale=int(task.scale), stats=task.stats,
-                level_decay=float(level_decay))
+                level_decay=float(level_decay), local=bool(local), local_sigma=float(local_sigma),
+                local_shrink=float(local_shrink))
   return dataclasses.replace(prior, **residual_stats(prior, task, per_cell=per_cell))
 
 
@@ -203,9 +219,62 @@ def coarse_first_guess(prior: Prior, obs: Array, mask: Array, slots: Array) -> t
     expected = clim + level[:, None, None, None, :]
   else:
     raise ValueError(f"aggregation must be 'sum' or 'mean', got {prior.aggregation!r}")
-  guess = jnp.where(m[:, -1], phys[:, -1], expected[:, -1])
+  hidden_value = expected[:, -1]
+  if prior.local:
+    hidden_value = local_level(prior, phys, m, clim, w[..., None, None], level)
+  guess = jnp.where(m[:, -1], phys[:, -1], hidden_value)
   anomaly = jnp.where(m, phys - expected, 0.0) / std
   return ((guess - mean) / std).astype(jnp.float32), anomaly.astype(jnp.float32)
+
+
+def _smooth(x: Array, sigma: float) -> Array:
+  """(B, I, J, C) -> the same, each map convolved with a unit-peak Gaussian of `sigma` cells
+  (zero outside the grid; sigma 0: the identity, the Gaussian's limit). Separable: two (I, I) /
+  (J, J) matrix products, so the cost grows with I^2 J + I J^2, not (I J)^2, on a larger grid."""
+  if sigma <= 0:
+    return x
+  def kernel(n):
+    d = jnp.arange(n, dtype=jnp.float32)
+    return jnp.exp(-jnp.square(d[:, None] - d[None, :]) / (2.0 * sigma ** 2))
+  return jnp.einsum("ai,bj,nijc->nabc", kernel(x.shape[1]), kernel(x.shape[2]), x)
+
+
+def local_level(prior: Prior, phys: Array, m: Array, clim: Array, w: Array, level: Array
+                ) -> Array:
+  """Each cell's climatology for the current slot at the level of its own neighbourhood (ours).
+
+  The baseline brings every hidden cell to one level, that of the whole observed map. Flows
+  deviate from their calendar locally and persistently (a cell busy half an hour ago is busy
+  now), so a cell's level is better read from the observations of the cell itself in the
+  window's earlier slices (a `random` mask hides a new set every slice; a cell never observed
+  in the window, as under `fixed` masks, keeps the map's level) and optionally of its
+  neighbours: the ratio (`sum`) or offset (`mean`) of their recency-weighted observed totals to
+  their climatology, each point weighted by a Gaussian of its distance in cells (`local_sigma`;
+  0 = the cell alone), shrunk towards the map's `level` with weight `local_shrink` (in units of
+  the cell's own current climatology, or of one observation for `mean`). Completion MAE of the
+  guess alone on the validation split, random 0.8, cell alone: nytaxi 10.65 -> 10.28, nybike
+  4.61 -> 4.56 (shrink 1); neighbours (sigma 0.7) also help nytaxi's fixed 0.2 (-4%) but cost
+  fixed 0.8 / large_scale on nybike (+1-2%), and cost the model on nytaxi's fixed patterns.
+
+  Args: phys (B, t, I, J, C) physical observations (0 where hidden); m (B, t, I, J, 1) observed;
+    clim (B, t, I, J, C) climatology of the window's slots; w (1, t, 1, 1, 1) recency weights;
+    level (B, C) the map's level.
+  Returns: (B, I, J, C) physical values for the current slice.
+  """
+  now = clim[:, -1]
+  lam = prior.local_shrink
+  if prior.aggregation == "sum":
+    num = _smooth((w * jnp.where(m, phys, 0.0)).sum(axis=1), prior.local_sigma)
+    den = _smooth((w * jnp.where(m, clim, 0.0)).sum(axis=1), prior.local_sigma)
+    num = num + lam * level[:, None, None, :] * now
+    den = den + lam * now
+    ok = den > _EPS
+    ratio = jnp.clip(num / jnp.where(ok, den, 1.0), *prior.ratio_clip)
+    return now * jnp.where(ok, ratio, level[:, None, None, :])
+  num = _smooth((w * jnp.where(m, phys - clim, 0.0)).sum(axis=1), prior.local_sigma)
+  den = _smooth((w * jnp.broadcast_to(m, phys.shape).astype(jnp.float32)).sum(axis=1),
+                prior.local_sigma)
+  return now + (num + lam * level[:, None, None, :]) / (den + lam)
 
 
 def fine_base(prior: Prior, coarse_now: Array, slot_now: Array) -> Array:

@@ -90,6 +90,82 @@ def test_prior_round_trips_through_its_file(task, tmp_path):
     np.testing.assert_array_equal(getattr(back, f), getattr(prior, f))
   assert (back.period, back.interval_minutes, back.aggregation, back.scale) == (
       prior.period, prior.interval_minutes, prior.aggregation, prior.scale)
+  local = dataclasses.replace(prior, local=True, local_sigma=0.7, local_shrink=0.25)
+  local.save(prior_lib.prior_path(tmp_path))
+  back = prior_lib.Prior.load(prior_lib.prior_path(tmp_path), task.stats)
+  assert (back.local, back.local_sigma, back.local_shrink) == (True, 0.7, 0.25)
+
+
+def _local_guess_reference(prior, obs, m, clim):
+  """Straight numpy of `prior.local_level` over a full (I, J, I, J) kernel, one window at a
+  time: obs / clim (t, I, J, C) physical, m (t, I, J) observed."""
+  t, i, j, _ = obs.shape
+  w = prior.level_decay ** np.arange(t - 1, -1, -1)[:, None, None, None]
+  mm = m[..., None] > 0
+  if prior.aggregation == "sum":
+    level = np.clip((w * np.where(mm, obs, 0)).sum((0, 1, 2)) /
+                    (w * np.where(mm, clim, 0)).sum((0, 1, 2)), *prior.ratio_clip)
+  else:
+    level = (w * np.where(mm, obs - clim, 0)).sum((0, 1, 2)) / (w * mm).sum((0, 1, 2))
+  out = np.zeros((i, j) + obs.shape[3:])
+  for a in range(i):
+    for b in range(j):
+      d2 = (np.arange(i)[:, None] - a) ** 2 + (np.arange(j)[None] - b) ** 2
+      k = (np.exp(-d2 / (2 * prior.local_sigma ** 2)) if prior.local_sigma > 0 else
+           (d2 == 0).astype(float))[None, :, :, None]
+      now, lam = clim[-1, a, b], prior.local_shrink
+      if prior.aggregation == "sum":
+        num = (k * w * np.where(mm, obs, 0)).sum((0, 1, 2)) + lam * level * now
+        den = (k * w * np.where(mm, clim, 0)).sum((0, 1, 2)) + lam * now
+        # an empty neighbourhood (no climatology at all) keeps the map's level
+        out[a, b] = np.where(den > 1e-6, now * np.clip(num / np.where(den > 1e-6, den, 1),
+                                                         *prior.ratio_clip), now * level)
+      else:
+        num = (k * w * np.where(mm, obs - clim, 0)).sum((0, 1, 2)) + lam * level
+        den = (k * w * mm).sum((0, 1, 2)) + lam
+        out[a, b] = now + num / den
+  return np.where(mm[-1], obs[-1], out)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.8])
+def test_local_first_guess_matches_its_definition_and_reads_only_observations(task, sigma):
+  prior = dataclasses.replace(prior_lib.fit_prior(task), local=True, local_sigma=sigma,
+                              local_shrink=0.5)
+  mask, _ = evaluate.eval_mask(task, patterns.parse_pattern("random:0.6"), 0)
+  slices = np.arange(300, 306)
+  view, idx = windows(task, mask, slices)
+  slots = prior.slots(task.series.timestamps)[idx]
+  obs, m = view.coarse_obs_norm[idx], view.mask[idx]
+  guess, _ = prior_lib.coarse_first_guess(prior, jnp.asarray(obs), jnp.asarray(m),
+                                          jnp.asarray(slots))
+  got = task.coarse_norm.inverse(np.asarray(guess))
+  for k, s in enumerate(slices):
+    want = _local_guess_reference(prior, np.nan_to_num(view.coarse_obs[idx[k]]), m[k],
+                                  prior.coarse[slots[k]])
+    np.testing.assert_allclose(got[k], want, rtol=1e-3, atol=1e-2)
+  # Not the map's one level: a hidden cell follows its own and its neighbours' observations.
+  flat = dataclasses.replace(prior, local=False)
+  assert np.abs(got - task.coarse_norm.inverse(np.asarray(prior_lib.coarse_guess(
+      flat, jnp.asarray(obs), jnp.asarray(m), jnp.asarray(slots))))).max() > 1.0
+  junk = np.where(m[..., None] > 0, obs, 1e4).astype(np.float32)
+  again, _ = prior_lib.coarse_first_guess(prior, jnp.asarray(junk), jnp.asarray(m),
+                                          jnp.asarray(slots))
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(guess))
+
+
+def test_own_cell_level_leaves_never_observed_cells_at_the_maps_level(task):
+  """Under a fixed mask a hidden cell is hidden in the whole window: with the cell's own level
+  (sigma 0) its guess is the baseline's."""
+  prior = dataclasses.replace(prior_lib.fit_prior(task), local=True, local_sigma=0.0)
+  mask, _ = evaluate.eval_mask(task, patterns.parse_pattern("fixed:0.6"), 0)
+  slices = np.arange(300, 310)
+  view, idx = windows(task, mask, slices)
+  args = (jnp.asarray(view.coarse_obs_norm[idx]), jnp.asarray(view.mask[idx]),
+          jnp.asarray(prior.slots(task.series.timestamps)[idx]))
+  np.testing.assert_allclose(
+      np.asarray(prior_lib.coarse_guess(prior, *args)),
+      np.asarray(prior_lib.coarse_guess(dataclasses.replace(prior, local=False), *args)),
+      rtol=1e-5, atol=1e-5)
 
 
 def test_build_models_asks_for_the_prior_when_the_config_uses_it():
