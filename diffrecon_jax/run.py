@@ -64,7 +64,8 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None) -
     res = evaluate_lib.evaluate_method(
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
-        chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir)
+        chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
+        figures_dir=pathlib.Path(workdir) / "figures" if m is methods[0] else None)
     docs.append(evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
                                               extra if m is methods[0] else None))
   evaluate_lib.write_results(workdir, docs)

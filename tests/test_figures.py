@@ -42,3 +42,47 @@ def test_a_failing_figure_logs_a_warning_and_returns_none(tmp_path, caplog):
                                path=blocker / "cov.png", title="t")
   assert out is None
   assert any("cov.png not written" in r.getMessage() for r in caplog.records)
+
+
+class _JitteredClimatology:
+  """The climatology baseline with two samples around its point (a method with an interval)."""
+  name = "jittered"
+  sampler = {"n_samples": 2}
+
+  def __init__(self):
+    from diffrecon_jax.baselines import climatology
+    self.base = climatology.ClimatologyBaseline()
+
+  def reconstruct(self, view, slices):
+    rec = self.base.reconstruct(view, slices)
+    return dict(rec, samples=np.stack([0.9 * rec["fine"], 1.1 * rec["fine"]]))
+
+
+def _evaluate(figures_dir):
+  from diffrecon_jax import evaluate
+  from tests import _train_helpers as helpers
+  return evaluate.evaluate_method(helpers.tiny_task(), _JitteredClimatology(),
+                                  ("random:0.4", "large_scale:0.25"), seed=0, max_slices=4,
+                                  figures_dir=figures_dir)
+
+
+def test_evaluation_writes_figures_per_pattern_and_the_coverage(tmp_path):
+  results = _evaluate(tmp_path / "figures")
+  names = sorted(p.name for p in (tmp_path / "figures").iterdir())
+  assert names == ["jittered_coverage_90.png", "jittered_large_scale_0.25_3d.png",
+                   "jittered_large_scale_0.25_maps.png", "jittered_random_0.4_3d.png",
+                   "jittered_random_0.4_maps.png"]
+  assert all(_is_png(tmp_path / "figures" / n) for n in names)
+  assert all(r["coverage_90"] is not None for r in results)
+
+
+def test_a_broken_figure_does_not_stop_the_evaluation(tmp_path, monkeypatch, caplog):
+  def broken(*args, **kwargs):
+    raise RuntimeError("no display, no fonts")
+  monkeypatch.setattr(figures, "surfaces_3d", broken)
+  with caplog.at_level("WARNING"):
+    results = _evaluate(tmp_path / "figures")
+  assert [r["mae"] for r in results] == [r["mae"] for r in _evaluate(None)]
+  warned = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+  assert len(warned) == 2 and all("no display, no fonts" in w for w in warned), warned
+  assert (tmp_path / "figures" / "jittered_random_0.4_maps.png").exists()
