@@ -20,6 +20,7 @@ from absl import logging
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import train as train_lib
+from diffrecon_jax import user_reconstruct
 from diffrecon_jax.baselines import climatology, interp
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
@@ -95,6 +96,8 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     train_lib.train(config, workdir, task=task, models=models)
     if mode == "train":
       return []
+  if mode == "reconstruct" and config.get("reconstruct", {}).get("input", ""):
+    return [user_reconstruct.reconstruct_file(config, workdir)]  # the user's own observations
   saved_config, task, method = load_method(config, workdir)
   if mode == "reconstruct":
     return [reconstruct_to_files(saved_config, workdir, task, method)]
