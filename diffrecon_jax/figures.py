@@ -48,6 +48,7 @@ def surfaces_3d(panels: Sequence[tuple], path, title: str, units: str = "") -> p
     (the error). NaN cells are drawn as zero-height bars.
   """
   from matplotlib import cm, colors
+  units = units or "value (no units given)"
   fig = _figure(4.6 * len(panels), 4.4)
   shared = [np.nan_to_num(np.asarray(a, np.float64)) for _, a, s in panels if s]
   shared_max = max([float(a.max()) for a in shared] + [1e-9])
@@ -82,6 +83,7 @@ def uncertainty_maps(point: np.ndarray, lower: Optional[np.ndarray], upper: Opti
   (NI, NJ; omitted when None: a method without samples) and `observed` (I, J), 1 where the
   coarse cell was observed. Returns the path written."""
   from matplotlib import colors
+  units = units or "value (no units given)"
   point = np.asarray(point, np.float64)
   panels = [("reconstruction", point, "viridis", units)]
   if lower is not None and upper is not None:
