@@ -146,3 +146,27 @@ def test_bad_input_is_a_clear_error(trained, good, tmp_path, case, message):
   with pytest.raises(DataError, match=message) as err:
     _reconstruct(trained, path)
   assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_zarr_store_gives_values_times_coordinates_and_units(tmp_path):
+  import zarr
+  values = np.arange(5 * 3 * 2 * 2, dtype=np.float32).reshape(5, 3, 2, 2)
+  values[0, 1, 1] = np.nan
+  g = zarr.open_group(str(tmp_path / "obs.zarr"), mode="w", zarr_format=2)
+  for name, arr, dims, attrs in (
+      ("flow", values, ["time", "lat", "lon", "channel"], {"units": "trips"}),
+      ("time", np.arange(5, dtype="i8") * 30, ["time"],
+       {"units": "minutes since 2016-10-29 00:00:00"}),
+      ("lat", np.array([40.0, 40.5, 41.0]), ["lat"], {}),
+      ("lon", np.array([-74.0, -73.5]), ["lon"], {})):
+    a = g.create_array(name, shape=arr.shape, dtype=arr.dtype, fill_value=None)
+    a[...] = arr
+    a.attrs.update(dict(attrs, _ARRAY_DIMENSIONS=dims))
+  zarr.consolidate_metadata(str(tmp_path / "obs.zarr"))
+  obs = user_reconstruct.read_coarse_file(tmp_path / "obs.zarr")
+  np.testing.assert_array_equal(obs.values, values)
+  assert obs.dims == ("lat", "lon") and obs.units == "trips" and obs.interval_minutes == 30
+  assert str(obs.timestamps[1]) == "2016-10-29T00:30"
+  np.testing.assert_allclose(obs.coords["lat"], [40.0, 40.5, 41.0])
+  np.testing.assert_allclose(user_reconstruct.refine_coordinates(obs.coords["lon"], 2),
+                             [-74.125, -73.875, -73.625, -73.375])
