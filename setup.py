@@ -31,6 +31,7 @@ setup(
         "numcodecs>=0.16.6",
         "netCDF4>=1.7.5",
         "zarr>=3.1.0",  # users' Zarr v3 stores (v2 stores are decoded with numcodecs alone).
+        "matplotlib>=3.11.2",  # figures.py: the figures evaluate and reconstruct write.
     ],
     extras_require={
         "test": ["pytest>=9.0", "chex>=0.1.92"],

@@ -171,6 +171,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.concurrent_batches = 0     # sampler batches run at once; 0 = automatic: 2 on CPU
                                     # (measured: one XLA:CPU program keeps ~1 of 2 cores busy;
                                     # two at once halve the time per batch), 1 on accelerators.
+
+  # ---- reconstruct your own observations (--mode=reconstruct; user_reconstruct.py) ----
+  # Read from the command line at reconstruct time; the model comes from the workdir.
+  c.reconstruct = ml_collections.ConfigDict()
+  c.reconstruct.input = ""          # file of coarse maps (T, I, J[, C]) to reconstruct, NaN = not
+                                    # observed (.nc / Zarr / .npz / .npy); "" = re-run the
+                                    # dataset's own split under the evaluation masks.
+  c.reconstruct.variable = ""       # array / variable inside the file; "" = the only candidate.
+  c.reconstruct.layout = "THWC"     # axis order of the stored array ("THW" for one channel).
+  c.reconstruct.timestamps_key = "" # array holding the timestamps; "" = the CF time coordinate
+                                    # (NetCDF / Zarr) or an array named `time` (npz).
+  c.reconstruct.external_key = ""   # (T, F) external features in the file; "" = calendar
+                                    # features of the timestamps (what a user grid trains with).
+  c.reconstruct.output = ""         # path without suffix for the .nc and .npz written; "" =
+                                    # workdir/reconstruction/<input name>.
+  c.reconstruct.save_samples = False  # also write the fine samples (S per map; sampling.n_samples).
   return c
 
 

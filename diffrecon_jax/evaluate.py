@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 from absl import logging
 
+from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
@@ -180,7 +181,8 @@ def eval_mask(task, pattern: patterns_lib.Pattern, base_seed: int) -> tuple:
 
 
 def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "test",
-                    max_slices: int = 0, chunk: int = 0, workdir=None) -> list:
+                    max_slices: int = 0, chunk: int = 0, workdir=None,
+                    figures_dir=None) -> list:
   """Scores `method` on every pattern; returns the contract's `results` entries.
 
   The method gets the scored slices in contiguous runs (a hole in the time axis starts a new
@@ -188,6 +190,8 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
   large grids); 0 hands each run over whole (fewest padded batches). The method sees only
   `observe(task, mask)`; the completion metrics are scored on the hidden coarse cells alone, the
   fine metrics on every finite fine cell. The train split is refused (`evaluation_slices`).
+  With `figures_dir`, the first scored slice of each pattern is drawn there, and the 90%
+  interval's coverage per pattern (`figures.py`; a figure that fails only logs a warning).
   """
   slices_all, gaps = evaluation_slices(task, split, max_slices)
   pieces = contiguous_pieces(slices_all, chunk)
@@ -209,8 +213,11 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
     view = observe(task, mask)
     fine_m, comp_m = metrics_lib.PooledMetrics(), metrics_lib.PooledMetrics()
     start = time.perf_counter()
+    shown = None  # (slice index, its reconstruction): the slice the figures draw
     for sl in pieces:
       rec = method.reconstruct(view, sl)
+      if shown is None:
+        shown = (int(sl[0]), rec)
       fine_m.update(rec["fine"], task.fine_phys[sl], samples=rec.get("samples"))
       comp_m.update(rec["coarse"], task.coarse_phys[sl], where=(mask[sl] == 0)[..., None])
     seconds = time.perf_counter() - start
@@ -236,6 +243,22 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
                  f"{entry['completion_mae']:.4f}" if entry["completion_mae"] is not None else "-",
                  seconds)
     out.append(entry)
+    if figures_dir is not None:
+      first, rec = shown
+      samples = rec.get("samples")
+      figures_lib.evaluation_figures(
+          figures_dir, method.name, pattern.label, task.fine_phys[first], rec["fine"][0],
+          None if samples is None else samples[:, 0], mask[first],
+          str(task.series.timestamps[first]), channel=task.series.channel_names[0],
+          units=task.series.units)
+  if figures_dir is not None and any(e["coverage_90"] is not None for e in out):
+    n = (getattr(method, "sampler", None) or {}).get("n_samples")
+    figures_lib.write_safely(
+        figures_lib.coverage_bars, [f"{e['pattern']}:{e['missing_ratio']:g}" for e in out],
+        [e["coverage_90"] for e in out],
+        path=pathlib.Path(figures_dir) / f"{method.name}_coverage_90.png",
+        title=f"{method.name} on {task.series.name} ({split}): 90% interval coverage"
+              + (f", {n} samples per map" if n else ""))
   return out
 
 

@@ -20,6 +20,7 @@ from absl import logging
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import train as train_lib
+from diffrecon_jax import user_reconstruct
 from diffrecon_jax.baselines import climatology, interp
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
@@ -64,7 +65,8 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None) -
     res = evaluate_lib.evaluate_method(
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
-        chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir)
+        chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
+        figures_dir=pathlib.Path(workdir) / "figures" if m is methods[0] else None)
     docs.append(evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
                                               extra if m is methods[0] else None))
   evaluate_lib.write_results(workdir, docs)
@@ -94,6 +96,8 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     train_lib.train(config, workdir, task=task, models=models)
     if mode == "train":
       return []
+  if mode == "reconstruct" and config.get("reconstruct", {}).get("input", ""):
+    return [user_reconstruct.reconstruct_file(config, workdir)]  # the user's own observations
   saved_config, task, method = load_method(config, workdir)
   if mode == "reconstruct":
     return [reconstruct_to_files(saved_config, workdir, task, method)]

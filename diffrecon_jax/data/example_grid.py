@@ -2,13 +2,18 @@
 
   python -m diffrecon_jax.data.example_grid grid.nc          # NetCDF, CF time axis
   python -m diffrecon_jax.data.example_grid grid.npz         # npz: `flow` + `time` arrays
+  python -m diffrecon_jax.data.example_grid observed.nc --coarsen 2 --last 48 --nan-fraction 0.3
 
 The file holds the embedded NYC Citi Bike flows (Lin et al., KDD 2020; Aug-Oct 2016, 30 min,
 14 x 8 cells, inflow and outflow) as a variable `flow` (time, y, x, channel) with a CF time
 coordinate, the layout most users' exports have. `--drop-every K` removes every K-th slice
 (sensor outages: holes in the time axis) and `--nan-fraction F` sets a fraction F of the cells
 of every slice to NaN (unobserved), so the gap and missing-value paths can be tried on real
-values. Nothing here is read by the training code; it only writes files.
+values. `--coarsen N` writes the coarse maps instead (N x N blocks summed; NetCDF gets `y` / `x`
+coordinates: the coarse cell centres in fine-grid rows / columns) with the NaN cells drawn on the
+coarse grid, and `--last K` keeps the last K slices: an incomplete coarse file of the kind
+`--mode=reconstruct --config.reconstruct.input=...` reads. Nothing here is read by the training
+code; it only writes files.
 """
 from __future__ import annotations
 
@@ -17,15 +22,18 @@ import pathlib
 
 import numpy as np
 
+from diffrecon_jax.data import coarsen as coarsen_lib
 from diffrecon_jax.data import nyc_dsan
 from diffrecon_jax.data.series import SpatioTemporalSeries
 
 _EPOCH = np.datetime64("1970-01-01T00:00", "m")
 
 
-def write_grid(series: SpatioTemporalSeries, path, variable: str = "flow") -> pathlib.Path:
+def write_grid(series: SpatioTemporalSeries, path, variable: str = "flow",
+               coords: dict = None) -> pathlib.Path:
   """Writes `series.values` (T, H, W, C) and its timestamps to .nc (CF time in minutes since
-  1970-01-01) or .npz (`variable` and `time` as datetime64[m]); returns the path written."""
+  1970-01-01) or .npz (`variable` and `time` as datetime64[m]); returns the path written.
+  coords: {"y": (H,), "x": (W,)} coordinate variables for the .nc file (None: none)."""
   path = pathlib.Path(path)
   values = np.asarray(series.values, np.float32)
   minutes = (series.timestamps.astype("datetime64[m]") - _EPOCH).astype(np.int64)
@@ -47,6 +55,10 @@ def write_grid(series: SpatioTemporalSeries, path, variable: str = "flow") -> pa
     tv.units = "minutes since 1970-01-01 00:00:00"
     tv.calendar = "standard"
     tv[:] = minutes
+    for dim, centres in (coords or {}).items():
+      cv = ds.createVariable(dim, "f8", (dim,))
+      cv[:] = centres
+      cv.long_name = f"cell centre in fine-grid {'rows' if dim == 'y' else 'columns'}"
     v = ds.createVariable(variable, "f4", ("time", "y", "x", "channel"), zlib=True,
                           fill_value=np.float32(np.nan))
     v.long_name = f"{series.name} ({', '.join(series.channel_names)})"
@@ -56,12 +68,16 @@ def write_grid(series: SpatioTemporalSeries, path, variable: str = "flow") -> pa
   return path
 
 
-def example_series(drop_every: int = 0, nan_fraction: float = 0.0,
-                   seed: int = 0) -> SpatioTemporalSeries:
-  """The embedded nybike series, optionally with every `drop_every`-th slice removed and a
-  fraction `nan_fraction` of the cells of each slice set to NaN (seeded)."""
+def example_series(drop_every: int = 0, nan_fraction: float = 0.0, seed: int = 0,
+                   coarsen: int = 1, last: int = 0) -> SpatioTemporalSeries:
+  """The embedded nybike series, optionally pooled to coarse maps by `coarsen` = N (sums of
+  N x N blocks), with every `drop_every`-th slice removed, a fraction `nan_fraction` of the
+  cells of each slice set to NaN (seeded; coarse cells when coarsened) and only the `last`
+  slices kept (0: all)."""
   s = nyc_dsan.load_nybike()
   values, stamps = s.values.copy(), s.timestamps
+  if coarsen > 1:
+    values = coarsen_lib.coarsen(values, coarsen, s.aggregation)
   if nan_fraction > 0:
     rng = np.random.default_rng(seed)
     hidden = rng.random(values.shape[:3]) < nan_fraction
@@ -69,6 +85,8 @@ def example_series(drop_every: int = 0, nan_fraction: float = 0.0,
   keep = np.ones(len(stamps), bool)
   if drop_every > 0:
     keep[drop_every - 1::drop_every] = False
+  if last > 0:
+    keep[:-last] = False
   return SpatioTemporalSeries(
       name="example", values=values[keep], timestamps=stamps[keep], external=s.external[keep],
       external_names=s.external_names, aggregation=s.aggregation, units=s.units,
@@ -81,11 +99,22 @@ def main(argv=None) -> None:
   p.add_argument("--drop-every", type=int, default=0, help="remove every K-th slice (0: none)")
   p.add_argument("--nan-fraction", type=float, default=0.0,
                  help="fraction of cells set to NaN in every slice (0: none)")
+  p.add_argument("--coarsen", type=int, default=1,
+                 help="write coarse maps: sums of N x N blocks (1: the fine grid)")
+  p.add_argument("--last", type=int, default=0, help="keep only the last K slices (0: all)")
   args = p.parse_args(argv)
   if not 0.0 <= args.nan_fraction < 1.0:
     p.error(f"--nan-fraction must be in [0, 1), got {args.nan_fraction}")
-  series = example_series(args.drop_every, args.nan_fraction)
-  out = write_grid(series, args.path)
+  if args.coarsen < 1 or args.last < 0:
+    p.error(f"--coarsen must be >= 1 and --last >= 0, got {args.coarsen} and {args.last}")
+  series = example_series(args.drop_every, args.nan_fraction, coarsen=args.coarsen,
+                          last=args.last)
+  n = args.coarsen
+  coords = None
+  if n > 1:  # coarse cell centres in fine-grid rows / columns: refined by N they are 0, 1, ...
+    h, w = series.fine_shape
+    coords = {"y": np.arange(h) * n + (n - 1) / 2, "x": np.arange(w) * n + (n - 1) / 2}
+  out = write_grid(series, args.path, coords=coords)
   print(f"wrote {out}: {series.values.shape[0]} slices of {series.fine_shape[0]}x"
         f"{series.fine_shape[1]} cells, {series.channels} channels ({series.units})")
 

@@ -1,0 +1,172 @@
+"""Figures of reconstructions, written by `evaluate` and by `--mode=reconstruct` into
+`workdir/figures/`:
+
+  surfaces_3d       3-D bar heatmaps of one slice (the paper's Fig. 10 style): truth,
+                    reconstruction and absolute error (or any list of fine maps)
+  uncertainty_maps  2-D maps of one slice: the reconstruction, the width of its 90% interval
+                    (from the samples) and the observed coarse cells
+  coverage_bars     the 90% interval's coverage per pattern against the nominal 0.9
+  write_safely      calls one of the above and logs a warning instead of raising: a figure that
+                    fails must not cost an evaluation or a reconstruction its results
+
+Inputs are physical units of one slice and one channel: fine maps (NI, NJ), coarse masks (I, J).
+Only matplotlib's object API is used (`Figure` + Agg canvas, no pyplot): nothing global changes
+in the caller's process, and matplotlib is imported when a figure is drawn, not before.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from absl import logging
+
+# Small figures: a few tenths of a second each, so an evaluation's figures take a few seconds.
+_DPI = 90
+
+
+def _figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width, height), dpi=_DPI)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=_DPI)
+  return path
+
+
+def surfaces_3d(panels: Sequence[tuple], path, title: str, units: str = "") -> pathlib.Path:
+  """One 3-D bar heatmap per panel, side by side; returns the path written.
+
+  panels: (title, (NI, NJ) array, shared) triples; the panels with `shared` True get one z range
+    and colour scale (truth and reconstruction compare bar for bar), the others their own
+    (the error). NaN cells are drawn as zero-height bars.
+  """
+  from matplotlib import cm, colors
+  units = units or "value (no units given)"
+  fig = _figure(4.6 * len(panels), 4.4)
+  shared = [np.nan_to_num(np.asarray(a, np.float64)) for _, a, s in panels if s]
+  shared_max = max([float(a.max()) for a in shared] + [1e-9])
+  for k, (name, arr, is_shared) in enumerate(panels):
+    z = np.nan_to_num(np.asarray(arr, np.float64))
+    top = shared_max if is_shared else max(float(z.max()), 1e-9)
+    ax = fig.add_subplot(1, len(panels), k + 1, projection="3d")
+    ni, nj = z.shape
+    # Rows run along the y axis from the top of the map, as in the 2-D maps (row 0 at the back).
+    xx, yy = np.meshgrid(np.arange(nj), np.arange(ni))
+    cmap = cm.viridis if is_shared else cm.magma
+    norm = colors.Normalize(0.0, top)
+    ax.bar3d(xx.ravel(), yy.ravel(), np.zeros(z.size), 0.9, 0.9, z.ravel(),
+             color=cmap(norm(z.ravel())), shade=True)
+    ax.set_zlim(0.0, top)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("column (x)", fontsize=8)
+    ax.set_ylabel("row (y)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.view_init(elev=35, azim=-60)
+    bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.6, pad=0.08)
+    bar.set_label(units, fontsize=8)  # the z axis shares the colour scale and its units
+    bar.ax.tick_params(labelsize=7)
+  fig.suptitle(title, fontsize=11)
+  fig.subplots_adjust(left=0.0, right=0.96, bottom=0.02, top=0.9, wspace=0.12)
+  return _save(fig, path)
+
+
+def uncertainty_maps(point: np.ndarray, lower: Optional[np.ndarray], upper: Optional[np.ndarray],
+                     observed: np.ndarray, path, title: str, units: str = "") -> pathlib.Path:
+  """2-D maps of one slice: point (NI, NJ), the width upper - lower of its 90% interval
+  (NI, NJ; omitted when None: a method without samples) and `observed` (I, J), 1 where the
+  coarse cell was observed. Returns the path written."""
+  from matplotlib import colors
+  units = units or "value (no units given)"
+  point = np.asarray(point, np.float64)
+  panels = [("reconstruction", point, "viridis", units)]
+  if lower is not None and upper is not None:
+    panels.append(("90% interval width", np.asarray(upper, np.float64)
+                   - np.asarray(lower, np.float64), "magma", units))
+  panels.append((f"observed coarse cells ({int(np.sum(observed > 0))} of {observed.size})",
+                 np.asarray(observed, np.float64), colors.ListedColormap(["#d9d9d9", "#238b45"]),
+                 None))
+  aspect = point.shape[0] / max(point.shape[1], 1)
+  fig = _figure(3.7 * len(panels), 1.2 + 3.0 * aspect)
+  for k, (name, arr, cmap, unit) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), k + 1)
+    if unit is None:  # the mask: two colours, a labelled two-tick colorbar
+      im = ax.imshow(arr, cmap=cmap, vmin=0, vmax=1)
+      bar = fig.colorbar(im, ax=ax, ticks=[0.25, 0.75], shrink=0.8)
+      bar.ax.set_yticklabels(["hidden", "observed"], fontsize=8)
+    else:
+      im = ax.imshow(arr, cmap=cmap)
+      bar = fig.colorbar(im, ax=ax, shrink=0.8)
+      bar.set_label(unit, fontsize=8)
+      bar.ax.tick_params(labelsize=7)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("column (x)", fontsize=8)
+    ax.set_ylabel("row (y)", fontsize=8)
+    ax.tick_params(labelsize=7)
+  fig.suptitle(title, fontsize=11)
+  fig.subplots_adjust(left=0.04, right=0.95, bottom=0.1, top=0.85, wspace=0.3)
+  return _save(fig, path)
+
+
+def coverage_bars(labels: Sequence[str], coverage: Sequence[Optional[float]], path, title: str,
+                  nominal: float = 0.9) -> pathlib.Path:
+  """Bar chart of the share of fine cells inside their 90% interval, one bar per pattern, with
+  the nominal level as a dashed line; None (no samples) is drawn as a missing bar."""
+  fig = _figure(max(5.0, 0.8 * len(labels) + 2.0), 3.8)
+  ax = fig.add_subplot(1, 1, 1)
+  values = [np.nan if c is None else float(c) for c in coverage]
+  pos = np.arange(len(labels))
+  ax.bar(pos, np.nan_to_num(values), color="#4c72b0", width=0.6)
+  for x, v in zip(pos, values):
+    ax.text(x, (0 if np.isnan(v) else v) + 0.02, "-" if np.isnan(v) else f"{v:.2f}",
+            ha="center", fontsize=8)
+  ax.axhline(nominal, color="#c44e52", linestyle="--", label=f"nominal {nominal:g}")
+  ax.set_xticks(pos)
+  ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("share of fine cells inside", fontsize=9)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8, loc="upper right")
+  fig.subplots_adjust(left=0.13, right=0.97, bottom=0.28, top=0.88)
+  return _save(fig, path)
+
+
+def write_safely(fn: Callable, *args, **kwargs) -> Optional[pathlib.Path]:
+  """`fn(*args, **kwargs)`, or None with a warning naming the figure and the error when drawing
+  fails (matplotlib missing, a broken font cache, a full disk): figures never stop a run."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    where = kwargs.get("path", "?")  # callers pass `path` by keyword
+    logging.warning("figure %s not written (%s: %s)", where, type(e).__name__, e)
+    return None
+
+
+def evaluation_figures(folder, method: str, label: str, truth: np.ndarray, fine: np.ndarray,
+                       samples: Optional[np.ndarray], observed: np.ndarray, when: str,
+                       channel: str = "", units: str = "") -> list:
+  """The two figures of one evaluated slice of one pattern (channel 0), safely written:
+  `<method>_<label>_3d.png` (truth / reconstruction / |error|) and `<method>_<label>_maps.png`.
+
+  truth, fine: (NI, NJ, C); samples: (S, NI, NJ, C) or None; observed: (I, J), 1 = observed;
+  when: the slice's timestamp, for the titles. Returns the paths written.
+  """
+  folder = pathlib.Path(folder)
+  name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in f"{method}_{label}")
+  what = f"{method}, {label}, {when}" + (f", {channel}" if channel else "")
+  t, f = np.asarray(truth)[..., 0], np.asarray(fine)[..., 0]
+  lower = upper = None
+  if samples is not None:
+    lower, upper = np.quantile(np.asarray(samples)[..., 0], [0.05, 0.95], axis=0)
+  out = [write_safely(surfaces_3d, [("truth", t, True), ("reconstruction", f, True),
+                                    ("absolute error", np.abs(f - t), False)],
+                      path=folder / f"{name}_3d.png", title=what, units=units),
+         write_safely(uncertainty_maps, f, lower, upper, observed,
+                      path=folder / f"{name}_maps.png", title=what, units=units)]
+  return [p for p in out if p is not None]

@@ -1,0 +1,365 @@
+"""Reconstruct a user's own incomplete coarse observations with a trained workdir
+(`--mode=reconstruct --config.reconstruct.input=FILE`).
+
+The input is a file of coarse maps (T, I, J[, C]) in NetCDF / Zarr / .npz / .npy, NaN = not
+observed, read by the same loader as a user's training grid (`data.custom.load_array`), with a time
+axis (a CF time coordinate, or a `time` / `reconstruct.timestamps_key` array). Everything about
+the model comes from the workdir alone (`train.load_for_sampling`: the checkpoint's config,
+normalisation statistics, shapes, scale N and aggregation; `prior.npz`); nothing of the training
+data is read when the model has its climatology prior (the default).
+
+Each slice s with 2 * history slices before it, one interval apart, is reconstructed: stage 1
+completes the coarse maps of s's window, each from its own window of observations (as in an
+evaluation, `diffrecon_method`), stage 2 infers the fine map. Written to `reconstruct.output`
+(default `workdir/reconstruction/<input name>`) as .nc and .npz:
+  fine (n, N*I, N*J, C)      the point estimate (`sampling.point`)
+  fine_q05, fine_q95         the 90% interval: per-cell 5% / 95% quantiles of the samples
+  samples (S, n, N*I, N*J, C) with `reconstruct.save_samples`
+  coarse (n, I, J, C)        the completed coarse maps (observed cells keep their values)
+  observed (n, I, J)         1 where the coarse cell was observed (every channel finite)
+  time (n,)                  the slices' timestamps
+The NetCDF file carries the input's spatial coordinates refined by N (`refine_coordinates`) and
+the input coordinates on the coarse dimensions. Figures of the last slice go to
+`workdir/figures/`. Bad input is a `DataError` naming the file and the value to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+
+import numpy as np
+from absl import logging
+
+from diffrecon_jax import diffrecon
+from diffrecon_jax import evaluate as evaluate_lib
+from diffrecon_jax import figures as figures_lib
+from diffrecon_jax import train as train_lib
+from diffrecon_jax.data import custom, files, pipeline, registry, time_axis
+from diffrecon_jax.data.errors import DataError
+from diffrecon_jax.diffrecon_method import DiffReconMethod
+
+# `start` handed to the loader: a file without a time axis gets timestamps from this year, which no
+# real series has, so its absence can be told apart from a file that has one.
+_NO_TIME = np.datetime64("0001-01-01T00:00", "m")
+_EPOCH = np.datetime64("1970-01-01T00:00", "m")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoarseInput:
+  """A user's coarse observations.
+
+  values: (T, I, J, C) float32 physical units, NaN = not observed.
+  timestamps: (T,) datetime64[m], strictly increasing on one interval grid (gaps allowed).
+  interval_minutes: the step of that grid.
+  external: (T, F) float32 external features (the file's `external_key` array, else calendar
+    features of the timestamps, as the loader makes them for a training grid).
+  dims: (row dimension, column dimension) names; coords: {dim: (I,) or (J,) float64} for the
+    dims that have a 1-D coordinate in the file; units: the variable's units ("" if none).
+  source: the file's path.
+  """
+  values: np.ndarray
+  timestamps: np.ndarray
+  interval_minutes: int
+  external: np.ndarray
+  dims: tuple
+  coords: dict
+  units: str
+  source: str
+
+
+def read_coarse_file(path, variable: str = "", layout: str = "THWC", timestamps_key: str = "",
+                     external_key: str = "") -> CoarseInput:
+  """Reads coarse observations (see module docstring); DataError for a missing or unreadable
+  file, an unsupported format, a wrong number of dimensions, Inf, no observed value or no time
+  axis."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise DataError(f"{path}: file not found (reconstruct.input)")
+  tkey = timestamps_key or None
+  if path.suffix.lower() == ".npz" and tkey is None:
+    with _readable(path):
+      with np.load(path, allow_pickle=False) as z:
+        tkey = "time" if "time" in z.files else None  # what example_grid and most exports write
+  with _readable(path):
+    series = custom.load_array(path, name=path.stem, variable=variable or None,
+                               start=_NO_TIME, timestamps_key=tkey,
+                               external_key=external_key or None, layout=layout)
+  if series.timestamps[0] == _NO_TIME:
+    raise DataError(f"{path}: no time axis; the model needs each slice's time (calendar "
+                    f"features, climatology slot): add a CF time coordinate (NetCDF/Zarr) or a "
+                    f"`time` array (npz), or name it with --config.reconstruct.timestamps_key")
+  dims, coords, units = _labels(path, variable, layout)
+  return CoarseInput(values=series.values, timestamps=series.timestamps,
+                     interval_minutes=int(series.interval_minutes), external=series.external,
+                     dims=dims, coords=coords, units=units, source=str(path))
+
+
+class _readable:
+  """Turns a reader's low-level error (a .nc that is not NetCDF, a broken npz) into a DataError
+  naming the file; DataErrors pass through unchanged."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, err, tb):
+    if err is None or isinstance(err, DataError):
+      return False
+    raise DataError(f"{self.path}: not a readable file of coarse maps (T, I, J[, C]) in NetCDF, "
+                    f"Zarr, .npz or .npy ({type(err).__name__}: {err})") from err
+
+
+def _labels(path: pathlib.Path, variable: str, layout: str) -> tuple:
+  """(row / column dimension names, {dim: 1-D coordinate}, units) of the values' variable in a
+  NetCDF file or Zarr store; ("y", "x"), {}, "" for npz / npy, which have no dimension names."""
+  layout = layout.upper() if len(layout) == 4 else "THW"
+  default = (("y", "x"), {}, "")
+  try:
+    if path.suffix.lower() in (".nc", ".nc4", ".netcdf", ".cdf"):
+      import netCDF4
+      with netCDF4.Dataset(path) as ds:
+        var = variable or next(k for k, v in ds.variables.items() if v.ndim >= 3)
+        v = ds.variables[var]
+        layout = layout if v.ndim == 4 else "THW"
+        dims = (v.dimensions[layout.index("H")], v.dimensions[layout.index("W")])
+        coords = {d: np.asarray(ds.variables[d][...], np.float64) for d in dims
+                  if d in ds.variables and ds.variables[d].ndim == 1}
+        return dims, coords, str(getattr(v, "units", ""))
+    if path.is_dir():
+      arrays = files.zarr_arrays(path)
+      var = variable or next(k for k in arrays if len(files.read_zarr_shape(path, k)) >= 3)
+      names = arrays[var].get("_ARRAY_DIMENSIONS") or []
+      if len(names) < 3:
+        return default
+      layout = layout if len(names) == 4 else "THW"
+      dims = (names[layout.index("H")], names[layout.index("W")])
+      coords = {d: files.cf_decode(files.read_zarr(path, d)[0], arrays[d]) for d in dims
+                if d in arrays and len(files.read_zarr_shape(path, d)) == 1}
+      return dims, coords, str(arrays[var].get("units", ""))
+  except (StopIteration, KeyError, ValueError, OSError) as e:
+    # The values were read; only their labels are missing: write index coordinates instead.
+    logging.warning("%s: no coordinates read (%s: %s); writing cell indices", path,
+                    type(e).__name__, e)
+  return default
+
+
+def refine_coordinates(coarse: np.ndarray, scale: int) -> np.ndarray:
+  """(I,) coarse cell-centre coordinates -> (N*I,) fine cell centres: cell i of spacing d_i
+  (the local step, `np.gradient`) splits into N cells centred at c_i + d_i * ((m + 0.5) / N - 0.5),
+  m = 0 .. N-1. A single coarse cell has no spacing: its fine cells get the centre +- index."""
+  c = np.asarray(coarse, np.float64)
+  d = np.gradient(c) if c.size > 1 else np.ones_like(c)
+  offsets = (np.arange(scale) + 0.5) / scale - 0.5                         # (N,)
+  return (c[:, None] + d[:, None] * offsets[None, :]).reshape(-1)
+
+
+def _check_against_model(obs: CoarseInput, meta: dict, models, workdir) -> None:
+  """The input must fit the model: grid, channels, external features, interval."""
+  shapes = meta["shapes"]
+  i, j = shapes["coarse_shape"]
+  got = obs.values.shape
+  if got[-1] != int(shapes["channels"]):
+    raise DataError(f"{obs.source}: {got[-1]} channel(s), but the model in {workdir} was "
+                    f"trained on {shapes['channels']}; give the same channels in the same order "
+                    f"(layout THWC, channel last)")
+  if tuple(got[1:3]) != (i, j):
+    hint = (" (that is the model's fine grid: give the coarse maps, pooled by "
+            f"N={shapes['scale']})" if tuple(got[1:3]) == tuple(shapes["fine_shape"]) else "")
+    raise DataError(f"{obs.source}: coarse grid {got[1]}x{got[2]}, but the model in {workdir} "
+                    f"reconstructs from {i}x{j} coarse maps{hint}")
+  if obs.external.shape[1] != int(shapes["external_dim"]):
+    raise DataError(f"{obs.source}: {obs.external.shape[1]} external features, but the model in "
+                    f"{workdir} was trained with {shapes['external_dim']}; put the training's "
+                    f"(T, {shapes['external_dim']}) external array in the file and name it with "
+                    f"--config.reconstruct.external_key")
+  prior = models.prior
+  if prior is not None and obs.interval_minutes != int(prior.interval_minutes):
+    raise DataError(f"{obs.source}: slices {obs.interval_minutes} min apart, but the model in "
+                    f"{workdir} was trained on slices {prior.interval_minutes} min apart")
+
+
+def observed_task(obs: CoarseInput, meta: dict, name: str) -> evaluate_lib.ObservedTask:
+  """The `ObservedTask` a method reconstructs from: the user's observations, the checkpoint's
+  normalisers, no truth (train_fine / train_coarse have 0 slices)."""
+  shapes = meta["shapes"]
+  (i, j), (ni, nj), c = shapes["coarse_shape"], shapes["fine_shape"], int(shapes["channels"])
+  values = obs.values
+  finite = np.isfinite(values)
+  mask = finite.all(axis=-1)
+  partial = int((finite.any(axis=-1) & ~mask).sum())
+  if partial:
+    # The model's masks hide a cell in every channel at once (docs/evaluation.md).
+    logging.warning("%s: %d cells observed in some channels only are treated as not observed",
+                    obs.source, partial)
+  t = values.shape[0]
+  stats = meta["stats"]
+  return evaluate_lib.ObservedTask(
+      name=name, coarse_obs=np.where(mask[..., None], values, np.nan).astype(np.float32),
+      mask=mask.astype(np.float32), external=np.asarray(obs.external, np.float32),
+      timestamps=obs.timestamps, interval_minutes=obs.interval_minutes,
+      scale=int(meta["scale"]), aggregation=str(meta.get("aggregation", "sum")),
+      history=int(shapes["window"]) - 1, split=pipeline.Split(t, t, t),
+      coarse_norm=pipeline.Normalizer.from_json(stats["coarse"]),
+      fine_norm=pipeline.Normalizer.from_json(stats["fine"]),
+      train_fine=np.zeros((0, ni, nj, c), np.float32),
+      train_coarse=np.zeros((0, i, j, c), np.float32))
+
+
+def reconstructable_slices(obs: CoarseInput, history: int, workdir) -> np.ndarray:
+  """(n,) indices of the slices with 2 * history slices before them, one interval apart (each
+  history slice is completed from its own window); DataError when there is none."""
+  span = 2 * history + 1
+  t = obs.values.shape[0]
+  if t < span:
+    raise DataError(f"{obs.source}: {t} slice(s), but the model in {workdir} (history "
+                    f"{history}) needs {span - 1} past slices before each slice it reconstructs: "
+                    f"give at least {span} consecutive slices")
+  axis = time_axis.TimeAxis(obs.timestamps, obs.interval_minutes, obs.source)
+  slices = np.nonzero(axis.whole_windows(span))[0]
+  if not slices.size:
+    raise DataError(f"{obs.source}: no run of {span} slices {obs.interval_minutes} min apart "
+                    f"({axis.summary()}); the model (history {history}) needs {span - 1} past "
+                    f"slices before each slice it reconstructs")
+  observed = np.isfinite(obs.values).all(axis=-1)
+  if not observed[slices[0] - span + 1:].any():
+    raise DataError(f"{obs.source}: no coarse cell is observed in any slice used")
+  return slices
+
+
+def clip_bounds(config, models, workdir) -> tuple:
+  """The samplers' x0 clip bounds (`diffrecon.x0_clip_bounds`) without the training data: from
+  the prior's largest residuals when both stages diffuse residuals over it (the default model);
+  otherwise from the training split the saved config names (read again, logged)."""
+  factor = float(config.sampling.x0_clip_factor)
+  prior = models.prior
+  if prior is not None and models.coarse_residual and models.feed_prior_f:
+    bounds = []
+    for stage in ("c", "f"):
+      absmax = getattr(prior, f"residual_absmax_{stage}")
+      if not models.residual_scaling:  # residuals in normalised units, not in their stds
+        absmax *= float(np.max(getattr(prior, f"residual_std_{stage}")))
+      bounds.append(diffrecon.x0_clip_bound(factor, np.array([absmax])))
+    return tuple(bounds)
+  logging.info("clip bounds of this model need its training split: reading %s again",
+               config.data.name)
+  return diffrecon.x0_clip_bounds(factor, pipeline.prepare_task(config), models)
+
+
+def reconstruct_file(config, workdir: str) -> dict:
+  """`--mode=reconstruct` with `config.reconstruct.input` set; returns {"netcdf", "npz",
+  "figures": [...], "slices": n}. `config` gives the `reconstruct`, `sampling` and `eval`
+  sections; the model and everything about the data come from `workdir`."""
+  rc = config.reconstruct
+  path = registry.absolute_path(rc.input)
+  obs = read_coarse_file(path, rc.variable, rc.layout, rc.timestamps_key, rc.external_key)
+  saved, params, models, meta = train_lib.load_for_sampling(workdir)
+  for key in ("eval", "sampling"):
+    saved[key] = config[key]
+  _check_against_model(obs, meta, models, workdir)
+  history = int(meta["shapes"]["window"]) - 1
+  slices = reconstructable_slices(obs, history, workdir)
+  view = observed_task(obs, meta, pathlib.Path(path).stem)
+  method = DiffReconMethod(saved, params, models, clip_bounds(saved, models, workdir))
+  t0 = time.perf_counter()
+  pieces = evaluate_lib.contiguous_pieces(slices, int(saved.eval.get("chunk_slices", 0)))
+  parts = [method.reconstruct(view, piece) for piece in pieces]
+  rec = {k: np.concatenate([r[k] for r in parts], axis=1 if k == "samples" else 0)
+         for k in ("fine", "coarse", "samples")}
+  seconds = time.perf_counter() - t0
+  out = {"fine": rec["fine"].astype(np.float32), "coarse": rec["coarse"].astype(np.float32),
+         "fine_q05": np.quantile(rec["samples"], 0.05, axis=0).astype(np.float32),
+         "fine_q95": np.quantile(rec["samples"], 0.95, axis=0).astype(np.float32),
+         "observed": view.mask[slices].astype(np.uint8), "time": obs.timestamps[slices]}
+  if rc.save_samples:
+    out["samples"] = rec["samples"].astype(np.float32)
+  stem = pathlib.Path(registry.absolute_path(rc.output) or
+                      pathlib.Path(workdir) / "reconstruction" / pathlib.Path(path).stem)
+  stem.parent.mkdir(parents=True, exist_ok=True)
+  npz = stem.with_name(stem.name + ".npz")
+  np.savez_compressed(npz, **out)
+  nc = write_netcdf(stem.with_name(stem.name + ".nc"), out, obs, int(meta["scale"]),
+                    attrs={"source": obs.source, "workdir": str(workdir),
+                           "sampler": str(method.sampler), "history": history})
+  figs = reconstruction_figures(pathlib.Path(workdir) / "figures", pathlib.Path(path).stem, out,
+                                obs.units)
+  with np.errstate(invalid="ignore"):
+    inside = float(np.mean((out["fine_q05"] <= out["fine"]) & (out["fine"] <= out["fine_q95"])))
+  # The one-pass point estimate is not one of the samples: with few samples it often lies
+  # outside their 5-95% range; the median point (sampling.point="median") never does.
+  logging.info("reconstructed %d slices of %s in %.1f s (point estimate inside its 90%% interval "
+               "in %.0f%% of fine cells): wrote %s and %s", len(slices), path, seconds,
+               100 * inside, nc, npz)
+  return {"netcdf": str(nc), "npz": str(npz), "figures": [str(p) for p in figs],
+          "slices": int(len(slices))}
+
+
+def write_netcdf(path, out: dict, obs: CoarseInput, scale: int, attrs: dict) -> pathlib.Path:
+  """The reconstruction as CF NetCDF: dims time, <row>, <column>, channel (fine) and
+  <row>_coarse, <column>_coarse (coarse); the input's coordinates refined by N on the fine dims
+  (cell indices when the input has none), the input's on the coarse ones."""
+  import netCDF4
+  path = pathlib.Path(path)
+  n, ni, nj, c = out["fine"].shape
+  i, j = out["coarse"].shape[1:3]
+  row, col = obs.dims
+  with netCDF4.Dataset(path, "w") as ds:
+    for name, size in (("time", n), (row, ni), (col, nj), ("channel", c),
+                       (f"{row}_coarse", i), (f"{col}_coarse", j)):
+      ds.createDimension(name, size)
+    tv = ds.createVariable("time", "i8", ("time",))
+    tv.units, tv.calendar = "minutes since 1970-01-01 00:00:00", "standard"
+    tv[:] = (out["time"].astype("datetime64[m]") - _EPOCH).astype(np.int64)
+    for dim, size in ((row, i), (col, j)):
+      coarse = obs.coords.get(dim)
+      for name, values in (
+          (dim, refine_coordinates(coarse, scale) if coarse is not None
+           else np.arange(size * scale, dtype=np.float64)),
+          (f"{dim}_coarse", coarse if coarse is not None else np.arange(size, dtype=np.float64))):
+        v = ds.createVariable(name, "f8", (name,))
+        v[:] = values
+        v.long_name = (f"{dim} of the cell centre" if coarse is not None
+                       else f"{dim} index of the cell")
+    fine_dims = ("time", row, col, "channel")
+    for key, long_name in (("fine", "fine map, point estimate"),
+                           ("fine_q05", "fine map, 5% quantile of the samples"),
+                           ("fine_q95", "fine map, 95% quantile of the samples")):
+      v = ds.createVariable(key, "f4", fine_dims, zlib=True)
+      v[:] = out[key]
+      v.long_name, v.units = long_name, obs.units
+    if "samples" in out:
+      ds.createDimension("sample", out["samples"].shape[0])
+      v = ds.createVariable("samples", "f4", ("sample",) + fine_dims, zlib=True)
+      v[:] = out["samples"]
+      v.long_name, v.units = "fine map samples", obs.units
+    v = ds.createVariable("coarse", "f4", ("time", f"{row}_coarse", f"{col}_coarse", "channel"),
+                          zlib=True)
+    v[:] = out["coarse"]
+    v.long_name, v.units = "completed coarse map (observed cells keep their values)", obs.units
+    v = ds.createVariable("observed", "i1", ("time", f"{row}_coarse", f"{col}_coarse"))
+    v[:] = out["observed"].astype(np.int8)
+    v.long_name = "1 where the coarse cell was observed"
+    for key, value in attrs.items():
+      setattr(ds, key, value)
+    ds.scale_factor_N = int(scale)
+  return path
+
+
+def reconstruction_figures(folder, name: str, out: dict, units: str) -> list:
+  """Maps and 3-D bars of the last reconstructed slice (channel 0), safely written."""
+  k = -1
+  when = str(out["time"][k])
+  point, lo, hi = out["fine"][k, ..., 0], out["fine_q05"][k, ..., 0], out["fine_q95"][k, ..., 0]
+  title = f"{name}: reconstruction of {when} (channel 0)"
+  paths = [figures_lib.write_safely(figures_lib.uncertainty_maps, point, lo, hi,
+                                    out["observed"][k], path=pathlib.Path(folder)
+                                    / f"reconstruction_{name}_maps.png", title=title,
+                                    units=units),
+           figures_lib.write_safely(figures_lib.surfaces_3d,
+                                    [("reconstruction", point, True),
+                                     ("90% interval width", hi - lo, False)],
+                                    path=pathlib.Path(folder) / f"reconstruction_{name}_3d.png",
+                                    title=title, units=units)]
+  return [p for p in paths if p is not None]
