@@ -114,9 +114,10 @@ def maybe_initialize_distributed(env: Optional[dict] = None, *,
   args = distributed_args(env, coordinator_address, num_processes, process_id)
   if args is None and not _is_multi_host_env(env):
     return False
-  # CPU processes exchange data through gloo (JAX's default CPU collectives; named here so a
-  # CPU-only multi-process run does not depend on that default).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Several CPU processes need cross-process collectives: gloo (JAX's default here) unless the
+  # environment chose another (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi).
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**(args or {}), shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
   _initialized = True
   logging.info("jax.distributed initialised: process %d of %d, %d global devices",
