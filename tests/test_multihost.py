@@ -6,13 +6,15 @@ JAX joins them (`jax.distributed`, CPU collectives through gloo) into one mesh o
 one per process, and the global batch of 8 is split 4 / 4. Compared with a one-process run of
 the same config and seed: the batches, the logged losses, the final parameters (in both
 processes), the jointly written checkpoints and the results files (written once, by process 0).
-Then process 1 is SIGKILLed mid-joint, process 0 is killed too (it waits for its peer, as on a
-cluster), and both are restarted with the same command: they resume from the last committed
-checkpoint and end with the uninterrupted run's parameters.
+Then process 1 is SIGKILLed mid-joint, process 0 is killed too (it fails or waits at its next
+exchange with the lost peer; a cluster manager would stop it), and both are restarted with the
+same command: they resume from the last committed checkpoint and end with the uninterrupted
+run's parameters.
 
 By default the runs use the stand-in denoisers of _train_helpers (the multi-process logic is
-model-agnostic; about 90 s on 2 cores for the five launches); with DIFFRECON_SLOW_TESTS=1 the
-real ones, with Adam's eps at 1e-3 (_parallel_subprocess says why).
+model-agnostic; 75-95 s on 2 cores for the four launches, seven processes); with
+DIFFRECON_SLOW_TESTS=1 the real ones, with Adam's eps at 1e-3 (_parallel_subprocess says why;
+measured 4.5 min).
 """
 import json
 import os
