@@ -3,6 +3,11 @@
   python -m diffrecon_jax.main --config=configs/nytaxi.py --workdir=runs/nytaxi
   python -m diffrecon_jax.main --config=configs/nytaxi.py:cpu --workdir=DIR --mode=evaluate
   python -m diffrecon_jax.main --config=configs/nytaxi.py --workdir=DIR --config.method=interp
+
+Several hosts without a cluster manager: the same command on every host, plus
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I   (I = 0 .. N-1)
+(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); Cloud TPU pod slices, SLURM
+and Open MPI jobs are detected without them.
 """
 from absl import app
 from absl import flags
@@ -17,6 +22,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", run.MODES,
                           "What to do: train, evaluate, train_and_evaluate or reconstruct.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: HOST:PORT of process 0, the same on every host "
+    "(default: JAX_COORDINATOR_ADDRESS, or detected on TPU pod slices / SLURM / Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-host: how many processes (hosts) run this command "
+    "(default: JAX_NUM_PROCESSES, or detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-host: this process's id, 0 .. num_processes - 1; process 0 "
+    "writes the results (default: JAX_PROCESS_ID, or detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,7 +38,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Multi-host (TPU pod slice, several GPU hosts): join the job before any device is touched.
-  parallel.maybe_initialize_distributed()
+  try:
+    parallel.maybe_initialize_distributed(coordinator_address=_COORDINATOR.value,
+                                          num_processes=_NUM_PROCESSES.value,
+                                          process_id=_PROCESS_ID.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   try:
     run.run(_CONFIG.value, run.resolve_workdir(_WORKDIR.value), _MODE.value)
   except DataError as e:

@@ -19,6 +19,12 @@ DATA_AXIS = "data"
 
 # Environment variables that mean "this process is one of several" (set by launchers / clusters).
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+# The explicit start without a cluster manager (same names as jax.distributed's own variables).
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
+    "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# How long a finished process waits at exit for the others (jax.distributed's shutdown barrier):
+# process 0 evaluates alone after training while the others wait there (JAX's default is 300 s).
+SHUTDOWN_TIMEOUT_S = 3600
 _initialized = False
 
 
@@ -42,24 +48,97 @@ def _is_multi_host_env(env: Optional[dict] = None) -> bool:
   return len(hosts) > 1
 
 
-def maybe_initialize_distributed(env: Optional[dict] = None) -> bool:
-  """Calls `jax.distributed.initialize()` when (and only when) the run spans several hosts.
+def distributed_args(env: Optional[dict] = None, coordinator_address: Optional[str] = None,
+                     num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None) -> Optional[dict]:
+  """The explicit multi-process start: arguments (main's flags) first, then the environment
+  (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 
-  Must run before any other JAX call in the process. Idempotent. Returns True when the
-  distributed runtime was (or already had been) initialised here.
+  Returns {'coordinator_address', 'num_processes', 'process_id'} when all three are given;
+  None when no count, id or address argument is (single host, or a cluster JAX detects itself
+  from its own environment, JAX_COORDINATOR_ADDRESS included) or the count is 1; raises
+  ValueError naming what is missing or wrong otherwise.
+  """
+  env = os.environ if env is None else env
+
+  def pick(value, key, cast):
+    if value is not None:
+      return value
+    raw = str(env.get(key, "")).strip()
+    if not raw:
+      return None
+    try:
+      return cast(raw)
+    except ValueError:
+      raise ValueError(f"{key}={raw!r} is not an integer") from None
+
+  address = pick(coordinator_address, ENV_COORDINATOR, str)
+  count = pick(num_processes, ENV_NUM_PROCESSES, int)
+  index = pick(process_id, ENV_PROCESS_ID, int)
+  if count is None and index is None and coordinator_address is None:
+    # Nothing, or only JAX_COORDINATOR_ADDRESS: JAX's cluster detection supplies the rest.
+    return None
+  if count == 1 and index in (None, 0):
+    return None
+  missing = [name for name, v in (("--coordinator_address (JAX_COORDINATOR_ADDRESS)", address),
+                                  ("--num_processes (JAX_NUM_PROCESSES)", count),
+                                  ("--process_id (JAX_PROCESS_ID)", index)) if v is None]
+  if missing:
+    raise ValueError(
+        "a multi-host start without a cluster manager needs the coordinator address, the "
+        f"process count and this process's id on every host; missing: {', '.join(missing)} "
+        "(e.g. --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0 on the "
+        "first host, --process_id=1 on the second)")
+  if ":" not in address or not address.rsplit(":", 1)[1].isdigit():
+    raise ValueError(f"coordinator address {address!r} must be HOST:PORT (process 0's host)")
+  if count < 1 or not 0 <= index < count:
+    raise ValueError(f"process id {index} must be in 0..{count - 1} for {count} processes")
+  return {"coordinator_address": address, "num_processes": count, "process_id": index}
+
+
+def maybe_initialize_distributed(env: Optional[dict] = None, *,
+                                 coordinator_address: Optional[str] = None,
+                                 num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None) -> bool:
+  """Calls `jax.distributed.initialize` when (and only when) the run spans several processes.
+
+  Explicit arguments or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+  (`distributed_args`) start it by hand on any hosts; otherwise a TPU pod slice, SLURM or Open
+  MPI job is recognised (`_is_multi_host_env`) and JAX detects its own arguments. Must run
+  before any other JAX call in the process. Idempotent. Returns True when the distributed
+  runtime was (or already had been) initialised here.
   """
   global _initialized
   if _initialized:
     return True
-  if not _is_multi_host_env(env):
+  args = distributed_args(env, coordinator_address, num_processes, process_id)
+  if args is None and not _is_multi_host_env(env):
     return False
-  # Arguments come from the environment (coordinator address, process id / count, or the TPU
-  # / SLURM auto-detection built into JAX).
-  jax.distributed.initialize()
+  # Several CPU processes need cross-process collectives: gloo (JAX's default here) unless the
+  # environment chose another (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi).
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**(args or {}), shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
   _initialized = True
   logging.info("jax.distributed initialised: process %d of %d, %d global devices",
                jax.process_index(), jax.process_count(), jax.device_count())
   return True
+
+
+def is_main_process() -> bool:
+  """True on the one process that writes shared files (results, metrics, masks): process 0."""
+  return jax.process_index() == 0
+
+
+def local_copy(tree: Any) -> Any:
+  """Replicated global arrays -> the same values on this process's first local device.
+
+  For work one process does alone (evaluation on process 0): a computation on arrays that span
+  other processes' devices would wait for those processes to join it.
+  """
+  if jax.process_count() == 1:
+    return tree
+  return jax.device_put(to_host(tree), jax.local_devices()[0])
 
 
 def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:

@@ -19,6 +19,7 @@ from absl import logging
 
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
+from diffrecon_jax import parallel
 from diffrecon_jax import train as train_lib
 from diffrecon_jax import user_reconstruct
 from diffrecon_jax.baselines import climatology, interp
@@ -83,10 +84,13 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   workdir = resolve_workdir(workdir)
   wd = pathlib.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
-  (wd / "config.json").write_text(config.to_json_best_effort(indent=1))
+  if parallel.is_main_process():  # several processes: one writes the shared files.
+    (wd / "config.json").write_text(config.to_json_best_effort(indent=1))
   if config.method != "diffrecon":
     if mode in ("train", "reconstruct"):
       raise ValueError(f"method {config.method!r} has nothing to train; use --mode=evaluate")
+    if not parallel.is_main_process():
+      return _evaluated_elsewhere()
     task = pipeline.prepare_task(config)
     return evaluate_methods(config, workdir, task, [_baseline(config.method)])
   setup_compilation_cache(config)
@@ -97,13 +101,24 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     if mode == "train":
       return []
   if mode == "reconstruct" and config.get("reconstruct", {}).get("input", ""):
-    return [user_reconstruct.reconstruct_file(config, workdir)]  # the user's own observations
+    # The user's own observations: a one-process job (a few maps need no second host).
+    return [user_reconstruct.reconstruct_file(config, workdir)]
+  # Every process restores (Orbax reads a checkpoint collectively); process 0 alone evaluates,
+  # on its own devices, and writes the files.
   saved_config, task, method = load_method(config, workdir)
+  if not parallel.is_main_process():
+    return _evaluated_elsewhere()
   if mode == "reconstruct":
     return [reconstruct_to_files(saved_config, workdir, task, method)]
   extra = {"trained_on": list(saved_config.patterns.train)}
   references = [BASELINES[name]() for name in REFERENCES]
   return evaluate_methods(saved_config, workdir, task, [method] + references, extra)
+
+
+def _evaluated_elsewhere() -> list:
+  logging.info("process %d of %d: evaluation and results files are process 0's",
+               jax.process_index(), jax.process_count())
+  return []
 
 
 def load_method(config, workdir: str) -> tuple:
@@ -113,6 +128,7 @@ def load_method(config, workdir: str) -> tuple:
   comes from `config` and replaces the saved sections whole: `eval`, `patterns` and `sampling`.
   """
   saved_config, params, models, meta = train_lib.load_for_sampling(workdir)
+  params = parallel.local_copy(params)  # sampling runs on one process's devices.
   for key in ("eval", "patterns", "sampling"):
     saved_config[key] = config[key]
   task = pipeline.prepare_task(saved_config)

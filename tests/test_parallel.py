@@ -79,3 +79,30 @@ def test_multi_host_detection_never_fires_on_a_single_host():
   assert parallel._is_multi_host_env({"TPU_WORKER_HOSTNAMES": "h0,h1"})
   assert parallel._is_multi_host_env({"SLURM_NTASKS": "4"})
   assert not parallel.maybe_initialize_distributed({})
+
+
+def test_explicit_multi_host_start_from_flags_or_environment():
+  args = {"coordinator_address": "10.0.0.1:8476", "num_processes": 2, "process_id": 1}
+  assert parallel.distributed_args({}, **args) == args
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476", "JAX_NUM_PROCESSES": "2",
+         "JAX_PROCESS_ID": "1"}
+  assert parallel.distributed_args(env) == args
+  # A flag wins over the environment.
+  assert parallel.distributed_args(env, process_id=0)["process_id"] == 0
+  # Nothing given, one process, or only an address (a cluster JAX detects): no explicit start.
+  assert parallel.distributed_args({}) is None
+  assert parallel.distributed_args({}, num_processes=1) is None
+  assert parallel.distributed_args({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476"}) is None
+
+
+@pytest.mark.parametrize("env, kwargs, message", [
+    ({}, {"num_processes": 2, "process_id": 0}, r"missing: --coordinator_address"),
+    ({}, {"coordinator_address": "h:1", "num_processes": 2}, r"missing: --process_id"),
+    ({"JAX_PROCESS_ID": "1"}, {"coordinator_address": "h:1"}, r"missing: --num_processes"),
+    ({}, {"coordinator_address": "h", "num_processes": 2, "process_id": 0}, "HOST:PORT"),
+    ({}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, r"in 0\.\.1"),
+    ({"JAX_NUM_PROCESSES": "two"}, {}, "JAX_NUM_PROCESSES='two' is not an integer"),
+])
+def test_an_incomplete_multi_host_start_says_what_is_missing(env, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    parallel.distributed_args(env, **kwargs)

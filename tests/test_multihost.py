@@ -1,0 +1,309 @@
+"""Two JAX processes on one machine train, checkpoint, evaluate and resume like one process.
+
+Each process runs the real entry point (`python -m diffrecon_jax.main`, through
+_multihost_subprocess) with --coordinator_address / --num_processes / --process_id on localhost;
+JAX joins them (`jax.distributed`, CPU collectives through gloo) into one mesh of two devices,
+one per process, and the global batch of 8 is split 4 / 4. Compared with a one-process run of
+the same config and seed: the batches, the logged losses, the final parameters (in both
+processes), the jointly written checkpoints and the results files (written once, by process 0).
+Then process 1 is SIGKILLed mid-joint, process 0 is killed too (it fails or waits at its next
+exchange with the lost peer; a cluster manager would stop it), and both are restarted with the
+same command: they resume from the last committed checkpoint and end with the uninterrupted
+run's parameters.
+
+By default the runs use the stand-in denoisers of _train_helpers (the multi-process logic is
+model-agnostic; 75-95 s on 2 cores for the four launches, seven processes); with
+DIFFRECON_SLOW_TESTS=1 the real ones, with Adam's eps at 1e-3 (_parallel_subprocess says why;
+measured 4.5 min).
+"""
+import json
+import os
+import pathlib
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from diffrecon_jax import train
+from tests import _train_helpers as helpers
+from tests import test_readme
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SLOW = os.environ.get("DIFFRECON_SLOW_TESTS", "") == "1"
+PHASES = ("stage_c", "stage_f", "joint")
+TMP = ".orbax-checkpoint-tmp"
+TIMEOUT_S = 240  # per launch; a hung collective fails the test instead of stalling the suite
+KILL = ("joint", 4, 1)  # (phase, step, process): process 1 dies just before joint saves step 4
+# The tiny models of the README test; stage_c 4, stage_f 4, joint 6 steps; checkpoints and logs
+# every 2 steps, 2 kept; a global batch of 8 (4 per process); two evaluation patterns.
+_OVERRIDES = dict(f.split("=", 1) for f in test_readme.SMOKE_OVERRIDES)
+_OVERRIDES.update({
+    "--config.train.steps_c": "4", "--config.train.steps_f": "4",
+    "--config.train.steps_joint": "6", "--config.train.batch_size": "8",
+    "--config.train.keep_checkpoints": "2",
+    "--config.patterns.train": "('random:0.4','large_scale:0.25')",
+})
+if SLOW:
+  _OVERRIDES["--config.train.adam_eps"] = "1e-3"
+
+
+def _main_flags(workdir: pathlib.Path) -> list:
+  return (["--config=configs/nytaxi.py", f"--workdir={workdir}"]
+          + [f"{k}={v}" for k, v in _OVERRIDES.items()])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(root: pathlib.Path, name: str, workdir: pathlib.Path, processes: int, port: int = 0,
+            kill: tuple = ()) -> list:
+  """Starts `processes` processes of the entry point on `workdir`, outputs under root/<name>;
+  returns [(Popen, log path)]. With several processes they meet at 127.0.0.1:`port`."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=helpers.FAST_COMPILE_XLA_FLAGS,
+             JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(key, None)
+  helper = [] if SLOW else ["--standins"]
+  if kill:
+    helper += ["--kill-phase", kill[0], "--kill-step", str(kill[1]), "--kill-process",
+               str(kill[2])]
+  procs = []
+  for i in range(processes):
+    dist = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+             f"--process_id={i}"] if processes > 1 else [])
+    log = root / f"{name}.{i}.log"
+    with log.open("w") as f:
+      procs.append((subprocess.Popen(
+          [sys.executable, "-m", "tests._multihost_subprocess", str(root / name), *helper, "--",
+           *_main_flags(workdir), *dist],
+          cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+  return procs
+
+
+def _kill_all(procs: list) -> None:
+  for p, _ in procs:
+    if p.poll() is None:
+      p.kill()
+  for p, _ in procs:
+    p.wait()
+
+
+def _wait(procs: list) -> list:
+  """Waits for every process to exit 0; on a failure or the deadline kills the rest and fails
+  with the failed process's log. Returns the logs' texts."""
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while any(p.poll() is None for p, _ in procs):
+      bad = [(p, log) for p, log in procs if p.poll() not in (None, 0)]
+      if bad or time.monotonic() > deadline:
+        p, log = bad[0] if bad else procs[0]
+        pytest.fail(f"{'rc ' + str(p.returncode) if bad else 'timed out'}: {log}\n"
+                    f"{log.read_text()[-4000:]}")
+      time.sleep(0.2)
+    for p, log in procs:
+      assert p.returncode == 0, f"rc {p.returncode}: {log}\n{log.read_text()[-4000:]}"
+  finally:
+    _kill_all(procs)
+  return [log.read_text() for _, log in procs]
+
+
+def _wait_for_the_kill(procs: list, victim: int) -> None:
+  """Waits until process `victim` SIGKILLs itself, then kills the others (they fail or wait in
+  the next collective with it; a cluster manager would stop them too)."""
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while True:
+      # The others first: one that failed because the victim had just died is no failure.
+      others = [p.poll() for i, (p, _) in enumerate(procs) if i != victim]
+      if procs[victim][0].poll() is not None:
+        break
+      if time.monotonic() > deadline or any(rc is not None for rc in others):
+        pytest.fail(f"process {victim} did not die as planned (others: {others}):\n"
+                    f"{procs[victim][1].read_text()[-4000:]}")
+      time.sleep(0.2)
+    assert procs[victim][0].returncode == -signal.SIGKILL, procs[victim][1].read_text()[-4000:]
+  finally:
+    _kill_all(procs)
+
+
+def _steps(phase_dir: pathlib.Path) -> list:
+  """Committed checkpoint steps of a phase directory."""
+  return sorted(int(p.name) for p in phase_dir.iterdir() if p.name.isdigit())
+
+
+def _tmp_dirs(phase_dir: pathlib.Path) -> list:
+  return sorted(p.name for p in phase_dir.iterdir() if TMP in p.name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("multihost")
+  logs = {"one": _wait(_launch(root, "one", root / "wd_one", 1))}
+  port = _free_port()
+  logs["two"] = _wait(_launch(root, "two", root / "wd_two", 2, port))
+  # A host lost mid-phase, then the same command again on both hosts.
+  _wait_for_the_kill(_launch(root, "unused", root / "wd_crash", 2, port, kill=KILL), KILL[2])
+  after_kill = {p: (_steps(root / "wd_crash" / p), _tmp_dirs(root / "wd_crash" / p))
+                for p in PHASES}
+  logs["resumed"] = _wait(_launch(root, "resumed", root / "wd_crash", 2, port))
+  return root, logs, after_kill
+
+
+def _out(root, name: str, process: int) -> tuple:
+  d = root / name
+  return np.load(d / f"process_{process}.npz"), json.loads(
+      (d / f"process_{process}.json").read_text())
+
+
+def _state_keys(npz) -> list:
+  keys = [k for k in npz.files if k.startswith(("params", "ema"))]
+  assert len(keys) > (100 if SLOW else 8), keys
+  return keys
+
+
+def test_two_processes_form_one_mesh(runs):
+  root, _, _ = runs
+  for i in (0, 1):
+    _, info = _out(root, "two", i)
+    assert (info["process_index"], info["process_count"]) == (i, 2), info
+    assert (info["device_count"], info["local_device_count"]) == (2, 1), info
+  # A reduction over a batch split across the processes sees both halves in each of them.
+  _, one = _out(root, "one", 0)
+  assert {_out(root, "two", i)[1]["global_mask_sum"] for i in (0, 1)} == {
+      one["global_mask_sum"]}
+
+
+def test_each_process_draws_its_half_of_the_one_process_batch(runs):
+  root, _, _ = runs
+  one = _out(root, "one", 0)[0]
+  halves = [_out(root, "two", i)[0] for i in (0, 1)]
+  keys = [k for k in one.files if k.startswith("batch/")]
+  assert {"batch/mask", "batch/obs", "batch/fine", "batch/coarse"} <= set(keys), keys
+  for k in keys:
+    assert halves[0][k].shape[0] == halves[1][k].shape[0] == one[k].shape[0] // 2 == 4, k
+    # Process 0 holds rows 0-3 of the one global draw, process 1 rows 4-7: no process repeats
+    # another's windows or masks.
+    np.testing.assert_array_equal(np.concatenate([halves[0][k], halves[1][k]]), one[k],
+                                  err_msg=k)
+  for k in ("batch/mask", "batch/fine"):
+    assert not np.array_equal(halves[0][k], halves[1][k]), k
+
+
+def _metrics(workdir: pathlib.Path) -> list:
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_like_one(runs):
+  root, _, _ = runs
+  one, two = _metrics(root / "wd_one"), _metrics(root / "wd_two")
+  # One record per log step, written once (by process 0), with the one-process losses.
+  assert [(r["phase"], r["step"]) for r in two] == [(r["phase"], r["step"]) for r in one] == [
+      ("stage_c", 2), ("stage_c", 4), ("stage_f", 2), ("stage_f", 4), ("joint", 2),
+      ("joint", 4), ("joint", 6)]
+  for a, b in zip(one, two):
+    for k in ("loss", "grad_norm", "loss_c", "loss_f"):
+      if k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=f"{a['phase']} {k}")
+  assert len({r["loss"] for r in one}) == len(one)  # the losses do move from step to step
+  ref = _out(root, "one", 0)[0]
+  p0, p1 = (_out(root, "two", i)[0] for i in (0, 1))
+  for k in _state_keys(ref):
+    np.testing.assert_array_equal(p1[k], p0[k], err_msg=k)  # both processes hold one state
+    np.testing.assert_allclose(p0[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_checkpoints_are_written_jointly_and_read_by_one_process(runs):
+  root, _, _ = runs
+  wd = root / "wd_two"
+  assert {p: _steps(wd / p) for p in PHASES} == {
+      "stage_c": [2, 4], "stage_f": [2, 4], "joint": [4, 6]}
+  assert all(_tmp_dirs(wd / p) == [] for p in PHASES)
+  build = {} if SLOW else {"build_models": helpers.standin_models}
+  _, ema, _, meta = train.load_for_sampling(wd, **build)
+  assert meta["phase"] == "joint" and meta["finished"] and meta["step"] == 6
+  ref = _out(root, "one", 0)[0]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(ema):
+    np.testing.assert_allclose(np.asarray(leaf), ref["ema" + jax.tree_util.keystr(path)],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_process_zero_alone_evaluates_and_writes_the_results(runs):
+  root, logs, _ = runs
+  assert _out(root, "one", 0)[1]["evaluated"] == 3  # DiffRecon and the two references
+  assert [_out(root, "two", i)[1]["evaluated"] for i in (0, 1)] == [3, 0]
+  assert "evaluation and results files are process 0's" in logs["two"][1]
+  assert "wrote" in logs["two"][0] and "results.md" not in logs["two"][1]
+  for name in ("results.json", "results_climatology.json", "results_interp.json"):
+    one = json.loads((root / "wd_one" / name).read_text())
+    two = json.loads((root / "wd_two" / name).read_text())
+    assert len(two["results"]) == len(one["results"]) == 2, name
+    for a, b in zip(one["results"], two["results"]):
+      assert (a["pattern"], a["missing_ratio"]) == (b["pattern"], b["missing_ratio"]), name
+      for k in ("mae", "rmse", "crps", "completion_mae"):
+        if a.get(k) is not None:
+          np.testing.assert_allclose(b[k], a[k], rtol=1e-3, err_msg=f"{name} {k}")
+  masks = sorted(p.name for p in (root / "wd_two" / "masks").iterdir())
+  assert masks == sorted(p.name for p in (root / "wd_one" / "masks").iterdir()) and masks
+
+
+def test_a_killed_host_and_a_restart_resume_from_the_last_committed_checkpoint(runs):
+  root, logs, after_kill = runs
+  # Killed before joint's save of step 4: that step is no checkpoint (at most the survivor's
+  # uncommitted part), every earlier one is.
+  assert {p: s for p, (s, _) in after_kill.items()} == {
+      "stage_c": [2, 4], "stage_f": [2, 4], "joint": [2]}, after_kill
+  assert set(after_kill["joint"][1]) <= {f"4{TMP}"}, after_kill
+  for log in logs["resumed"]:
+    assert "[stage_c] finished earlier" in log and "[stage_f] finished earlier" in log
+    assert re.findall(r"\[(\w+)\] resuming from step (\d+)/", log) == [("joint", "2")]
+  resumed, uninterrupted = _out(root, "resumed", 0)[0], _out(root, "two", 0)[0]
+  for k in _state_keys(uninterrupted):
+    np.testing.assert_allclose(resumed[k], uninterrupted[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert _steps(root / "wd_crash" / "joint") == [4, 6]
+  assert all(_tmp_dirs(root / "wd_crash" / p) == [] for p in PHASES)
+
+
+def test_the_entry_point_names_a_missing_multi_host_flag(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "diffrecon_jax.main", "--config=configs/nytaxi.py",
+       f"--workdir={tmp_path}", "--num_processes=2", "--process_id=1"],
+      cwd=REPO, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "missing: --coordinator_address (JAX_COORDINATOR_ADDRESS)" in proc.stderr, proc.stderr
+  assert not any(tmp_path.iterdir())  # stopped before any work
+
+
+def test_tpu_vm_dry_run_prints_what_every_worker_runs(tmp_path):
+  flags = ["--config.train.steps_c=2", "--config.patterns.eval=('random:0.4',)"]
+  # A python that does not exist: a dry run must not run (or install) anything.
+  env = dict(os.environ, PYTHON=str(tmp_path / "no-python"))
+  proc = subprocess.run(
+      ["bash", str(REPO / "launch" / "tpu_vm.sh"), "--dry-run", "configs/nytaxi.py:gpu",
+       "gs://bucket/runs/nytaxi", *flags], cwd=tmp_path, env=env, capture_output=True,
+      text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[0] == f"# every worker of the slice runs, from {REPO}:", lines
+  commands = [shlex.split(l) for l in lines[1:]]
+  py = env["PYTHON"]
+  assert commands[0][:4] == [py, "-m", "pip", "install"] and "jax[tpu]" in commands[0]
+  assert commands[1] == [py, "-m", "pip", "install", "-q", "-e", "."]
+  # The entry point's command, each flag one argument as given (quoting survives the print).
+  assert commands[2] == [py, "-m", "diffrecon_jax.main", "--config=configs/nytaxi.py:gpu",
+                         "--workdir=gs://bucket/runs/nytaxi", *flags]
+  assert len(commands) == 3
+  usage = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "--dry-run", "c.py"],
+                         env=env, capture_output=True, text=True, timeout=60)
+  assert usage.returncode != 0 and "usage: launch/tpu_vm.sh [--dry-run]" in usage.stderr
