@@ -165,7 +165,9 @@ def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
   prior = prior_lib.fit_prior(
       task, per_cell=per_cell, local=bool(d.get("guess_local_level", False)),
       local_sigma=float(d.get("guess_local_sigma", 0.0)),
-      local_shrink=float(d.get("guess_local_shrink", 1.0))) if uses_prior(config) else None
+      local_shrink=float(d.get("guess_local_shrink", 1.0)),
+      slot_sigma_minutes=float(d.get("prior_slot_sigma_minutes", 0.0))
+  ) if uses_prior(config) else None
   return build_models(config, task.scale, task.stats, task.series.aggregation, prior)
 
 

@@ -232,3 +232,30 @@ def test_residual_stats_per_channel_and_per_cell(task):
   np.testing.assert_allclose(rms[above], 1.0, rtol=1e-3)
   # heteroscedastic data: the busiest cell's scale is many times the quietest's
   assert cell.residual_std_f.max() > 5 * cell.residual_std_f.min()
+
+
+def test_smoothing_over_slots_wraps_keeps_mass_and_leaves_coarse_data_alone():
+  table = np.zeros((48, 2, 3, 1))
+  table[0] = 1.0
+  out = prior_lib.smooth_over_slots(table, 30, 20.0)
+  np.testing.assert_allclose(out.sum(axis=0), table.sum(axis=0))         # mass kept
+  assert out[1, 0, 0, 0] == pytest.approx(out[47, 0, 0, 0])            # the cycle wraps
+  assert out[1, 0, 0, 0] > 0.1
+  assert out[0, 0, 0, 0] < 0.7 and out[24].max() == 0.0
+  np.testing.assert_array_equal(prior_lib.smooth_over_slots(table, 30, 0.0), table)
+  # hourly slots are three sigmas of 20 min apart: barely mixed
+  assert prior_lib.smooth_over_slots(table, 60, 20.0)[0, 0, 0, 0] > 0.97
+  const = np.full((48, 2, 3, 1), 5.0)
+  np.testing.assert_allclose(prior_lib.smooth_over_slots(const, 30, 20.0), const)
+
+
+def test_fit_prior_smooths_the_baselines_table(task):
+  raw = prior_lib.fit_prior(task)
+  smooth = prior_lib.fit_prior(task, slot_sigma_minutes=20.0)
+  np.testing.assert_allclose(
+      smooth.fine, prior_lib.smooth_over_slots(raw.fine.astype(np.float64), 30, 20.0),
+      rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(smooth.coarse, coarsen.coarsen(smooth.fine, 2,
+                                                            task.series.aggregation), rtol=1e-5,
+                             atol=1e-3)
+  assert np.abs(smooth.fine - raw.fine).max() > 1.0
