@@ -425,26 +425,41 @@ def x0_clip_bound(factor: float, train_values: np.ndarray) -> Optional[float]:
   return float(factor) * float(np.abs(train_values).max())
 
 
-def x0_clip_bounds(factor: float, task, models: Models) -> tuple:
-  """(coarse, fine) bounds of `x0_clip_bound` for the two samplers, from the train split of
-  `task` (pipeline.TaskData) only; the fine bound applies to what Diffusion-F samples (the
-  residual over `fine_base` when that is set)."""
-  lo, hi = task.split.range("train")
-  fine = task.fine[lo:hi]
-  if models.fine_base is not None:
-    slots = (jnp.asarray(models.prior.slots(task.series.timestamps[lo:hi]))
-             if models.needs_slots else None)
-    fine = fine - np.asarray(models.fine_base(jnp.asarray(task.coarse[lo:hi]), slots))
-    fine = fine / np.asarray(models.residual_scale("f"))
-  coarse = task.coarse[lo:hi]
-  if models.coarse_residual:
-    # Diffusion-C samples the residual over its first guess; its largest train-split value (in
-    # the chain's units) was measured when the prior was fitted.
-    absmax = models.prior.residual_absmax_c
-    if not models.residual_scaling:
-      absmax = absmax * float(np.max(models.prior.residual_std_c))
-    coarse = np.array([absmax])
-  return (x0_clip_bound(factor, coarse), x0_clip_bound(factor, fine))
+def _diffuses_prior_residual(models: Models, stage: str) -> bool:
+  return bool(models.coarse_residual if stage == "c" else models.feed_prior_f)
+
+
+def clip_bounds_need_train_split(models: Models) -> bool:
+  """Whether `x0_clip_bounds` must read the train split: a stage that does not diffuse a residual
+  over the prior has no measured maximum to take its bound from."""
+  return not all(_diffuses_prior_residual(models, stage) for stage in ("c", "f"))
+
+
+def x0_clip_bounds(factor: float, models: Models, task=None) -> tuple:
+  """(coarse, fine) bounds of `x0_clip_bound` for the two samplers, in the units each chain
+  samples. A stage that diffuses a residual over the prior takes the largest residual measured
+  when the prior was fitted (`prior.residual_stats`, on the train split); any other stage reads
+  the train split of `task` (pipeline.TaskData; needed only then: see
+  `clip_bounds_need_train_split`): the normalised coarse maps, or the fine maps minus the uniform
+  `fine_base` when that is set."""
+  bounds = []
+  for stage in ("c", "f"):
+    if _diffuses_prior_residual(models, stage):
+      absmax = getattr(models.prior, f"residual_absmax_{stage}")
+      if not models.residual_scaling:  # the chain samples normalised units, not stds
+        absmax = absmax * float(np.max(getattr(models.prior, f"residual_std_{stage}")))
+      bounds.append(x0_clip_bound(factor, np.array([absmax])))
+      continue
+    if task is None:
+      raise ValueError(f"the stage-{stage} clip bound of this model needs the task's train split")
+    lo, hi = task.split.range("train")
+    values = task.coarse[lo:hi]
+    if stage == "f":
+      values = task.fine[lo:hi]
+      if models.fine_base is not None:
+        values = values - np.asarray(models.fine_base(jnp.asarray(task.coarse[lo:hi]), None))
+    bounds.append(x0_clip_bound(factor, values))
+  return tuple(bounds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,7 +133,8 @@ def load_method(config, workdir: str) -> tuple:
     saved_config[key] = config[key]
   task = pipeline.prepare_task(saved_config)
   check_task_matches(task, meta)
-  clip = diffrecon.x0_clip_bounds(float(saved_config.sampling.x0_clip_factor), task, models)
+  clip = diffrecon.x0_clip_bounds(float(saved_config.sampling.x0_clip_factor), models,
+                                   task)
   return saved_config, task, DiffReconMethod(saved_config, params, models, clip)
 
 

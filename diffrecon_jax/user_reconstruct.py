@@ -234,18 +234,11 @@ def clip_bounds(config, models, workdir) -> tuple:
   the prior's largest residuals when both stages diffuse residuals over it (the default model);
   otherwise from the training split the saved config names (read again, logged)."""
   factor = float(config.sampling.x0_clip_factor)
-  prior = models.prior
-  if prior is not None and models.coarse_residual and models.feed_prior_f:
-    bounds = []
-    for stage in ("c", "f"):
-      absmax = getattr(prior, f"residual_absmax_{stage}")
-      if not models.residual_scaling:  # residuals in normalised units, not in their stds
-        absmax *= float(np.max(getattr(prior, f"residual_std_{stage}")))
-      bounds.append(diffrecon.x0_clip_bound(factor, np.array([absmax])))
-    return tuple(bounds)
+  if not diffrecon.clip_bounds_need_train_split(models):
+    return diffrecon.x0_clip_bounds(factor, models)
   logging.info("clip bounds of this model need its training split: reading %s again",
                config.data.name)
-  return diffrecon.x0_clip_bounds(factor, pipeline.prepare_task(config), models)
+  return diffrecon.x0_clip_bounds(factor, models, pipeline.prepare_task(config))
 
 
 def reconstruct_file(config, workdir: str) -> dict:

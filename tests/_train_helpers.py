@@ -133,5 +133,5 @@ def tiny_diffrecon(config=None, task=None, seed: int = 0):
                            sort_keys=True)
   params = _real_params(models_json, int(task.scale), json.dumps(task.shapes, sort_keys=True),
                         int(seed))
-  clip = diffrecon.x0_clip_bounds(float(config.sampling.x0_clip_factor), task, models)
+  clip = diffrecon.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
   return diffrecon_method.DiffReconMethod(config, params, models, clip)

@@ -259,3 +259,27 @@ def test_fit_prior_smooths_the_baselines_table(task):
                                                             task.series.aggregation), rtol=1e-5,
                              atol=1e-3)
   assert np.abs(smooth.fine - raw.fine).max() > 1.0
+
+
+def test_clip_bounds_from_the_prior_equal_the_train_splits_largest_residual(task):
+  """The default model's sampler bounds come from what `residual_stats` measured, without the
+  train split; they must be what reading the train split again gives."""
+  prior = prior_lib.fit_prior(task, per_cell=True)
+  from configs import default
+  config = default.get_config()
+  models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation, prior)
+  assert not diffrecon.clip_bounds_need_train_split(models)
+  coarse_bound, fine_bound = diffrecon.x0_clip_bounds(1.0, models)
+  lo, hi = task.split.range("train")
+  slots = jnp.asarray(prior.slots(task.series.timestamps[lo:hi]))
+  residual = (task.fine[lo:hi] - np.asarray(prior_lib.fine_base(
+      prior, jnp.asarray(task.coarse[lo:hi]), slots))) / prior.residual_std_f
+  assert fine_bound == pytest.approx(float(np.abs(residual).max()), rel=1e-4)
+  assert coarse_bound == pytest.approx(prior.residual_absmax_c)
+  paper = default.get_config("paper")
+  models = diffrecon.build_models(paper, task.scale, task.stats, task.series.aggregation)
+  assert diffrecon.clip_bounds_need_train_split(models)
+  with pytest.raises(ValueError, match="train split"):
+    diffrecon.x0_clip_bounds(1.0, models)
+  coarse_bound, _ = diffrecon.x0_clip_bounds(1.0, models, task)
+  assert coarse_bound == pytest.approx(float(np.abs(task.coarse[lo:hi]).max()))
