@@ -104,16 +104,21 @@ class _StderrHandler(logging.StreamHandler):
 def setup(workdir, process_index: int = 0) -> pathlib.Path:
   """Routes log records: project lines (and warnings) to stderr, everything to the log file.
 
-  Replaces absl's stderr handler on the root logger and any handlers an earlier `setup` added
-  (so calling it again, e.g. from a notebook cell, does not double the lines). Returns the log
+  Replaces absl's handler and other console handlers on the root logger, and any handlers an
+  earlier `setup` added (so calling it again, e.g. from a notebook cell, does not double the
+  lines). Returns the log
   file's path.
   """
   wd = pathlib.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   path = wd / (LOG_NAME if process_index == 0 else f"log.{process_index}.txt")
   root = logging.getLogger()
+  consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
   for h in list(root.handlers):
-    if getattr(h, "_diffrecon_console", False) or h is absl_logging.get_absl_handler():
+    # Ours from an earlier call, absl's, and any other handler printing to the console (a
+    # notebook kernel may have one from logging.basicConfig): they would print the chatter.
+    if (getattr(h, "_diffrecon_console", False) or h is absl_logging.get_absl_handler()
+        or (type(h) is logging.StreamHandler and h.stream in consoles)):
       root.removeHandler(h)
       if isinstance(h, logging.FileHandler):
         h.close()
