@@ -129,7 +129,7 @@ def _bad_input_cases(tmp: pathlib.Path) -> list:
       (["--config.method=kriging", "--mode=evaluate"], "unknown method 'kriging'"),
   ], [
       (["--config=configs/custom.py", f"--config.data.path={tmp / 'grid.nc'}", "--mode=train"],
-       f"{tmp / 'grid.nc'}: not a readable (T, H, W[, C]) array"),
+       f"{tmp / 'grid.nc'}: not a readable 'custom' dataset file (OSError: "),
   ]
 
 

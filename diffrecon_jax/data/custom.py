@@ -162,16 +162,7 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
     raise DataError(f"{path}: file not found")
   if aggregation not in AGGREGATIONS:
     raise DataError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-  try:
-    raw, var, times, external = _read_file(path, variable, timestamps_key, external_key)
-  except DataError:
-    raise
-  except (OSError, ValueError, KeyError, EOFError) as e:
-    # A truncated, pickled or mislabelled file: say which file and what it must be.
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise DataError(f"{path}: not a readable (T, H, W[, C]) array in .npy / .npz / NetCDF / "
-                    f"Zarr ({type(e).__name__}: {first}); check the file and its extension"
-                    ) from None
+  raw, var, times, external = _read_file(path, variable, timestamps_key, external_key)
   raw = np.asarray(raw)
   if raw.dtype.kind not in "iufb":
     raise DataError(f"{path}: values dtype {raw.dtype} is not numeric")
