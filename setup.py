@@ -34,7 +34,9 @@ setup(
         "matplotlib>=3.11.2",  # figures.py: the figures evaluate and reconstruct write.
     ],
     extras_require={
-        "test": ["pytest>=9.0", "chex>=0.1.92"],
+        # nbclient / nbformat / ipykernel: tests/test_notebook.py runs launch/colab.ipynb.
+        "test": ["pytest>=9.0", "chex>=0.1.92", "nbclient>=0.11.0", "nbformat>=5.11.1",
+                 "ipykernel>=7.4.0"],
         "bench": ["torch>=2.13.0", "matplotlib>=3.11.2"],
     },
 )

@@ -11,11 +11,15 @@ and Open MPI jobs are detected without them.
 """
 from absl import app
 from absl import flags
+from absl import logging
+import jax
 from ml_collections import config_flags
 
+from diffrecon_jax import console
 from diffrecon_jax import parallel
 from diffrecon_jax import run
 from diffrecon_jax.data.series import DataError
+from diffrecon_jax.train import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
                                           "(optionally with ':variant').", lock_config=True)
@@ -45,10 +49,19 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   try:
-    run.run(_CONFIG.value, run.resolve_workdir(_WORKDIR.value), _MODE.value)
-  except DataError as e:
-    # Bad or missing data is the user's to fix: the message says what and how, no traceback.
-    raise SystemExit(f"diffrecon_jax: data error: {e}") from None
+    workdir = run.resolve_workdir(_WORKDIR.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  # Library chatter (Orbax, absl, JAX) to workdir/log.txt; the project's lines on the console.
+  log_path = console.setup(workdir, jax.process_index())
+  try:
+    run.run(_CONFIG.value, workdir, _MODE.value)
+  except (ValueError, FileNotFoundError, CheckpointError) as e:
+    # Bad data, a bad setting or a damaged workdir is the user's to fix: one line saying what
+    # and how on the console; the traceback goes to the log file for whoever debugs it.
+    logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
+    kind = "data error" if isinstance(e, DataError) else "error"
+    raise SystemExit(f"diffrecon_jax: {kind}: {e}  (traceback in {log_path})") from None
 
 
 if __name__ == "__main__":

@@ -237,6 +237,98 @@ def _read_meta(mngr, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+class CheckpointError(RuntimeError):
+  """A damaged checkpoint with no readable one to fall back on; the message names the step
+  directory and what to do."""
+
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def _step_dir(mngr, step: int) -> epath.Path:
+  return epath.Path(mngr.directory) / str(step)
+
+
+def _reason(error: BaseException) -> str:
+  """One short line from a read error (TensorStore's messages run to a page of JSON)."""
+  lines = str(error).strip().splitlines()
+  line = (lines[0] if lines else "").split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {line[:160]}{'...' if len(line) > 160 else ''}"
+
+
+class _Unreadable(Exception):
+  """A checkpoint read failed (raised by `_read`, caught by `_newest_readable`)."""
+
+
+def _read(fn: Callable, *args) -> Any:
+  """fn(*args), a checkpoint read; any failure becomes _Unreadable(one-line reason): Orbax and
+  TensorStore raise plain Exception (missing array file), JSONDecodeError (truncated metadata),
+  FileNotFoundError, ... Only reads are wrapped, so other errors (a bad config) propagate."""
+  try:
+    return fn(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Unreadable(_reason(e)) from e
+
+
+def _newest_readable(mngr, read: Callable[[int], Any], label: str) -> tuple:
+  """((step, value) | None, damaged) for the newest step of `mngr` that `read(step)` reads and
+  returns something other than None for (None: a readable step the caller does not want, e.g.
+  an unfinished phase). A step whose reads (`_read`) fail (a truncated metadata file, a missing
+  or corrupt array file) is skipped with a warning naming its directory; `damaged` lists those
+  steps as (step, reason), newest first."""
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      value = read(step)
+    except _Unreadable as e:
+      damaged.append((step, str(e)))
+      logging.warning("[%s] checkpoint %s cannot be read (%s); trying the previous one", label,
+                      _step_dir(mngr, step), damaged[-1][1])
+      continue
+    if value is not None:
+      return (step, value), damaged
+  return None, damaged
+
+
+def _damaged_message(mngr, damaged: list, what: str) -> str:
+  step, reason = damaged[0]
+  return (f"checkpoint {_step_dir(mngr, step)} is damaged ({reason}) and {what}")
+
+
+def _restore_for_resume(mngr, phase: str, abstract: Any, workdir: epath.Path) -> tuple:
+  """(step, state, meta) of the newest readable checkpoint of a phase, or (None, None, None)
+  when the phase has none yet.
+
+  Damaged newer steps are moved to workdir/damaged_checkpoints/<phase>/<step> (Orbax would
+  refuse to save those steps again) with a warning; if every step is damaged, CheckpointError
+  says which directory to delete.
+  """
+  found, damaged = _newest_readable(mngr, lambda s: _read(_restore, mngr, s, abstract), phase)
+  if damaged and found is None:
+    raise CheckpointError(_damaged_message(
+        mngr, damaged, f"{phase} has no older readable checkpoint: delete "
+        f"{mngr.directory} to train {phase} again from its start (earlier phases are kept), "
+        "or retrain in a new workdir"))
+  if damaged:
+    if jax.process_index() == 0:
+      for step, _ in damaged:
+        dest = workdir / DAMAGED_DIR / phase / str(step)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+          dest.rmtree()
+        _step_dir(mngr, step).rename(dest)
+        logging.warning("[%s] moved the damaged checkpoint to %s (delete it when done with it)",
+                        phase, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"damaged checkpoints of {phase} moved")
+    mngr.reload()
+  if found is None:
+    return None, None, None
+  step, (state, meta) = found
+  return step, state, meta
+
+
 def _tuplify(x: Any) -> Any:
   if isinstance(x, dict):
     return {k: _tuplify(v) for k, v in x.items()}
@@ -374,9 +466,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
         jax.eval_shape(start_fn, abstract_params, abstract_params, base_key), repl)
     mngr = _manager(workdir, phase, int(tc.keep_checkpoints))
     try:
-      latest = mngr.latest_step()
+      latest, restored, meta = _restore_for_resume(mngr, phase, abstract, workdir)
       if latest is not None:
-        restored, meta = _restore(mngr, latest, abstract)
         if meta.get("config") != base_meta["config"]:
           logging.warning("[%s] the checkpoint's config differs from the current one; "
                           "resuming anyway", phase)
@@ -458,41 +549,63 @@ def load_for_sampling(workdir: str, mesh=None,
 
   Looks at joint/, then stage_f/, then stage_c/; needs nothing but the workdir (the config,
   normalisation stats and shapes are in the checkpoint's metadata). `build_models(config, scale,
-  stats, aggregation)` makes the denoisers the parameters belong to.
+  stats, aggregation)` makes the denoisers the parameters belong to. A finished checkpoint that
+  cannot be read is skipped with a warning naming it, and the next newest finished one is used;
+  when none is readable, CheckpointError names the damaged step directory and what to do.
   """
   workdir = epath.Path(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
+  damaged_seen = []
   for phase in reversed(PHASES):
     if not (workdir / phase).exists():
       continue
     mngr = _manager(workdir, phase, 0, read_only=True)
     try:
-      step = mngr.latest_step()
-      if step is None:
+      found, damaged = _newest_readable(
+          mngr, lambda step, m=mngr, p=phase: _load_finished(m, p, step, workdir, mesh,
+                                                             build_models), phase)
+      damaged_seen += [(mngr, d) for d in damaged]
+      if found is None:
         continue
-      meta = _read_meta(mngr, step)
-      if not meta.get("finished"):
-        continue
-      config = config_from_json(meta["config"])
-      kwargs = {}
-      path = prior_lib.prior_path(workdir)
-      if diffrecon.uses_prior(config) and path.exists():
-        # Written by `train`; without it `build_models` says the prior is missing.
-        kwargs["prior"] = prior_lib.Prior.load(path, meta["stats"])
-      models = build_models(config, int(meta["scale"]), meta.get("stats"),
-                            meta.get("aggregation", "sum"), **kwargs)
-      key = jax.random.PRNGKey(0)
-      abstract_params = jax.eval_shape(
-          lambda k: diffrecon.init_params(models, meta["shapes"], k), key)
-      opt = make_optimizer(phase, config.train)
-      abstract = _with_sharding(jax.eval_shape(
-          lambda p, e, k: phase_start_state(opt, p, e, k), abstract_params, abstract_params, key),
-          parallel.replicated(mesh))
-      state, meta = _restore(mngr, step, abstract)
+      step, (config, models, state, meta) = found
       logging.info("loaded %s step %d from %s", phase, step, workdir)
+      if damaged_seen:
+        logging.warning("using %s step %d instead of the damaged %s", phase, step,
+                        ", ".join(str(_step_dir(m, d[0])) for m, d in damaged_seen))
       return config, state.ema_params, models, meta
     finally:
       mngr.close()
+  if damaged_seen:
+    mngr, damaged = damaged_seen[0]
+    raise CheckpointError(_damaged_message(
+        mngr, [damaged], "no other finished checkpoint is readable: delete that step directory "
+        "and rerun training (--mode=train resumes from the previous checkpoint), or retrain in a "
+        "new workdir"))
   raise FileNotFoundError(
       f"no finished training phase under {workdir} (looked for joint/, stage_f/, stage_c/ "
       f"checkpoints with finished=True); run training first")
+
+
+def _load_finished(mngr, phase: str, step: int, workdir: epath.Path, mesh,
+                   build_models: Callable[..., diffrecon.Models]) -> Optional[tuple]:
+  """(config, models, state, meta) restored from `step` if it ends its phase, else None."""
+  meta = _read(_read_meta, mngr, step)
+  if not meta.get("finished"):
+    return None
+  config = config_from_json(meta["config"])
+  kwargs = {}
+  path = prior_lib.prior_path(workdir)
+  if diffrecon.uses_prior(config) and path.exists():
+    # Written by `train`; without it `build_models` says the prior is missing.
+    kwargs["prior"] = prior_lib.Prior.load(path, meta["stats"])
+  models = build_models(config, int(meta["scale"]), meta.get("stats"),
+                        meta.get("aggregation", "sum"), **kwargs)
+  key = jax.random.PRNGKey(0)
+  abstract_params = jax.eval_shape(
+      lambda k: diffrecon.init_params(models, meta["shapes"], k), key)
+  opt = make_optimizer(phase, config.train)
+  abstract = _with_sharding(jax.eval_shape(
+      lambda p, e, k: phase_start_state(opt, p, e, k), abstract_params, abstract_params, key),
+      parallel.replicated(mesh))
+  state, meta = _read(_restore, mngr, step, abstract)
+  return config, models, state, meta

@@ -71,7 +71,8 @@ def test_eval_masks_are_seeded():
   assert not np.array_equal(a, patterns.make_eval_mask(p, 10, (8, 6), seed=2))
 
 
-@pytest.mark.parametrize("spec,msg", [("random:1.0", r"\[0, 1\)"), ("fixed:-0.1", r"\[0, 1\)"),
+@pytest.mark.parametrize("spec,msg", [("random:1.0", r"\[0, 1\), got 1.0"),
+                                      ("fixed:-0.1", r"\[0, 1\), got -0.1"),
                                       ("holes:0.2", "unknown kind"), ("fixed", "kind:ratio"),
                                       ("random:abc", "not a number"),
                                       ("large_scale:0.5", "lower-right quarter")])
@@ -94,9 +95,21 @@ def test_user_mask_file(tmp_path):
   np.save(tmp_path / "bad_shape.npy", np.ones((6, 8)))
   with pytest.raises(DataError, match=r"shape \(6, 8\)"):
     patterns.make_eval_mask(patterns.parse_pattern(f"file:{tmp_path}/bad_shape.npy"), 5, (8, 6), 0)
-  np.save(tmp_path / "bad_vals.npy", np.full((8, 6), 0.5))
-  with pytest.raises(DataError, match="0 \\(missing\\) or 1"):
+  # NaN marks a missing cell, as in the data files.
+  nan = good.astype(np.float32)
+  nan[1, 1] = np.nan
+  np.save(tmp_path / "nan.npy", nan)
+  m = patterns.make_eval_mask(patterns.parse_pattern(f"file:{tmp_path}/nan.npy"), 5, (8, 6), 0)
+  assert (m[:, 1, 1] == 0).all() and m.sum() == 5 * 46 and not np.isnan(m).any()
+  vals = np.ones((8, 6))
+  vals[2, 3] = 0.5
+  np.save(tmp_path / "bad_vals.npy", vals)
+  with pytest.raises(DataError, match=r"bad_vals.npy: values must be 1 \(observed\), 0 or NaN "
+                     r"\(missing\); found 0.5 at index \(2, 3\)"):
     patterns.make_eval_mask(patterns.parse_pattern(f"file:{tmp_path}/bad_vals.npy"), 5, (8, 6), 0)
+  (tmp_path / "text.npy").write_text("0 1 1\n")
+  with pytest.raises(DataError, match=r"text.npy: not a NumPy .npy array"):
+    patterns.make_eval_mask(patterns.parse_pattern(f"file:{tmp_path}/text.npy"), 5, (8, 6), 0)
 
 
 def test_train_masks_follow_the_same_rules():

@@ -6,7 +6,8 @@ in numpy and in JAX):
   - ``fixed``: the same n cells in every slice (fixed sensors);
   - ``random``: a fresh random set of n cells in each slice (mobile sensing);
   - ``large_scale``: the lower-right floor(I/2) x floor(J/2) block in every slice (ratio 0.25);
-  - ``file``: a user mask (.npy, 0/1, shape (I, J) or (T, I, J) over the whole series).
+  - ``file``: a user mask (.npy, 1 = observed, 0 or NaN = missing, shape (I, J) or (T, I, J)
+    over the whole series).
 
 `make_eval_mask` draws the evaluation masks with numpy from a recorded seed (saved beside the
 results). `sample_train_masks` draws masks on the fly inside the jitted training step.
@@ -59,7 +60,9 @@ def parse_pattern(spec: str) -> Pattern:
   except ValueError:
     raise DataError(f"pattern {spec!r}: ratio {arg!r} is not a number") from None
   if not 0.0 <= ratio < 1.0:
-    raise DataError(f"pattern {spec!r}: missing ratio must be in [0, 1), got {ratio}")
+    # 1 hides everything (nothing to condition on); 0 hides nothing (super-resolution only).
+    raise DataError(f"pattern {spec!r}: missing ratio must be in [0, 1), got {ratio}; e.g. "
+                    f"'{kind}:0.4' hides 40% of the coarse cells")
   if kind == "large_scale" and abs(ratio - LARGE_SCALE_RATIO) > 1e-9:
     raise DataError(f"pattern {spec!r}: large_scale hides the lower-right quarter, so its ratio "
                     f"is {LARGE_SCALE_RATIO}; use 'file:' for other blocks")
@@ -105,18 +108,34 @@ def make_eval_mask(pattern: Pattern, num_slices: int, coarse_shape: tuple,
 
 
 def load_user_mask(path: str, num_slices: int, coarse_shape: tuple) -> np.ndarray:
-  """A user mask file (.npy) of shape (I, J) or (T, I, J), values 0/1 -> (T, I, J) float32."""
+  """A user mask file (.npy) of shape (I, J) or (T, I, J) -> (T, I, J) float32.
+
+  Values: 1 = observed, 0 or NaN = missing (NaN as in the data files, where it marks a value
+  nobody observed); anything else is a DataError naming the file and the first bad value.
+  """
   p = pathlib.Path(path)
   if not p.is_file():
-    raise DataError(f"mask file {path} not found")
-  m = np.load(p)
+    raise DataError(f"mask file {path} not found (pattern 'file:{path}')")
+  try:
+    m = np.load(p, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    raise DataError(f"mask file {path}: not a NumPy .npy array ({type(e).__name__}: {first}); "
+                    "save it with numpy.save") from None
+  if not isinstance(m, np.ndarray) or m.dtype.kind not in "biuf":
+    raise DataError(f"mask file {path}: expected one numeric .npy array of 0/1, got "
+                    f"{type(m).__name__} {getattr(m, 'dtype', '')}; save it with numpy.save")
+  m = np.where(np.isnan(m), 0, m) if m.dtype.kind == "f" else m
+  bad = ~((m == 0) | (m == 1))
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise DataError(f"mask file {path}: values must be 1 (observed), 0 or NaN (missing); found "
+                    f"{m[where].item()!r} at index {where} ({int(bad.sum())} such values)")
   if m.shape == tuple(coarse_shape):
     m = np.broadcast_to(m, (num_slices,) + tuple(coarse_shape))
   if m.shape != (num_slices,) + tuple(coarse_shape):
     raise DataError(f"mask file {path}: shape {m.shape} must be {tuple(coarse_shape)} or "
                     f"{(num_slices,) + tuple(coarse_shape)} (coarse grid, whole series)")
-  if not np.all((m == 0) | (m == 1)):
-    raise DataError(f"mask file {path}: values must be 0 (missing) or 1 (observed)")
   return m.astype(np.float32)
 
 

@@ -41,7 +41,19 @@ def load_dataset(name: str, /, **kwargs) -> SpatioTemporalSeries:
     kwargs[location_arg] = kwargs.pop("path")
   if name == "tapbj":
     kwargs.setdefault("path", None)  # so a missing path gives the manual-download message.
-  return loader(**kwargs)
+  try:
+    return loader(**kwargs)
+  except DataError:
+    raise
+  except (OSError, ValueError, KeyError, EOFError) as e:
+    # A truncated, pickled or mislabelled file reaches the readers' own errors: name the file
+    # and what it must be, in one line.
+    where = kwargs.get(location_arg) or "the default location"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise DataError(f"{where}: not a readable {name!r} dataset file ({type(e).__name__}: "
+                    f"{first}); check the file, its format and extension (see the loader's "
+                    f"docstring: diffrecon_jax/data/{loader.__module__.rsplit('.', 1)[-1]}.py)"
+                    ) from None
 
 
 def absolute_path(path) -> str | None:
