@@ -37,6 +37,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from diffrecon_jax import console
 from diffrecon_jax import diffrecon
 from diffrecon_jax import parallel
 from diffrecon_jax import prior as prior_lib
@@ -345,12 +346,20 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+# Progress lines a phase shows on the console (every record still goes to metrics.jsonl and
+# workdir/log.txt): a normal run prints tens of lines, not one per `log_every` steps.
+_CONSOLE_LINES_PER_PHASE = 10
+
+
 class _MetricsLog:
-  """Console (absl) + workdir/metrics.jsonl, one record per log window."""
+  """workdir/metrics.jsonl and log.txt: one record per log window; the console: about
+  `_CONSOLE_LINES_PER_PHASE` of them per phase, and the last."""
 
   def __init__(self, workdir: epath.Path, phase: str, total: int, start_step: int):
     self.path = workdir / "metrics.jsonl"
     self.phase, self.total = phase, total
+    self.console_every = max(1, total // _CONSOLE_LINES_PER_PHASE)
+    self.next_console = start_step + 1
     self.sums, self.n = {}, 0
     self.t0, self.step0 = time.time(), start_step
     self.phase_t0, self.phase_step0 = self.t0, start_step
@@ -371,8 +380,11 @@ class _MetricsLog:
               **{k: v / self.n for k, v in self.sums.items()},
               "steps_per_sec": rate, "eta_sec": eta, "time": now}
     losses = " ".join(f"{k}={record[k]:.4f}" for k in sorted(self.sums))
+    shown = step >= self.next_console or step >= self.total
+    if shown:
+      self.next_console = step + self.console_every
     logging.info("[%s] step %d/%d %s | %.2f steps/s | ETA %.0fs", self.phase, step, self.total,
-                 losses, rate, eta)
+                 losses, rate, eta, extra=None if shown else console.FILE_ONLY)
     if jax.process_index() == 0:
       with self.path.open("a") as f:
         f.write(json.dumps(record) + "\n")

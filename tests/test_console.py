@@ -165,3 +165,20 @@ def test_console_filter_keeps_project_lines_and_warnings():
   hidden = _record("absl", logging.INFO, pkg)
   hidden.diffrecon_file_only = True
   assert not keep(hidden)
+
+
+def test_a_long_phase_shows_about_ten_progress_lines_and_records_every_window(tmp_path,
+                                                                            monkeypatch):
+  from etils import epath
+  from diffrecon_jax import train
+  calls = []
+  monkeypatch.setattr(train.logging, "info",
+                      lambda msg, *args, **kw: calls.append((args[1], kw.get("extra"))))
+  log = train._MetricsLog(epath.Path(tmp_path), "stage_c", total=8000, start_step=0)
+  for step in range(100, 8001, 100):
+    log.add({"loss": np.ones(4)})
+    log.flush(step)
+  shown = [step for step, extra in calls if extra is None]
+  assert len(calls) == 80 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 80
+  assert 9 <= len(shown) <= 11 and shown[0] == 100 and shown[-1] == 8000
+  assert all(extra == console.FILE_ONLY for step, extra in calls if step not in shown)
