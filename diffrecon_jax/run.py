@@ -3,7 +3,9 @@
 `run(config, workdir, mode)` runs a mode for `config.method`:
   - "diffrecon" (the two-stage diffusion model): train (`train.train`), evaluate from the workdir's
     checkpoints alone, train_and_evaluate, or reconstruct (writes the reconstructed maps);
-  - a baseline name (`BASELINES`): evaluate only (they have nothing to train).
+  - a baseline name (`BASELINES`): evaluate only (they have nothing to train);
+  - a supervised baseline name (`supervised.NETWORKS`: srcnn, srresnet, urbanfm): evaluate only;
+    the network is trained on the train split when it is evaluated (`baselines/supervised.py`).
 Every evaluation writes results.json / results.md into the workdir by docs/evaluation.md;
 DiffRecon's results carry the `REFERENCES` (climatology and interp) beside them, on the same masks.
 """
@@ -22,7 +24,7 @@ from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import parallel
 from diffrecon_jax import train as train_lib
 from diffrecon_jax import user_reconstruct
-from diffrecon_jax.baselines import climatology, interp
+from diffrecon_jax.baselines import climatology, interp, supervised
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.diffrecon_method import DiffReconMethod
@@ -53,9 +55,15 @@ def setup_compilation_cache(config) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(str(path)))
 
 
-def _baseline(name: str):
+def _baseline(name: str, config=None):
+  """The baseline `name`; a supervised one takes its hyperparameters from `config`."""
+  if name in supervised.NETWORKS:
+    if config is None:
+      raise ValueError(f"baseline {name!r} needs the config (its `baselines` section)")
+    return supervised.build(name, config)
   if name not in BASELINES:
-    raise ValueError(f"unknown method {name!r}; expected 'diffrecon' or one of {sorted(BASELINES)}")
+    raise ValueError(f"unknown method {name!r}; expected 'diffrecon' or one of "
+                     f"{sorted(BASELINES) + list(supervised.NETWORKS)}")
   return BASELINES[name]()
 
 
@@ -88,11 +96,12 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     (wd / "config.json").write_text(config.to_json_best_effort(indent=1))
   if config.method != "diffrecon":
     if mode in ("train", "reconstruct"):
-      raise ValueError(f"method {config.method!r} has nothing to train; use --mode=evaluate")
+      raise ValueError(f"method {config.method!r} has nothing to train or trains when it is "
+                       f"evaluated; use --mode=evaluate")
     if not parallel.is_main_process():
       return _evaluated_elsewhere()
     task = pipeline.prepare_task(config)
-    return evaluate_methods(config, workdir, task, [_baseline(config.method)])
+    return evaluate_methods(config, workdir, task, [_baseline(config.method, config)])
   setup_compilation_cache(config)
   if mode in ("train", "train_and_evaluate"):
     task = pipeline.prepare_task(config)

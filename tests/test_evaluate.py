@@ -67,8 +67,8 @@ def test_user_mask_file_is_accepted(tmp_path):
 
 def test_unknown_method_and_mode():
   config = default.get_config()
-  config.method = "srcnn"
-  with pytest.raises(ValueError, match="unknown method 'srcnn'"):
+  config.method = "vdsr"
+  with pytest.raises(ValueError, match="unknown method 'vdsr'"):
     run.run(config, "/tmp/unused_wd", mode="evaluate")
   config.method = "interp"
   with pytest.raises(ValueError, match="nothing to train"):

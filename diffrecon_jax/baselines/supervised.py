@@ -1,0 +1,230 @@
+"""The one training loop of the deterministic super-resolution baselines (SRCNN, SRResNet,
+UrbanFM): they differ only in their network and loss.
+
+Training (`fit`) reads the train split's truth alone (`ObservedTask.train_coarse` ->
+`train_fine`, both z-scored by the view's train-split normalisers): the complete coarse maps, and
+with `train_masked` also one copy of them per training pattern (`config.patterns.train`) whose
+hidden cells were filled by the `interp` completion, so the network trains on inputs like those it
+is scored on. Adam (optax), a jitted step on random batches, a fixed number of steps and a seed.
+
+Reconstruction (`reconstruct`): the observed coarse maps are completed by `interp` (the paper's
+preprocessing of its non-sparse baselines, Sec. V-A.4), z-scored and mapped by the network; the
+fine maps come back in physical units beside the completed coarse maps. Deterministic; the
+network is trained on the first call and reused while the train split is the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from diffrecon_jax.baselines import interp
+from diffrecon_jax.data import patterns as patterns_lib
+
+LOSSES = ("l2", "l1")
+
+
+def _finite_or_zero(x: np.ndarray) -> tuple:
+  """(x with NaN -> 0, 1.0 where x was finite) as float32."""
+  ok = np.isfinite(x)
+  return np.where(ok, x, 0.0).astype(np.float32), ok.astype(np.float32)
+
+
+def training_inputs(view, patterns: tuple, seed: int, time_weight: float) -> np.ndarray:
+  """Coarse inputs of the train split: the complete maps, then one interp completion per pattern.
+
+  Args:
+    view: evaluate.ObservedTask (only train_coarse, history and the shapes are read).
+    patterns: training pattern specs ("random:0.4", ...); () = the complete maps only.
+    seed: draws each pattern's masks over the train split (`patterns.make_eval_mask`).
+    time_weight: interp's time weight.
+  Returns:
+    (P + 1, T_train, I, J, C) float32 physical coarse maps (NaN where the data has none).
+  """
+  coarse = np.asarray(view.train_coarse, np.float32)
+  t = coarse.shape[0]
+  out = [coarse]
+  valid = np.isfinite(coarse).all(axis=-1).astype(np.float32)
+  for k, spec in enumerate(patterns):
+    mask = patterns_lib.make_eval_mask(patterns_lib.parse_pattern(spec), t, coarse.shape[1:3],
+                                       seed + k) * valid
+    out.append(interp.nearest_fill(coarse, mask, np.arange(t), view.history, time_weight,
+                                   fallback=view.coarse_norm.mean))
+  return np.stack(out)
+
+
+def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
+                  targets: np.ndarray, weights: np.ndarray, *, steps: int, batch_size: int,
+                  lr: float, seed: int, loss: str = "l2", log_every: int = 0,
+                  name: str = "") -> tuple:
+  """Adam on random batches of (inputs, external) -> targets.
+
+  Args:
+    module: maps (B, I, J, C) inputs and (B, F) external features to (B, H, W, C).
+    inputs: (n, I, J, C) normalised inputs; external (n, F); targets (n, H, W, C) normalised;
+      weights (n, H, W, C): 1 where the target exists (the loss is their weighted mean).
+    steps, batch_size, lr, seed: the budget, Adam's rate, the initialisation and batch seed.
+    loss: "l2" (squared error) or "l1" (absolute error).
+    log_every: > 0 logs the mean loss of every that many steps.
+  Returns:
+    (params, losses (steps,) float32: each step's batch loss before its update).
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  if steps < 1 or batch_size < 1:
+    raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
+  data = tuple(jnp.asarray(a, jnp.float32) for a in (inputs, external, targets, weights))
+  n = data[0].shape[0]
+  key_init, key_batch = jax.random.split(jax.random.PRNGKey(seed))
+  params = module.init(key_init, data[0][:1], data[1][:1])
+  tx = optax.adam(lr)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, key, data):
+    x, e, y, w = (a[jax.random.randint(key, (batch_size,), 0, n)] for a in data)
+
+    def loss_fn(p):
+      err = module.apply(p, x, e) - y
+      per_cell = err * err if loss == "l2" else jnp.abs(err)
+      return jnp.sum(w * per_cell) / jnp.maximum(jnp.sum(w), 1.0)
+
+    value, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  losses = []
+  start = time.time()
+  for s in range(steps):
+    params, opt_state, value = step(params, opt_state, jax.random.fold_in(key_batch, s), data)
+    losses.append(value)
+    if log_every > 0 and ((s + 1) % log_every == 0 or s + 1 == steps):
+      recent = float(jnp.mean(jnp.stack(losses[-log_every:])))
+      logging.info("%s: step %d/%d loss %.4f (%.1f s)", name, s + 1, steps, recent,
+                   time.time() - start)
+  return params, np.asarray(jnp.stack(losses), np.float32)
+
+
+def _train_key(view) -> str:
+  """What training reads from a view, hashed: views of one task under different masks share it."""
+  h = hashlib.sha1()
+  v0 = int(view.split.val_start)
+  for a in (view.train_coarse, view.train_fine, np.asarray(view.external)[:v0]):
+    h.update(str(a.shape).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  h.update(f"{view.scale} {view.aggregation} {view.history}".encode())
+  return h.hexdigest()
+
+
+class SupervisedBaseline:
+  """A deterministic super-resolution network as an evaluated method.
+
+  Args:
+    name: the method's name in the results.
+    network: view -> flax module mapping (B, I, J, C) normalised coarse maps and (B, F) external
+      features to (B, N*I, N*J, C) normalised fine maps (the view gives shapes, normalisers and
+      aggregation, never hidden values).
+    loss: "l2" or "l1".
+    steps, batch_size, lr, seed: training budget, Adam's rate and the seed.
+    train_patterns: patterns whose interp-completed copies of the train split are added to the
+      training inputs; () trains on the complete coarse maps only.
+    time_weight: interp's time weight (completion of the inputs, train and test).
+    eval_batch: maps per network call at reconstruction.
+    log_every: training log cadence (0 = silent).
+  """
+
+  sampler = None
+
+  def __init__(self, name: str, network: Callable, *, loss: str = "l2", steps: int = 1000,
+               batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+               train_patterns: tuple = (), time_weight: float = 0.1, eval_batch: int = 256,
+               log_every: int = 0):
+    if loss not in LOSSES:
+      raise ValueError(f"{name}: loss must be one of {LOSSES}, got {loss!r}")
+    self.name, self.network, self.loss = name, network, loss
+    self.steps, self.batch_size, self.lr, self.seed = int(steps), int(batch_size), float(lr), int(seed)
+    self.train_patterns = tuple(train_patterns)
+    self.time_weight, self.eval_batch, self.log_every = float(time_weight), int(eval_batch), int(log_every)
+    self._key = None
+    self.module = self.params = self.losses = None
+
+  def fit(self, view) -> None:
+    """Trains on `view`'s train split (once per distinct train split)."""
+    key = _train_key(view)
+    if key == self._key:
+      return
+    v0 = int(view.split.val_start)
+    if view.train_fine.shape[0] != v0 or view.train_coarse.shape[0] != v0:
+      raise ValueError(f"{self.name}: train_fine / train_coarse have {view.train_fine.shape[0]} / "
+                       f"{view.train_coarse.shape[0]} slices, the training split {v0}")
+    coarse = training_inputs(view, self.train_patterns, self.seed, self.time_weight)
+    copies = coarse.shape[0]
+    x, _ = _finite_or_zero(view.coarse_norm.apply(coarse.reshape((-1,) + coarse.shape[2:])))
+    y, w = _finite_or_zero(view.fine_norm.apply(np.asarray(view.train_fine, np.float32)))
+    ext = np.asarray(view.external[:v0], np.float32)
+    tile = lambda a: np.concatenate([a] * copies)
+    logging.info("%s: training %d steps on %d train maps (%d input copies)", self.name,
+                 self.steps, v0, copies)
+    self.module = self.network(view)
+    self.params, self.losses = train_network(
+        self.module, x, tile(ext), tile(y), tile(w), steps=self.steps,
+        batch_size=self.batch_size, lr=self.lr, seed=self.seed, loss=self.loss,
+        log_every=self.log_every, name=self.name)
+    self._apply = jax.jit(self.module.apply)
+    self._key = key
+
+  def reconstruct(self, view, slices: np.ndarray) -> dict:
+    """slices (n,) -> dict(coarse (n, I, J, C): the interp-completed observed maps, fine
+    (n, N*I, N*J, C) float32 physical, samples None)."""
+    self.fit(view)
+    slices = np.asarray(slices, np.int64)
+    coarse = interp.nearest_fill(view.coarse_obs, view.mask, slices, view.history,
+                                 self.time_weight, fallback=view.coarse_norm.mean)
+    x, _ = _finite_or_zero(view.coarse_norm.apply(coarse))
+    ext = np.asarray(view.external, np.float32)[slices]
+    b = max(1, min(self.eval_batch, len(slices)))
+    fine = [np.zeros((0,) + view.fine_shape + (coarse.shape[-1],), np.float32)]
+    for k in range(0, len(slices), b):
+      m = min(b, len(slices) - k)
+      # The last batch is padded to the others' size: one compiled shape per call.
+      pad = lambda a: np.concatenate([a[k:k + m], np.zeros((b - m,) + a.shape[1:], a.dtype)])
+      fine.append(np.asarray(self._apply(self.params, pad(x), pad(ext)))[:m])
+    fine = np.concatenate(fine)
+    return {"coarse": coarse.astype(np.float32),
+            "fine": view.fine_norm.inverse(fine).astype(np.float32), "samples": None}
+
+
+NETWORKS = ("srcnn", "srresnet", "urbanfm")
+
+
+def build(name: str, config) -> SupervisedBaseline:
+  """The baseline `name` (one of NETWORKS) with its hyperparameters from `config.baselines`,
+  its seed from `config.seed` and its training patterns from `config.patterns.train`."""
+  from diffrecon_jax.baselines import srcnn, srresnet, urbanfm  # the networks of this loop only
+  b = config.baselines
+  if name == "srcnn":
+    network = lambda v: srcnn.SRCNN(v.scale, v.channels, tuple(b.srcnn_features),
+                                    tuple(b.srcnn_kernels))
+  elif name == "srresnet":
+    network = lambda v: srresnet.SRResNet(v.scale, v.channels, int(b.srresnet_features),
+                                          int(b.srresnet_blocks))
+  elif name == "urbanfm":
+    network = lambda v: urbanfm.UrbanFM(
+        v.scale, v.channels, tuple(map(float, v.coarse_norm.mean)),
+        tuple(map(float, v.coarse_norm.std)), tuple(map(float, v.fine_norm.mean)),
+        tuple(map(float, v.fine_norm.std)), v.aggregation, int(b.urbanfm_features),
+        int(b.urbanfm_blocks))
+  else:
+    raise ValueError(f"unknown supervised baseline {name!r}; expected one of {NETWORKS}")
+  return SupervisedBaseline(
+      name, network, loss=b.loss, steps=int(b.steps), batch_size=int(b.batch_size),
+      lr=float(b.lr), seed=int(config.seed),
+      train_patterns=tuple(config.patterns.train) if b.train_masked else (),
+      time_weight=float(b.interp_time_weight), log_every=int(b.log_every))
