@@ -12,7 +12,8 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
-  c.method = "diffrecon"  # "diffrecon" or a baseline name ("interp").
+  c.method = "diffrecon"  # "diffrecon" or a baseline: "interp", "climatology" (deterministic) or
+                          # "srcnn" / "srresnet" / "urbanfm" (trained when evaluated; c.baselines).
 
   # ---- data (paper Sec. V-A; docs/evaluation.md) ----
   c.data = ml_collections.ConfigDict()
