@@ -98,10 +98,10 @@ class Prior:
                  interval_minutes=int(z["interval_minutes"]), aggregation=str(z["aggregation"]),
                  scale=int(z["scale"]), stats=stats, level_decay=float(z["level_decay"]),
                  ratio_clip=tuple(float(v) for v in z["ratio_clip"]),
-                 # Files written before the local level existed used the map's level.
-                 local=bool(z["local"]) if "local" in z else False,
-                 local_sigma=float(z["local_sigma"]) if "local_sigma" in z else 0.0,
-                 local_shrink=float(z["local_shrink"]) if "local_shrink" in z else 1.0,
+                 # Files written before the local level existed used the map's level: the
+                 # fields' defaults.
+                 **{k: type(getattr(cls, k))(z[k]) for k in ("local", "local_sigma",
+                                                             "local_shrink") if k in z},
                  residual_std_c=z["residual_std_c"], residual_std_f=z["residual_std_f"],
                  residual_absmax_c=float(z["residual_absmax_c"]),
                  residual_absmax_f=float(z["residual_absmax_f"]))

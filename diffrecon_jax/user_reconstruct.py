@@ -229,7 +229,7 @@ def reconstructable_slices(obs: CoarseInput, history: int, workdir) -> np.ndarra
   return slices
 
 
-def clip_bounds(config, models, workdir) -> tuple:
+def clip_bounds(config, models) -> tuple:
   """The samplers' x0 clip bounds (`diffrecon.x0_clip_bounds`) without the training data: from
   the prior's largest residuals when both stages diffuse residuals over it (the default model);
   otherwise from the training split the saved config names (read again, logged)."""
@@ -255,7 +255,7 @@ def reconstruct_file(config, workdir: str) -> dict:
   history = int(meta["shapes"]["window"]) - 1
   slices = reconstructable_slices(obs, history, workdir)
   view = observed_task(obs, meta, pathlib.Path(path).stem)
-  method = DiffReconMethod(saved, params, models, clip_bounds(saved, models, workdir))
+  method = DiffReconMethod(saved, params, models, clip_bounds(saved, models))
   t0 = time.perf_counter()
   pieces = evaluate_lib.contiguous_pieces(slices, int(saved.eval.get("chunk_slices", 0)))
   parts = [method.reconstruct(view, piece) for piece in pieces]
