@@ -183,22 +183,28 @@ class SupervisedBaseline:
   def reconstruct(self, view, slices: np.ndarray) -> dict:
     """slices (n,) -> dict(coarse (n, I, J, C): the interp-completed observed maps, fine
     (n, N*I, N*J, C) float32 physical, samples None)."""
-    self.fit(view)
     slices = np.asarray(slices, np.int64)
     coarse = interp.nearest_fill(view.coarse_obs, view.mask, slices, view.history,
                                  self.time_weight, fallback=view.coarse_norm.mean)
-    x, _ = _finite_or_zero(view.coarse_norm.apply(coarse))
+    return {"coarse": coarse.astype(np.float32),
+            "fine": self.fine_from_coarse(view, coarse, slices), "samples": None}
+
+  def fine_from_coarse(self, view, coarse: np.ndarray, slices: np.ndarray) -> np.ndarray:
+    """The network on complete coarse maps from any completion (interp here; Diffusion-C in the
+    noFG ablation): coarse (n, I, J, C) physical, slices (n,) their indices (external features)
+    -> (n, N*I, N*J, C) float32 physical fine maps. Trains first if needed (`fit`)."""
+    self.fit(view)
+    slices = np.asarray(slices, np.int64)
+    x, _ = _finite_or_zero(view.coarse_norm.apply(np.asarray(coarse, np.float32)))
     ext = np.asarray(view.external, np.float32)[slices]
     b = max(1, min(self.eval_batch, len(slices)))
-    fine = [np.zeros((0,) + view.fine_shape + (coarse.shape[-1],), np.float32)]
+    fine = [np.zeros((0,) + view.fine_shape + (x.shape[-1],), np.float32)]
     for k in range(0, len(slices), b):
       m = min(b, len(slices) - k)
       # The last batch is padded to the others' size: one compiled shape per call.
       pad = lambda a: np.concatenate([a[k:k + m], np.zeros((b - m,) + a.shape[1:], a.dtype)])
       fine.append(np.asarray(self._apply(self.params, pad(x), pad(ext)))[:m])
-    fine = np.concatenate(fine)
-    return {"coarse": coarse.astype(np.float32),
-            "fine": view.fine_norm.inverse(fine).astype(np.float32), "samples": None}
+    return view.fine_norm.inverse(np.concatenate(fine)).astype(np.float32)
 
 
 NETWORKS = ("srcnn", "srresnet", "urbanfm")
