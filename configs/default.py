@@ -14,6 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
   c.method = "diffrecon"  # "diffrecon" or a baseline: "interp", "climatology" (deterministic) or
                           # "srcnn" / "srresnet" / "urbanfm" (trained when evaluated; c.baselines).
+  c.ablation = ""  # paper Sec. V-C: "" = DiffRecon, or one of its ablations (ablations.py):
+                   # "noPre", "noJoint", "noSTPointFormer", "noTPatternNet", "noFG".
+  c.ablation_fine_network = "srcnn"  # noFG: the network replacing Diffusion-F on Diffusion-C's
+                   # output (paper Fig. 9: srcnn, urbanfm, fode, stcf); chosen at evaluate time.
 
   # ---- data (paper Sec. V-A; docs/evaluation.md) ----
   c.data = ml_collections.ConfigDict()

@@ -29,7 +29,8 @@ from diffrecon_jax import diffrecon
 
 
 class DiffReconMethod:
-  """`reconstruct(view, slices)` with trained (EMA) parameters; see module docstring."""
+  """`reconstruct(view, slices)` with trained (EMA) parameters; see module docstring.
+  `name` is "diffrecon", or "diffrecon-<ablation>" for an ablation's model (`ablations.py`)."""
 
   name = "diffrecon"
 
@@ -112,6 +113,34 @@ class DiffReconMethod:
     pool.shutdown(wait=False)
     return future, size
 
+  def _keys(self, slices: np.ndarray) -> tuple:
+    """(stage-1 key, stage-2 key) of a run of slices: fixed by its first slice and the seed."""
+    return tuple(jax.random.split(jax.random.fold_in(self._rng, int(slices[0]))))
+
+  def _slots(self, view) -> np.ndarray:
+    """(T,) climatology slot of every slice, zeros when the model has no prior."""
+    return (self.models.prior.slots(view.timestamps) if self.models.needs_slots
+            else np.zeros(len(view.timestamps), np.int32))
+
+  def _complete_norm(self, view, slices: np.ndarray, slot: np.ndarray, rng) -> np.ndarray:
+    """Diffusion-C's median completion of `slices` (n,), each from its own window of observed
+    values: (n, I, J, C) normalised."""
+    idx = slices[:, None] + np.arange(-view.history, 1)[None, :]
+    (completed,) = self._batched("c", functools.partial(self._stage_c, self.params["c"]),
+                                 [view.coarse_obs_norm[idx], view.mask[idx],
+                                  view.external[idx], slot[idx]], rng)
+    return completed
+
+  def complete(self, view, slices: np.ndarray) -> np.ndarray:
+    """Stage 1 alone (the noFG ablation feeds its output to another fine network):
+    slices (n,) contiguous, each with `history` slices before it -> (n, I, J, C) physical
+    completed coarse maps (observed cells exact). Same key rule as `reconstruct`."""
+    slices = np.asarray(slices)
+    if slices[0] < view.history:
+      raise ValueError(f"slice {slices[0]} has too little history (needs {view.history} before)")
+    completed = self._complete_norm(view, slices, self._slots(view), self._keys(slices)[0])
+    return view.coarse_norm.inverse(completed)
+
   def reconstruct(self, view, slices: np.ndarray) -> dict:
     """view: evaluate.ObservedTask; slices (n,) contiguous current-slice indices.
 
@@ -122,17 +151,11 @@ class DiffReconMethod:
     slices = np.asarray(slices)
     if slices[0] < 2 * h:
       raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
-    rng = jax.random.fold_in(self._rng, int(slices[0]))
-    k_c, k_f = jax.random.split(rng)
+    k_c, k_f = self._keys(slices)
     warm_f = self._compile_f_aside(view, len(slices))  # (future, size) or None
-    slot = (self.models.prior.slots(view.timestamps) if self.models.needs_slots
-            else np.zeros(len(view.timestamps), np.int32))
+    slot = self._slots(view)
     # Stage 1 on every slice the stage-2 windows touch, from observed values only (0 = hidden).
-    need = np.arange(slices[0] - h, slices[-1] + 1)
-    idx = need[:, None] + np.arange(-h, 1)[None, :]
-    (completed,) = self._batched("c", functools.partial(self._stage_c, self.params["c"]),
-                                 [view.coarse_obs_norm[idx], view.mask[idx],
-                                  view.external[idx], slot[idx]], k_c)
+    completed = self._complete_norm(view, np.arange(slices[0] - h, slices[-1] + 1), slot, k_c)
     if warm_f is not None:
       warm_f[0].result()
       self._compiled.add(("f", warm_f[1]))

@@ -6,6 +6,9 @@
   uncertainty_maps  2-D maps of one slice: the reconstruction, the width of its 90% interval
                     (from the samples) and the observed coarse cells
   coverage_bars     the 90% interval's coverage per pattern against the nominal 0.9
+  error_vs_ratio    a comparison's MAE and RMSE against the missing ratio, one line per method,
+                    for the `fixed` and `random` patterns (the paper's Figs. 6-8 style)
+  ablation_bars     a comparison's MAE per pattern, one bar per method (the paper's Fig. 9 style)
   write_safely      calls one of the above and logs a warning instead of raising: a figure that
                     fails must not cost an evaluation or a reconstruction its results
 
@@ -170,3 +173,62 @@ def evaluation_figures(folder, method: str, label: str, truth: np.ndarray, fine:
          write_safely(uncertainty_maps, f, lower, upper, observed,
                       path=folder / f"{name}_maps.png", title=what, units=units)]
   return [p for p in out if p is not None]
+
+
+def _series(rows: Sequence[dict], method: str, pattern: str, key: str) -> tuple:
+  """(ratios, means, stds) of one method, pattern kind and metric key from comparison rows."""
+  pts = sorted((r["missing_ratio"], r["mean"].get(method), r["std"].get(method) or 0.0)
+               for r in rows if r["pattern"] == pattern and r["key"] == key
+               and r["mean"].get(method) is not None)
+  return tuple(np.asarray(v, np.float64) for v in zip(*pts)) if pts else ((), (), ())
+
+
+def error_vs_ratio(rows: Sequence[dict], methods: Sequence[str], path, title: str,
+                   units: str = "") -> pathlib.Path:
+  """2 x 2 panels (fixed, random) x (MAE, RMSE) against the missing ratio, one line per method;
+  error bars are the spread over mask seeds. `rows`: `comparison.table_rows` (mae and rmse)."""
+  fig = _figure(11.0, 7.6)
+  markers = "osD^v<>px*h+"
+  for k, (pattern, (metric, key)) in enumerate(
+      [(p, m) for p in ("fixed", "random") for m in (("MAE", "mae"), ("RMSE", "rmse"))]):
+    ax = fig.add_subplot(2, 2, k + 1)
+    for i, m in enumerate(methods):
+      x, y, e = _series(rows, m, pattern, key)
+      if len(x):
+        ax.errorbar(x, y, yerr=e if np.any(e > 0) else None, label=m, marker=markers[i % 12],
+                    markersize=4, linewidth=1.2, capsize=2)
+    ax.set_title(f"{pattern} sensors: {metric}", fontsize=10)
+    ax.set_xlabel("missing ratio", fontsize=9)
+    ax.set_ylabel(f"{metric}" + (f" ({units})" if units else ""), fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+  handles, labels = fig.axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8)
+  fig.suptitle(title, fontsize=11)
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.91, wspace=0.25, hspace=0.35)
+  return _save(fig, path)
+
+
+def ablation_bars(rows: Sequence[dict], methods: Sequence[str], path, title: str,
+                  key: str = "mae", units: str = "") -> pathlib.Path:
+  """Grouped bars: one group per pattern and ratio, one bar per method, of metric `key`."""
+  groups = [r for r in rows if r["key"] == key]
+  fig = _figure(max(7.0, 0.9 * len(groups) + 2.5), 4.4)
+  ax = fig.add_subplot(1, 1, 1)
+  width = 0.8 / max(1, len(methods))
+  pos = np.arange(len(groups))
+  for i, m in enumerate(methods):
+    vals = [np.nan if r["mean"].get(m) is None else r["mean"][m] for r in groups]
+    errs = [0.0 if r["std"].get(m) is None else r["std"][m] for r in groups]
+    ax.bar(pos + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(vals), width,
+           yerr=errs if any(e > 0 for e in errs) else None, label=m, capsize=2)
+  ax.set_xticks(pos)
+  ax.set_xticklabels([f"{r['pattern']}:{r['missing_ratio']:g}" for r in groups], rotation=30,
+                     ha="right", fontsize=8)
+  metric = {"mae": "MAE", "rmse": "RMSE"}.get(key, key)
+  ax.set_ylabel(metric + (f" ({units})" if units else ""), fontsize=9)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8, ncol=min(4, max(1, len(methods))))
+  ax.grid(axis="y", alpha=0.3)
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.24, top=0.9)
+  return _save(fig, path)

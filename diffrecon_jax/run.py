@@ -11,6 +11,7 @@ DiffRecon's results carry the `REFERENCES` (climatology and interp) beside them,
 """
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import time
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from diffrecon_jax import ablations
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import parallel
@@ -55,27 +57,40 @@ def setup_compilation_cache(config) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(str(path)))
 
 
-def _baseline(name: str, config=None):
-  """The baseline `name`; a supervised one takes its hyperparameters from `config`."""
-  if name in supervised.NETWORKS:
-    if config is None:
-      raise ValueError(f"baseline {name!r} needs the config (its `baselines` section)")
-    return supervised.build(name, config)
-  if name not in BASELINES:
+# Baselines with their own modules (trained when evaluated): name -> module with `build(config)`.
+OWN_MODULE_BASELINES = {}
+
+
+def baseline_names() -> tuple:
+  """Every baseline `--config.method` accepts besides "diffrecon"."""
+  return tuple(BASELINES) + tuple(supervised.NETWORKS) + tuple(OWN_MODULE_BASELINES)
+
+
+def baseline(name: str, config=None):
+  """The baseline `name`; a trained one takes its hyperparameters from `config`."""
+  if name in BASELINES:
+    return BASELINES[name]()
+  if name not in baseline_names():
     raise ValueError(f"unknown method {name!r}; expected 'diffrecon' or one of "
-                     f"{sorted(BASELINES) + list(supervised.NETWORKS)}")
-  return BASELINES[name]()
+                     f"{list(baseline_names())}")
+  if config is None:
+    raise ValueError(f"baseline {name!r} needs the config (its hyperparameters)")
+  if name in supervised.NETWORKS:
+    return supervised.build(name, config)
+  return importlib.import_module(OWN_MODULE_BASELINES[name]).build(config)
 
 
-def evaluate_methods(config, workdir, task, methods: list, extra: dict = None) -> list:
-  """Scores `methods` (the first is the main one) and writes the results files."""
+def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
+                     figures: bool = True) -> list:
+  """Scores `methods` (the first is the main one) and writes the results files; with
+  `figures`, the main method's figures go to workdir/figures."""
   docs = []
   for m in methods:
     res = evaluate_lib.evaluate_method(
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
         chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
-        figures_dir=pathlib.Path(workdir) / "figures" if m is methods[0] else None)
+        figures_dir=pathlib.Path(workdir) / "figures" if figures and m is methods[0] else None)
     docs.append(evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
                                               extra if m is methods[0] else None))
   evaluate_lib.write_results(workdir, docs)
@@ -101,12 +116,14 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     if not parallel.is_main_process():
       return _evaluated_elsewhere()
     task = pipeline.prepare_task(config)
-    return evaluate_methods(config, workdir, task, [_baseline(config.method, config)])
+    return evaluate_methods(config, workdir, task, [baseline(config.method, config)])
   setup_compilation_cache(config)
+  ablations.check(config)
   if mode in ("train", "train_and_evaluate"):
-    task = pipeline.prepare_task(config)
-    models = diffrecon.build_models_for_task(config, task)
-    train_lib.train(config, workdir, task=task, models=models)
+    trained = ablations.apply(config)  # the ablation's fields (Sec. V-C); the config otherwise
+    task = pipeline.prepare_task(trained)
+    models = diffrecon.build_models_for_task(trained, task)
+    train_lib.train(trained, workdir, task=task, models=models)
     if mode == "train":
       return []
   if mode == "reconstruct" and config.get("reconstruct", {}).get("input", ""):
@@ -130,21 +147,32 @@ def _evaluated_elsewhere() -> list:
   return []
 
 
+# Chosen at evaluate time: these replace the checkpoint's saved values whole (the noFG
+# ablation's fine network is trained when evaluated, like the supervised baselines).
+EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "baselines", "ablation_fine_network")
+
+
 def load_method(config, workdir: str) -> tuple:
-  """(config, task, DiffReconMethod) from a workdir's newest finished checkpoint.
+  """(config, task, method) from a workdir's newest finished checkpoint: a DiffReconMethod (named
+  after its ablation, if any), or for the noFG ablation Diffusion-C followed by its fine network.
 
   Model, data and training settings come from the checkpoint; what is chosen at evaluate time
-  comes from `config` and replaces the saved sections whole: `eval`, `patterns` and `sampling`.
+  comes from `config` and replaces the saved values whole: `EVALUATE_TIME_FIELDS`.
   """
   saved_config, params, models, meta = train_lib.load_for_sampling(workdir)
   params = parallel.local_copy(params)  # sampling runs on one process's devices.
-  for key in ("eval", "patterns", "sampling"):
-    saved_config[key] = config[key]
+  for key in EVALUATE_TIME_FIELDS:
+    if key in config:
+      saved_config[key] = config[key]
   task = pipeline.prepare_task(saved_config)
   check_task_matches(task, meta)
   clip = diffrecon.x0_clip_bounds(float(saved_config.sampling.x0_clip_factor), models,
                                    task)
-  return saved_config, task, DiffReconMethod(saved_config, params, models, clip)
+  method = DiffReconMethod(saved_config, params, models, clip)
+  method.name = ablations.method_name(saved_config)
+  if saved_config.get("ablation", "") == "noFG":
+    method = ablations.DiffCThenFine(method, ablations.fine_network(saved_config), method.name)
+  return saved_config, task, method
 
 
 def check_task_matches(task, meta: dict) -> None:
@@ -173,11 +201,13 @@ def reconstruct_to_files(config, workdir, task, method) -> dict:
     view = evaluate_lib.observe(task, mask)
     parts = [method.reconstruct(view, piece) for piece in evaluate_lib.contiguous_pieces(slices)]
     rec = {k: np.concatenate([r[k] for r in parts], axis=1 if k == "samples" else 0)
-           for k in ("fine", "coarse", "samples")}
+           for k in ("fine", "coarse", "samples") if parts[0][k] is not None}
+    # A deterministic fine stage (the noFG ablation) has no spread: its quantiles are the maps.
+    samples = rec.get("samples", rec["fine"][None])
     path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
     np.savez_compressed(path, fine=rec["fine"], coarse=rec["coarse"],
-                        fine_q05=np.quantile(rec["samples"], 0.05, axis=0),
-                        fine_q95=np.quantile(rec["samples"], 0.95, axis=0),
+                        fine_q05=np.quantile(samples, 0.05, axis=0),
+                        fine_q95=np.quantile(samples, 0.95, axis=0),
                         mask=mask[slices], slices=slices, timestamps=task.series.timestamps[slices],
                         mask_seed=seed)
     logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)

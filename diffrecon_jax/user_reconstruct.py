@@ -249,6 +249,9 @@ def reconstruct_file(config, workdir: str) -> dict:
   path = registry.absolute_path(rc.input)
   obs = read_coarse_file(path, rc.variable, rc.layout, rc.timestamps_key, rc.external_key)
   saved, params, models, meta = train_lib.load_for_sampling(workdir)
+  if saved.get("ablation", "") == "noFG":
+    raise ValueError(f"{workdir} holds the noFG ablation, whose Diffusion-F was never trained; "
+                     "reconstruct with a DiffRecon workdir")
   for key in ("eval", "sampling"):
     saved[key] = config[key]
   _check_against_model(obs, meta, models, workdir)

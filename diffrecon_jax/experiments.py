@@ -1,0 +1,325 @@
+"""The paper's experiments on one dataset in one command (Sec. V: Tables II/III, Figs. 6-9).
+
+  python -m diffrecon_jax.experiments --config=configs/nytaxi.py --methods=all --workdir=DIR
+  python -m diffrecon_jax.experiments --config=configs/nytaxi.py --methods=all --workdir=DIR \\
+      --mask_seeds=0,1,2                       # mean and spread over three mask draws
+  python -m diffrecon_jax.experiments --config=configs/nytaxi.py --methods=all --workdir=DIR \\
+      --smoke                                  # every method, a few steps on a few slices
+
+Trains and scores every chosen method on the same data, patterns and masks (docs/evaluation.md),
+then writes beside them:
+  DIR/comparison.md, .csv   DiffRecon, the baselines and the references, methods as columns,
+                            pattern x ratio x metric as rows, best bold, second underlined,
+                            DiffRecon's change against the best other method in the last column,
+                            and in words where it wins and where it does not
+  DIR/ablations.md, .csv    DiffRecon against its ablations (Sec. V-C), same layout
+  DIR/figures/              MAE / RMSE against the missing ratio (fixed, random) and the
+                            ablation bars
+  DIR/<method>/seed_<s>/    each method's results.json, results.md and masks per mask seed
+  DIR/<method>/             training checkpoints of the diffusion methods (resumable)
+  DIR/timing.json           wall time of every method (training + evaluation)
+It resumes: a method whose results exist for every seed is not run again, and an interrupted
+training continues from its last checkpoint. Ablations that train a phase exactly as DiffRecon
+does (noJoint: both pre-training phases, noFG: Diffusion-C's) start from DiffRecon's finished
+checkpoints of those phases (`ablations.SHARED_PHASES`) instead of training them again.
+
+Methods (`--methods`, comma-separated names or groups):
+  references  interp, climatology
+  baselines   srcnn, srresnet, urbanfm, fode, stcf, urbansta, diffuflow (those installed)
+  diffrecon   DiffRecon
+  ablations   diffrecon and diffrecon-noPre, diffrecon-noJoint, diffrecon-noSTPointFormer,
+              diffrecon-noTPatternNet, diffc-<net> for the paper's noFG networks
+  all         every one of the above
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from diffrecon_jax import ablations
+from diffrecon_jax import comparison
+from diffrecon_jax import console
+from diffrecon_jax import figures
+from diffrecon_jax import run as run_lib
+from diffrecon_jax.baselines import supervised
+from diffrecon_jax.data import pipeline
+
+REFERENCES = ("interp", "climatology")
+# The paper's seven baselines (Sec. V-A.4) in its column order; those this install has.
+PAPER_BASELINES = ("srcnn", "srresnet", "urbanfm", "fode", "stcf", "urbansta", "diffuflow")
+# noFG replaces Diffusion-F by these (paper Fig. 9).
+NOFG_NETWORKS = ("srcnn", "urbanfm", "fode", "stcf")
+MAIN = "diffrecon"
+
+
+def baselines() -> tuple:
+  """The paper's baselines this install can run, in the paper's order."""
+  return tuple(m for m in PAPER_BASELINES if m in run_lib.baseline_names())
+
+
+def ablation_methods() -> tuple:
+  """Method names of the ablations: diffrecon-<switch>, and diffc-<net> for noFG."""
+  names = [f"diffrecon-{a}" for a in ablations.ABLATIONS if a != "noFG"]
+  return tuple(names + [f"diffc-{n}" for n in NOFG_NETWORKS if n in supervised.NETWORKS])
+
+
+def groups() -> dict:
+  return {"references": REFERENCES, "baselines": baselines(), "diffrecon": (MAIN,),
+          "ablations": (MAIN,) + ablation_methods(),  # compared with DiffRecon, reuse its phases
+          "all": REFERENCES + baselines() + (MAIN,) + ablation_methods()}
+
+
+def parse_methods(spec: str) -> list:
+  """"all" / group names / method names, comma-separated -> method names, each once, in the
+  order: references, baselines, DiffRecon, ablations (DiffRecon trains before the ablations
+  that reuse its phases). A ValueError names an unknown entry."""
+  g = groups()
+  chosen = set()
+  for part in filter(None, (p.strip() for p in str(spec).split(","))):
+    if part in g:
+      chosen.update(g[part])
+    elif part in g["all"]:
+      chosen.add(part)
+    else:
+      raise ValueError(f"unknown method or group {part!r}; groups: {sorted(g)}, methods: "
+                       f"{list(g['all'])}")
+  if not chosen:
+    raise ValueError("--methods is empty")
+  return [m for m in g["all"] if m in chosen]
+
+
+def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """The config a method runs with: `config` with its method (and ablation) fields set."""
+  c = config.copy_and_resolve_references()
+  c.ablation = ""
+  if method.startswith("diffrecon-"):
+    c.method, c.ablation = MAIN, method[len("diffrecon-"):]
+  elif method.startswith("diffc-"):
+    c.method, c.ablation = MAIN, "noFG"
+    c.ablation_fine_network = method[len("diffc-"):]
+  else:
+    c.method = method
+  ablations.check(c)
+  return c
+
+
+def training_dir(workdir: pathlib.Path, method: str) -> pathlib.Path:
+  """Where a diffusion method's checkpoints live; every diffc-<net> shares one Diffusion-C."""
+  return workdir / ("diffc" if method.startswith("diffc-") else method)
+
+
+def smoke_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` shrunk so every method runs a few steps on a few slices (a minutes-long check of
+  the whole pipeline, not a result): the smallest networks, 4 steps per phase, 8 evaluated
+  slices, three patterns."""
+  c = config.copy_and_resolve_references()
+  c.data.history = 2
+  c.patterns.eval = ("fixed:0.4", "random:0.4", "large_scale:0.25")
+  c.patterns.train = ("random:0.4", "large_scale:0.25")
+  c.diffusion.num_steps = 10
+  for m in (c.model_c, c.model_f):
+    m.base_channels, m.channel_mults, m.emb_dim, m.d_model, m.inter_dim = 8, (1,), 8, 8, 8
+  c.model_c.num_heads, c.model_c.ff_dim = 2, 8
+  c.model_f.d_ff, c.model_f.top_k, c.model_f.num_blocks, c.model_f.num_kernels = 8, 1, 1, 1
+  t = c.train
+  t.batch_size, t.steps_c, t.steps_f, t.steps_joint = 8, 4, 4, 4
+  t.checkpoint_every = t.log_every = 4
+  t.steps_per_call = 2
+  c.sampling.steps, c.sampling.n_samples = 2, 2
+  c.eval.max_slices, c.eval.batch_size = 8, 8
+  b = c.baselines
+  b.steps, b.batch_size, b.log_every = 4, 8, 0
+  b.srcnn_features = (8, 4)
+  b.srresnet_features, b.srresnet_blocks = 8, 1
+  b.urbanfm_features, b.urbanfm_blocks = 8, 1
+  return c
+
+
+def _seed_dir(workdir: pathlib.Path, method: str, seed: int) -> pathlib.Path:
+  return workdir / method / f"seed_{seed}"
+
+
+def _done(workdir: pathlib.Path, method: str, seed: int) -> bool:
+  return (_seed_dir(workdir, method, seed) / "results.json").exists()
+
+
+def _copy_shared_phases(workdir: pathlib.Path, method: str) -> None:
+  """Seeds an ablation's training folder with DiffRecon's finished phases that it would train
+  identically (`ablations.SHARED_PHASES`), when DiffRecon has them and the ablation does not."""
+  cfg_ablation = ("noFG" if method.startswith("diffc-") else method[len("diffrecon-"):]
+                  if method.startswith("diffrecon-") else "")
+  phases = ablations.SHARED_PHASES.get(cfg_ablation, ())
+  src, dst = workdir / MAIN, training_dir(workdir, method)
+  for phase in phases:
+    if (dst / phase).exists() or not (src / phase).exists():
+      continue
+    # Only DiffRecon's finished step is needed; copying its folder keeps Orbax's layout.
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / phase, dst / phase)
+    for extra in ("prior.npz",):
+      if (src / extra).exists() and not (dst / extra).exists():
+        shutil.copy2(src / extra, dst / extra)
+    logging.info("%s: %s taken from %s (trained identically)", method, phase, src / phase)
+
+
+def _evaluate(config, method_obj, task, out: pathlib.Path, seed: int) -> dict:
+  c = config.copy_and_resolve_references()
+  c.patterns.eval_mask_seed = int(seed)
+  out.mkdir(parents=True, exist_ok=True)
+  docs = run_lib.evaluate_methods(c, str(out), task, [method_obj], figures=False)
+  return docs[0]
+
+
+def run_method(config, workdir: pathlib.Path, method: str, seeds: Sequence[int],
+               task=None) -> list:
+  """Trains (when needed) and scores `method` on every mask seed not scored yet; returns its
+  results documents, one per seed (read back for the seeds done earlier)."""
+  todo = [s for s in seeds if not _done(workdir, method, s)]
+  if todo:
+    c = method_config(config, method)
+    if c.method == MAIN:
+      tdir = training_dir(workdir, method)
+      _copy_shared_phases(workdir, method)
+      run_lib.run(c, str(tdir), "train")
+      _, task_m, method_obj = run_lib.load_method(c, str(tdir))
+    else:
+      task_m = task if task is not None else pipeline.prepare_task(c)
+      method_obj = run_lib.baseline(method, c)
+    for s in todo:
+      _evaluate(c, method_obj, task_m, _seed_dir(workdir, method, s), s)
+  return [json.loads((_seed_dir(workdir, method, s) / "results.json").read_text())
+          for s in seeds]
+
+
+def write_tables(workdir: pathlib.Path, docs: dict, units: str = "") -> dict:
+  """comparison.md/.csv, ablations.md/.csv and the figures from {method: [docs]}; returns
+  {name: path} of what was written."""
+  written = {}
+  fig_dir = workdir / "figures"
+  main_docs = docs.get(MAIN)
+  d0 = next(iter(docs.values()))[0]
+  head = (f"{d0['dataset']}: {d0['coarse_shape'][0]}x{d0['coarse_shape'][1]} -> "
+          f"{d0['fine_shape'][0]}x{d0['fine_shape'][1]} (N={d0['scale_factor']}), "
+          f"{d0['results'][0]['n_test_slices']} {d0['results'][0].get('split', 'test')} slices, "
+          f"mask seeds {sorted({d['seed'] for ds in docs.values() for d in ds})}")
+  abl = [m for m in ablation_methods() if m in docs]
+  comp = [m for m in docs if m not in abl]
+  for name, methods, others in (("comparison", comp, [m for m in comp if m != MAIN]),
+                                ("ablations", ([MAIN] if main_docs else []) + abl, abl)):
+    if not methods or (name == "ablations" and not abl):
+      continue
+    sub = {m: docs[m] for m in methods}
+    rows = comparison.table_rows(sub, comparison.METRICS + comparison.EXTRA_METRICS[:1])
+    main = MAIN if main_docs and len(methods) > 1 else None
+    text = [f"# {name}: {head}", ""]
+    if main:
+      text += [comparison.wins_summary(
+          [r for r in rows if r["key"] in ("mae", "rmse")], MAIN, others), ""]
+    text += [comparison.markdown(rows, methods, main, others),
+             "CRPS of a deterministic method is its MAE (docs/evaluation.md). Bold: best of the "
+             "row; underlined: second."]
+    (workdir / f"{name}.md").write_text("\n".join(text) + "\n")
+    (workdir / f"{name}.csv").write_text(comparison.csv_text(rows, methods, main, others))
+    written[name] = str(workdir / f"{name}.md")
+    plot_rows = [r for r in rows if r["key"] in ("mae", "rmse")]
+    if name == "comparison":
+      p = figures.write_safely(figures.error_vs_ratio, plot_rows, methods,
+                               path=fig_dir / "error_vs_ratio.png",
+                               title=f"{d0['dataset']}: error against the missing ratio",
+                               units=units)
+    else:
+      p = figures.write_safely(figures.ablation_bars, plot_rows, methods,
+                               path=fig_dir / "ablations_mae.png",
+                               title=f"{d0['dataset']}: DiffRecon and its ablations (MAE)",
+                               units=units)
+    if p is not None:
+      written[f"{name}_figure"] = str(p)
+  return written
+
+
+def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int] = (0,),
+                    smoke: bool = False) -> dict:
+  """Runs `methods` on `config`'s dataset with every mask seed and writes the tables; returns
+  {"docs": {method: [docs]}, "written": {...}, "timing": {method: seconds}}."""
+  workdir = pathlib.Path(run_lib.resolve_workdir(workdir))
+  workdir.mkdir(parents=True, exist_ok=True)
+  if smoke:
+    config = smoke_config(config)
+  seeds = [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError("no mask seeds given")
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  run_lib.setup_compilation_cache(config)
+  timing_path = workdir / "timing.json"
+  timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+  task = None
+  docs = {}
+  start = time.time()
+  for k, m in enumerate(methods):
+    done = all(_done(workdir, m, s) for s in seeds)
+    logging.info("[%d/%d] %s: %s (%.0f s elapsed)", k + 1, len(methods), m,
+                 "results found, not run again" if done else f"running, mask seeds {seeds}",
+                 time.time() - start)
+    t0 = time.time()
+    if not done and task is None and not (m == MAIN or "-" in m):
+      task = pipeline.prepare_task(config)
+    docs[m] = run_method(config, workdir, m, seeds, task)
+    if not done:
+      timing[m] = round(time.time() - t0, 1)
+      timing_path.write_text(json.dumps(timing, indent=1))
+    mae = sum(r["mae"] for r in docs[m][0]["results"]) / len(docs[m][0]["results"])
+    logging.info("[%d/%d] %s: mean MAE %.4f over %d patterns (seed %d)%s", k + 1, len(methods),
+                 m, mae, len(docs[m][0]["results"]), seeds[0],
+                 f", {timing.get(m, 0):.0f} s" if m in timing else "")
+  units = ""
+  written = write_tables(workdir, docs, units)
+  for name, path in written.items():
+    logging.info("wrote %s", path)
+  return {"docs": docs, "written": written, "timing": timing}
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
+                                          "(optionally with ':variant').", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of every method's runs and the tables.")
+_METHODS = flags.DEFINE_string("methods", "all", "Comma-separated methods or groups: all, "
+                               "references, baselines, diffrecon, ablations, or names.")
+_SEEDS = flags.DEFINE_string("mask_seeds", "", "Comma-separated mask seeds (default: the "
+                             "config's patterns.eval_mask_seed).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Every method a few steps on a few slices: checks "
+                           "the whole pipeline in minutes; the numbers mean nothing.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    workdir = run_lib.resolve_workdir(_WORKDIR.value)
+    methods = parse_methods(_METHODS.value)
+    seeds = ([int(s) for s in _SEEDS.value.split(",") if s.strip()] if _SEEDS.value
+             else [int(_CONFIG.value.patterns.eval_mask_seed)])
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  log_path = console.setup(workdir, jax.process_index())
+  logging.info("experiments on %s: %s; mask seeds %s; workdir %s", _CONFIG.value.data.name,
+               ", ".join(methods), seeds, workdir)
+  try:
+    run_experiments(_CONFIG.value, workdir, methods, seeds, smoke=_SMOKE.value)
+  except (ValueError, FileNotFoundError) as e:
+    logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
+    raise SystemExit(f"diffrecon_jax.experiments: error: {e}  (traceback in {log_path})") from None
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
