@@ -5,6 +5,7 @@
       --mask_seeds=0,1,2                       # mean and spread over three mask draws
   python -m diffrecon_jax.experiments --config=configs/nytaxi.py --methods=all --workdir=DIR \\
       --smoke                                  # every method, a few steps on a few slices
+  ... --train_on_eval_layout   # each learning method trained per pattern on its own layout
 
 Trains and scores every chosen method on the same data, patterns and masks (docs/evaluation.md),
 then writes beside them:
@@ -45,14 +46,17 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 from ml_collections import config_flags
 
 from diffrecon_jax import ablations
 from diffrecon_jax import comparison
 from diffrecon_jax import console
+from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import figures
 from diffrecon_jax import run as run_lib
 from diffrecon_jax.baselines import supervised
+from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 
 REFERENCES = ("interp", "climatology")
@@ -114,9 +118,11 @@ def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collecti
   return c
 
 
-def training_dir(workdir: pathlib.Path, method: str) -> pathlib.Path:
-  """Where a diffusion method's checkpoints live; every diffc-<net> shares one Diffusion-C."""
-  return workdir / ("diffc" if method.startswith("diffc-") else method)
+def training_dir(workdir: pathlib.Path, method: str, tag: str = "") -> pathlib.Path:
+  """Where a diffusion method's checkpoints live; every diffc-<net> shares one Diffusion-C.
+  `tag`: the training layout's folder when training on the evaluation's own layout."""
+  base = workdir / ("diffc" if method.startswith("diffc-") else method)
+  return base / "layout" / f"train_{tag}" if tag else base
 
 
 def smoke_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -154,13 +160,13 @@ def _done(workdir: pathlib.Path, method: str, seed: int) -> bool:
   return (_seed_dir(workdir, method, seed) / "results.json").exists()
 
 
-def _copy_shared_phases(workdir: pathlib.Path, method: str) -> None:
+def _copy_shared_phases(workdir: pathlib.Path, method: str, tag: str = "") -> None:
   """Seeds an ablation's training folder with DiffRecon's finished phases that it would train
   identically (`ablations.SHARED_PHASES`), when DiffRecon has them and the ablation does not."""
   cfg_ablation = ("noFG" if method.startswith("diffc-") else method[len("diffrecon-"):]
                   if method.startswith("diffrecon-") else "")
   phases = ablations.SHARED_PHASES.get(cfg_ablation, ())
-  src, dst = workdir / MAIN, training_dir(workdir, method)
+  src, dst = training_dir(workdir, MAIN, tag), training_dir(workdir, method, tag)
   for phase in phases:
     if (dst / phase).exists() or not (src / phase).exists():
       continue
@@ -181,6 +187,19 @@ def _evaluate(config, method_obj, task, out: pathlib.Path, seed: int) -> dict:
   return docs[0]
 
 
+def _trained_method(config, workdir: pathlib.Path, method: str, task, tag: str = "") -> tuple:
+  """(task, method object) of `method` under `config`, trained first when it is a diffusion
+  method (resuming its checkpoints; `tag`: its training-layout folder)."""
+  if config.method == MAIN:
+    tdir = training_dir(workdir, method, tag)
+    _copy_shared_phases(workdir, method, tag)
+    run_lib.run(config, str(tdir), "train")
+    _, task_m, method_obj = run_lib.load_method(config, str(tdir))
+    return task_m, method_obj
+  task_m = task if task is not None else pipeline.prepare_task(config)
+  return task_m, run_lib.baseline(method, config)
+
+
 def run_method(config, workdir: pathlib.Path, method: str, seeds: Sequence[int],
                task=None) -> list:
   """Trains (when needed) and scores `method` on every mask seed not scored yet; returns its
@@ -188,18 +207,57 @@ def run_method(config, workdir: pathlib.Path, method: str, seeds: Sequence[int],
   todo = [s for s in seeds if not _done(workdir, method, s)]
   if todo:
     c = method_config(config, method)
-    if c.method == MAIN:
-      tdir = training_dir(workdir, method)
-      _copy_shared_phases(workdir, method)
-      run_lib.run(c, str(tdir), "train")
-      _, task_m, method_obj = run_lib.load_method(c, str(tdir))
-    else:
-      task_m = task if task is not None else pipeline.prepare_task(c)
-      method_obj = run_lib.baseline(method, c)
+    task_m, method_obj = _trained_method(c, workdir, method, task)
     for s in todo:
       _evaluate(c, method_obj, task_m, _seed_dir(workdir, method, s), s)
   return [json.loads((_seed_dir(workdir, method, s) / "results.json").read_text())
           for s in seeds]
+
+
+def layout_training_pattern(task, spec: str, seed: int, folder: pathlib.Path) -> str:
+  """The training pattern that is an evaluation pattern's own layout: for `fixed`, a layout file
+  with exactly the cells the evaluation hides under mask seed `seed` (written to `folder`); a
+  user's `file:` mask and the `random` / `large_scale` patterns train on themselves."""
+  p = patterns_lib.parse_pattern(spec)
+  if p.kind != "fixed":
+    return spec
+  mask = patterns_lib.make_eval_mask(p, 1, task.coarse_shape,
+                                     evaluate_lib.pattern_seed(seed, p.kind))[0]
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / f"{evaluate_lib.file_label(p.label)}_seed{seed}.npy"
+  np.save(path, mask)
+  return f"file:{path}"
+
+
+def run_method_on_layouts(config, workdir: pathlib.Path, method: str, seeds: Sequence[int],
+                          task) -> list:
+  """Like `run_method`, but a method that learns trains once per evaluation pattern on that
+  pattern's own layout (`layout_training_pattern`; a `fixed` layout once per mask seed) and is
+  scored on it alone; the per-pattern results are joined into one document per seed, each entry
+  with the pattern it was `trained_on`."""
+  if method in REFERENCES:
+    return run_method(config, workdir, method, seeds, task)
+  out = []
+  for s in seeds:
+    if not _done(workdir, method, s):
+      entries, doc = [], None
+      for spec in config.patterns.eval:
+        label = evaluate_lib.file_label(patterns_lib.parse_pattern(spec).label)
+        part = workdir / method / "layout" / f"{label}_seed{s}"
+        train_spec = layout_training_pattern(task, spec, s, workdir / "layouts")
+        if not (part / "results.json").exists():
+          c = method_config(config, method)
+          c.patterns.train, c.patterns.eval = (train_spec,), (spec,)
+          tag = label if train_spec == spec else f"{label}_seed{s}"
+          task_m, method_obj = _trained_method(c, workdir, method, task, tag)
+          _evaluate(c, method_obj, task_m, part, s)
+        doc = json.loads((part / "results.json").read_text())
+        entries += [dict(e, trained_on=train_spec) for e in doc["results"]]
+      doc = dict(doc, results=entries, trained_on_eval_layout=True)
+      doc.pop("trained_on", None)
+      evaluate_lib.write_results(_seed_dir(workdir, method, s), [doc])
+    out.append(json.loads((_seed_dir(workdir, method, s) / "results.json").read_text()))
+  return out
 
 
 def write_tables(workdir: pathlib.Path, docs: dict, units: str = "") -> dict:
@@ -248,10 +306,25 @@ def write_tables(workdir: pathlib.Path, docs: dict, units: str = "") -> dict:
   return written
 
 
+def _check_mode(workdir: pathlib.Path, on_layout: bool) -> None:
+  """One workdir holds one training mode: results of the two are not comparable."""
+  path = workdir / "mode.json"
+  if path.exists():
+    saved = json.loads(path.read_text()).get("train_on_eval_layout", False)
+    if saved != on_layout:
+      raise ValueError(f"{workdir} holds results trained {'on' if saved else 'without'} the "
+                       f"evaluation's own layout; use another --workdir for the other mode")
+  path.write_text(json.dumps({"train_on_eval_layout": on_layout}))
+
+
 def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int] = (0,),
-                    smoke: bool = False) -> dict:
+                    smoke: bool = False, train_on_eval_layout: bool = False) -> dict:
   """Runs `methods` on `config`'s dataset with every mask seed and writes the tables; returns
-  {"docs": {method: [docs]}, "written": {...}, "timing": {method: seconds}}."""
+  {"docs": {method: [docs]}, "written": {...}, "timing": {method: seconds}}.
+
+  train_on_eval_layout: every method that learns trains once per evaluation pattern, on that
+  pattern's own layout (`run_method_on_layouts`), instead of once on the mix of
+  `config.patterns.train`."""
   workdir = pathlib.Path(run_lib.resolve_workdir(workdir))
   workdir.mkdir(parents=True, exist_ok=True)
   if smoke:
@@ -259,6 +332,7 @@ def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int
   seeds = [int(s) for s in seeds]
   if not seeds:
     raise ValueError("no mask seeds given")
+  _check_mode(workdir, bool(train_on_eval_layout))
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
   run_lib.setup_compilation_cache(config)
   timing_path = workdir / "timing.json"
@@ -272,9 +346,10 @@ def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int
                  "results found, not run again" if done else f"running, mask seeds {seeds}",
                  time.time() - start)
     t0 = time.time()
-    if not done and task is None and not (m == MAIN or "-" in m):
+    if not done and task is None and (train_on_eval_layout or not (m == MAIN or "-" in m)):
       task = pipeline.prepare_task(config)
-    docs[m] = run_method(config, workdir, m, seeds, task)
+    runner = run_method_on_layouts if train_on_eval_layout else run_method
+    docs[m] = runner(config, workdir, m, seeds, task)
     if not done:
       timing[m] = round(time.time() - t0, 1)
       timing_path.write_text(json.dumps(timing, indent=1))
@@ -296,6 +371,10 @@ _METHODS = flags.DEFINE_string("methods", "all", "Comma-separated methods or gro
                                "references, baselines, diffrecon, ablations, or names.")
 _SEEDS = flags.DEFINE_string("mask_seeds", "", "Comma-separated mask seeds (default: the "
                              "config's patterns.eval_mask_seed).")
+_ON_LAYOUT = flags.DEFINE_bool(
+    "train_on_eval_layout", False, "Train every learning method once per evaluation pattern on "
+    "that pattern's own layout (the fixed mask's exact cells), as UrbanSTA trains per sensor "
+    "layout, instead of once on the mix of config.patterns.train.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Every method a few steps on a few slices: checks "
                            "the whole pipeline in minutes; the numbers mean nothing.")
 
@@ -314,7 +393,8 @@ def main(argv):
   logging.info("experiments on %s: %s; mask seeds %s; workdir %s", _CONFIG.value.data.name,
                ", ".join(methods), seeds, workdir)
   try:
-    run_experiments(_CONFIG.value, workdir, methods, seeds, smoke=_SMOKE.value)
+    run_experiments(_CONFIG.value, workdir, methods, seeds, smoke=_SMOKE.value,
+                    train_on_eval_layout=_ON_LAYOUT.value)
   except (ValueError, FileNotFoundError) as e:
     logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
     raise SystemExit(f"diffrecon_jax.experiments: error: {e}  (traceback in {log_path})") from None

@@ -173,7 +173,7 @@ def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0,
   batch = pipeline.sample_train_batch(
       arrays, jax.random.PRNGKey(seed), batch_size=num_windows, history=task.history,
       index_range=task.train_range, patterns=patterns_lib.encode_train_patterns(
-          task.patterns_train))
+          task.patterns_train, task.coarse_shape))
   full_c = np.asarray(batch["coarse"][:, -1] - coarse_guess(prior, batch["obs"], batch["mask"],
                                                              batch["slot"]))
   hidden = np.asarray(batch["mask"][:, -1]) < 0.5              # (n, I, J)

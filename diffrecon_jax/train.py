@@ -82,14 +82,19 @@ class BatchSpec:
   batch_size: int
   history: int
   index_range: tuple
-  patterns: tuple  # (kind ids (P,) int32, ratios (P,) float32) as tuples.
+  patterns: tuple  # (kind ids (P,) int32, ratios (P,) float32[, layouts (L, I, J)]) as tuples.
 
   @classmethod
   def from_task(cls, config: ml_collections.ConfigDict, task) -> "BatchSpec":
-    kinds, ratios = patterns_lib.encode_train_patterns(task.patterns_train)
+    kinds, ratios, *layouts = patterns_lib.encode_train_patterns(task.patterns_train,
+                                                                 task.coarse_shape)
     lo, hi = task.train_range
+    # Tuples all the way down: the spec is a static (hashable) argument of the jitted step.
+    layouts = (tuple(tuple(map(tuple, np.asarray(l).tolist())) for l in layouts[0])
+               if layouts else None)
     return cls(int(config.train.batch_size), int(task.history), (int(lo), int(hi)),
-               (tuple(int(k) for k in kinds), tuple(float(r) for r in ratios)))
+               (tuple(int(k) for k in kinds), tuple(float(r) for r in ratios))
+               + ((layouts,) if layouts else ()))
 
 
 def _label_tree(params: dict) -> dict:

@@ -142,3 +142,25 @@ def test_command_line_names_a_bad_method(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "unknown method or group 'kriging'" in proc.stderr
+
+
+def test_training_on_the_evaluations_own_layout(tmp_path):
+  """--train_on_eval_layout: a learning method trains per pattern, a fixed pattern on exactly the
+  cells its evaluation hides; the joined results say what each row was trained on."""
+  out = experiments.run_experiments(nytaxi.get_config(), tmp_path, ["interp", "srcnn", "diffrecon"],
+                                    seeds=[0], smoke=True, train_on_eval_layout=True)
+  doc = out["docs"]["diffrecon"][0]
+  assert doc["trained_on_eval_layout"] is True
+  trained = [e["trained_on"] for e in doc["results"]]
+  assert trained[1:] == ["random:0.4", "large_scale:0.25"] and trained[0].startswith("file:")
+  layout = np.load(trained[0][len("file:"):])
+  evaluated = np.load(tmp_path / "diffrecon" / "layout" / "fixed_0.4_seed0" / "masks" /
+                      "fixed_0.4.npz")["mask"]
+  np.testing.assert_array_equal(np.broadcast_to(layout, evaluated.shape), evaluated)
+  saved = train.config_from_json(
+      (tmp_path / "diffrecon" / "layout" / "train_fixed_0.4_seed0" / "config.json").read_text())
+  assert tuple(saved.patterns.train) == (trained[0],)
+  assert [e["trained_on"] for e in out["docs"]["srcnn"][0]["results"]] == trained
+  assert "trained_on" not in out["docs"]["interp"][0]["results"][0]
+  with pytest.raises(ValueError, match="use another --workdir"):
+    experiments.run_experiments(nytaxi.get_config(), tmp_path, ["interp"], seeds=[0], smoke=True)

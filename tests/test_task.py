@@ -121,8 +121,35 @@ def test_train_masks_follow_the_same_rules():
   assert set(np.unique(missing).tolist()) == {10, 19, 29, 38, 12}
   # every window keeps the same count across its slices
   assert (missing == missing[:, :1]).all()
-  with pytest.raises(DataError, match="evaluation"):
+  with pytest.raises(DataError, match="coarse shape is needed"):
     patterns.encode_train_patterns([patterns.parse_pattern("file:x.npy")])
+
+
+def test_a_training_layout_file_gives_its_cells_in_every_window(tmp_path):
+  """A `file:` training pattern is a fixed sensor layout: every window drawn with it hides
+  exactly the file's cells, in every slice; other patterns are drawn as before."""
+  layout = np.ones((8, 6), np.float32)
+  layout[[0, 3, 5], [1, 2, 4]] = 0
+  np.save(tmp_path / "layout.npy", layout)
+  pats = [patterns.parse_pattern(s) for s in ("random:0.4", f"file:{tmp_path}/layout.npy")]
+  kinds, ratios, layouts = patterns.encode_train_patterns(pats, (8, 6))
+  assert kinds.tolist() == [1, patterns.LAYOUT_KIND] and layouts.shape == (1, 8, 6)
+  m = np.asarray(patterns.sample_train_masks(jax.random.key(1), 128, 3, (8, 6), kinds, ratios,
+                                             layouts))
+  is_layout = (m == layout).all(axis=(1, 2, 3))
+  assert 30 < is_layout.sum() < 98  # about half the windows take the layout
+  assert ((1 - m[~is_layout]).sum(axis=(2, 3)) == 19).all()  # the others: random:0.4
+
+
+def test_a_training_layout_must_not_change_over_time(tmp_path):
+  m = np.ones((4, 8, 6), np.float32)
+  m[2, 0, 0] = 0
+  np.save(tmp_path / "moving.npy", m)
+  with pytest.raises(DataError, match=r"moving.npy: the observed cells change at slice 2"):
+    patterns.encode_train_patterns([patterns.parse_pattern(f"file:{tmp_path}/moving.npy")], (8, 6))
+  np.save(tmp_path / "empty.npy", np.zeros((8, 6), np.float32))
+  with pytest.raises(DataError, match="no cell is observed"):
+    patterns.encode_train_patterns([patterns.parse_pattern(f"file:{tmp_path}/empty.npy")], (8, 6))
 
 
 def test_build_task_split_and_normalisation_on_real_data():

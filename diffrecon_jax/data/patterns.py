@@ -7,7 +7,9 @@ in numpy and in JAX):
   - ``random``: a fresh random set of n cells in each slice (mobile sensing);
   - ``large_scale``: the lower-right floor(I/2) x floor(J/2) block in every slice (ratio 0.25);
   - ``file``: a user mask (.npy, 1 = observed, 0 or NaN = missing, shape (I, J) or (T, I, J)
-    over the whole series).
+    over the whole series). In training, a file pattern is a fixed sensor *layout*: the same
+    cells in every slice, so its file must be (I, J) or the same in every slice (training on the
+    evaluation's own layout, as UrbanSTA trains per sensor layout).
 
 `make_eval_mask` draws the evaluation masks with numpy from a recorded seed (saved beside the
 results). `sample_train_masks` draws masks on the fly inside the jitted training step.
@@ -139,24 +141,53 @@ def load_user_mask(path: str, num_slices: int, coarse_shape: tuple) -> np.ndarra
   return m.astype(np.float32)
 
 
-def encode_train_patterns(patterns: Sequence[Pattern]) -> tuple:
-  """(kind ids (P,) int32, ratios (P,) float32) for `sample_train_masks`; "file" is not allowed."""
-  kinds, ratios = [], []
+LAYOUT_KIND = len(KINDS)  # kind id of a training layout from a file (ratio = its index)
+
+
+def encode_train_patterns(patterns: Sequence[Pattern], coarse_shape: tuple = None) -> tuple:
+  """(kind ids (P,) int32, ratios (P,) float32) for `sample_train_masks`, plus the layouts
+  (L, I, J) float32 when a pattern is a file (kind `LAYOUT_KIND`, its ratio the layout's index;
+  `coarse_shape` is then required to read the files)."""
+  kinds, ratios, layouts = [], [], []
   for p in patterns:
     if p.kind == "file":
-      raise DataError("user mask files are for evaluation; train on fixed/random/large_scale")
+      if coarse_shape is None:
+        raise DataError(f"training layout {p.path}: the coarse shape is needed to read it")
+      layouts.append(load_train_layout(p.path, coarse_shape))
+      kinds.append(LAYOUT_KIND)
+      ratios.append(float(len(layouts) - 1))
+      continue
     kinds.append(KINDS.index(p.kind))
     ratios.append(p.ratio)
   if not kinds:
     raise DataError("config.patterns.train is empty")
-  return np.asarray(kinds, np.int32), np.asarray(ratios, np.float32)
+  encoded = (np.asarray(kinds, np.int32), np.asarray(ratios, np.float32))
+  return encoded + ((np.stack(layouts).astype(np.float32),) if layouts else ())
+
+
+def load_train_layout(path: str, coarse_shape: tuple) -> np.ndarray:
+  """A training layout file -> (I, J) float32, 1 = observed; a DataError when its cells change
+  between slices (a layout is fixed sensors) or nothing is observed."""
+  m = np.asarray(np.load(path, allow_pickle=False)) if pathlib.Path(path).is_file() else None
+  if m is None:
+    raise DataError(f"training layout {path} not found (pattern 'file:{path}')")
+  m = load_user_mask(path, m.shape[0] if m.ndim == 3 else 1, coarse_shape)
+  if not (m == m[:1]).all():
+    first = int(np.argmax(~(m == m[:1]).all(axis=(1, 2))))
+    raise DataError(f"training layout {path}: the observed cells change at slice {first}; a "
+                    "training layout must be the same in every slice (save it as (I, J))")
+  if not m[0].any():
+    raise DataError(f"training layout {path}: no cell is observed")
+  return m[0]
 
 
 def sample_train_masks(rng: jax.Array, batch_size: int, window: int, coarse_shape: tuple,
-                       kind_ids: jax.Array, ratios: jax.Array) -> jax.Array:
+                       kind_ids: jax.Array, ratios: jax.Array,
+                       layouts: jax.Array = None) -> jax.Array:
   """Masks drawn on the fly, one pattern per window chosen uniformly from the train patterns.
 
-  Same rules as `make_eval_mask`; jit-able (shapes are static, the choice is data).
+  Same rules as `make_eval_mask`; jit-able (shapes are static, the choice is data). `layouts`
+  (L, I, J): the fixed layouts of `LAYOUT_KIND` patterns (`encode_train_patterns`).
   Returns (B, window, I, J) float32, 1 = observed.
   """
   i, j = coarse_shape
@@ -172,4 +203,9 @@ def sample_train_masks(rng: jax.Array, batch_size: int, window: int, coarse_shap
   rank_mask = (ranks >= n[:, None, None]).astype(jnp.float32).reshape(batch_size, window, i, j)
   block = jnp.asarray(large_scale_block(coarse_shape)) if (i >= 2 and j >= 2) else jnp.ones((i, j))
   is_block = (kind == KINDS.index("large_scale"))[:, None, None, None]
-  return jnp.where(is_block, block[None, None], rank_mask)
+  mask = jnp.where(is_block, block[None, None], rank_mask)
+  if layouts is None:
+    return mask
+  index = jnp.clip(ratios[choice].astype(jnp.int32), 0, layouts.shape[0] - 1)
+  is_layout = (kind == LAYOUT_KIND)[:, None, None, None]
+  return jnp.where(is_layout, jnp.asarray(layouts)[index][:, None], mask)

@@ -328,7 +328,7 @@ def sample_train_batch(arrays: dict, rng: jax.Array, *, batch_size: int, history
     history: t - 1.
     index_range: (lo, hi) current-slice indices to draw from (`TaskData.train_range`); used only
       when `arrays` has no "train_current", which takes precedence.
-    patterns: (kind_ids, ratios) from `patterns.encode_train_patterns`.
+    patterns: (kind_ids, ratios[, layouts]) from `patterns.encode_train_patterns`.
   Returns dict: obs (B,t,I,J,C) masked coarse (missing = 0), mask (B,t,I,J) 1 = observed,
     coarse (B,t,I,J,C) pseudo-complete, external (B,t,F), fine (B,NI,NJ,C) current fine map,
     and slot (B,t) int32 when `arrays` has "slot" (T,), each slice's climatology slot.
@@ -345,9 +345,10 @@ def sample_train_batch(arrays: dict, rng: jax.Array, *, batch_size: int, history
     current = jax.random.randint(k_idx, (batch_size,), index_range[0], index_range[1])
   coarse = gather_windows(arrays["coarse"], current, window)
   coarse_shape = coarse.shape[2:4]
-  kind_ids, ratios = patterns
-  mask = patterns_lib.sample_train_masks(k_mask, batch_size, window, coarse_shape,
-                                         jnp.asarray(kind_ids), jnp.asarray(ratios))
+  kind_ids, ratios, *layouts = patterns
+  mask = patterns_lib.sample_train_masks(
+      k_mask, batch_size, window, coarse_shape, jnp.asarray(kind_ids), jnp.asarray(ratios),
+      jnp.asarray(layouts[0], jnp.float32) if layouts else None)
   mask = mask * gather_windows(arrays["valid"], current, window)
   batch = {"obs": coarse * mask[..., None], "mask": mask, "coarse": coarse,
            "external": gather_windows(arrays["external"], current, window),
