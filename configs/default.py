@@ -219,6 +219,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.baselines.srresnet_blocks = 4        # ours (CPU); SRResNet: 16 residual blocks.
   c.baselines.urbanfm_features = 32      # ours (CPU); UrbanFM: 128.
   c.baselines.urbanfm_blocks = 4         # ours (CPU); UrbanFM: 16 residual blocks.
+
+  # ---- FODE and STCF: their fields live in c.baselines (baselines/fode.py, baselines/stcf.py) ----
+
+  # ---- UrbanSTA (baselines/urbansta.py): trained when evaluated, like the baselines above ----
+  c.urbansta = ml_collections.ConfigDict()
+
+  # ---- DiffUFlow (baselines/diffuflow.py): trained when evaluated, like the baselines above ----
+  c.diffuflow = ml_collections.ConfigDict()
   return c
 
 

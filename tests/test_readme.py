@@ -45,6 +45,10 @@ SMOKE_OVERRIDES = [
 ]
 
 
+# Appended to a README `diffrecon_jax.experiments` line (later flags win).
+EXPERIMENTS_SMOKE = ["--smoke", "--methods=interp,srcnn"]
+
+
 def readme_commands(text: str) -> list:
   """The command lines of the ```bash blocks (comments stripped, `\\` continuations joined)."""
   commands = []
@@ -64,6 +68,8 @@ def _classify(cmd: str) -> str:
     return "test"
   if cmd.startswith("python -m diffrecon_jax.main "):
     return "main"
+  if cmd.startswith("python -m diffrecon_jax.experiments "):
+    return "experiments"
   if cmd.startswith("python -m diffrecon_jax."):
     return "module"
   return "unknown"
@@ -106,6 +112,9 @@ def test_readme_commands_run_as_written(repo_copy, tmp_path):
     argv[0] = sys.executable
     if kind == "main":
       argv += SMOKE_OVERRIDES + [f"--config.train.compilation_cache_dir={tmp_path / 'xla_cache'}"]
+    elif kind == "experiments":
+      # Its own smoke mode on two methods (test_experiments.py runs every method's smoke).
+      argv += EXPERIMENTS_SMOKE
     proc = subprocess.run(argv, cwd=repo_copy, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"{cmd}\nrc {proc.returncode}\n{proc.stderr[-4000:]}"
@@ -120,5 +129,8 @@ def test_readme_commands_run_as_written(repo_copy, tmp_path):
       else:
         doc = json.loads((repo_copy / workdir / "results.json").read_text())
         assert doc["results"] and all(r["mae"] is not None for r in doc["results"]), cmd
+    if kind == "experiments":
+      workdir = next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir="))
+      assert (repo_copy / workdir / "comparison.md").is_file(), cmd
     ran.append(cmd)
   assert len(ran) >= 4, ran
