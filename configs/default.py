@@ -227,6 +227,31 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- DiffUFlow (baselines/diffuflow.py): trained when evaluated, like the baselines above ----
   c.diffuflow = ml_collections.ConfigDict()
+  c.diffuflow.features = 16         # ours (CPU): width of the spatio-temporal features.
+  c.diffuflow.base_channels = 16    # ours (CPU), as model_f: U-Net width of the denoiser.
+  c.diffuflow.channel_mults = (1, 2)  # ours, as model_f: one downsampling of 16x12 grids.
+  c.diffuflow.num_res_blocks = 1    # ours (CPU), as model_f.
+  c.diffuflow.emb_dim = 32          # ours, as model_f: step + external embedding width.
+  c.diffuflow.history = -1          # past coarse maps in the condition; -1 = data.history.
+  c.diffuflow.num_train_steps = 50  # T; as c.diffusion (CSDI), DiffUFlow's own T not used.
+  c.diffuflow.schedule = "quad"     # as c.diffusion (CSDI).
+  c.diffuflow.beta_start = 1e-4     # as c.diffusion (CSDI).
+  c.diffuflow.beta_end = 0.5        # as c.diffusion (CSDI).
+  c.diffuflow.steps = 3000          # ours (CPU budget; measured below).
+  c.diffuflow.batch_size = 32       # ours, as c.baselines.
+  c.diffuflow.lr = 1e-3             # ours: Adam, as c.baselines and CSDI.
+  c.diffuflow.sampling_steps = 10  # DDIM steps; ours (CPU budget).
+  c.diffuflow.eta = 1.0             # ours, as c.sampling: stochastic DDIM so samples spread.
+  c.diffuflow.n_samples = 4  # samples per map (mean = point, CRPS); ours (CPU budget).
+  c.diffuflow.residual = True       # ours: diffuse fine minus the completed coarse map's uniform
+                                    # upsampling (per-channel std 1), as c.diffusion.fine_residual.
+  c.diffuflow.n2_normalize = True   # ours: every sample's N x N blocks rescaled to the completed
+                                    # coarse cell (UrbanFM's N^2-Normalization); False = raw.
+  c.diffuflow.x0_clip_factor = 1.2  # ours, as c.sampling.x0_clip_factor (0 = no clip).
+  c.diffuflow.train_masked = True   # ours, as c.baselines: also train on interp completions.
+  c.diffuflow.interp_time_weight = 0.1  # the interp baseline's (measured; see WORKSPACE.md).
+  c.diffuflow.eval_batch = 64       # ours: maps per sampler call, as c.eval.batch_size.
+  c.diffuflow.log_every = 500       # training log cadence (in steps).
   return c
 
 
