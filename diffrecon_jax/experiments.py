@@ -149,6 +149,10 @@ def smoke_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   b.srcnn_features = (8, 4)
   b.srresnet_features, b.srresnet_blocks = 8, 1
   b.urbanfm_features, b.urbanfm_blocks = 8, 1
+  d = c.diffuflow
+  d.features, d.base_channels, d.channel_mults, d.emb_dim = 8, 8, (1,), 8
+  d.steps, d.batch_size, d.sampling_steps, d.n_samples = 4, 8, 2, 2
+  d.eval_batch, d.log_every = 8, 0
   return c
 
 
