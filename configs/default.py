@@ -225,6 +225,22 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- UrbanSTA (baselines/urbansta.py): trained when evaluated, like the baselines above ----
   c.urbansta = ml_collections.ConfigDict()
+  c.urbansta.features = 16          # ours (CPU budget): STA token width.
+  c.urbansta.num_heads = 2          # ours (CPU budget); must divide features.
+  c.urbansta.num_layers = 1         # ours (CPU budget): temporal + spatial attention layers.
+  c.urbansta.ff_dim = 32            # ours: STA feed-forward width (2x features).
+  c.urbansta.fin_features = 32      # as c.baselines.urbanfm_features (UrbanFM: 128).
+  c.urbansta.fin_blocks = 4         # as c.baselines.urbanfm_blocks (UrbanFM: 16).
+  c.urbansta.steps_sta = 300        # ours (CPU budget): stage 1, STA alone.
+  c.urbansta.steps_fin = 1500       # ours (CPU budget): stage 2, FIN alone.
+  c.urbansta.steps_joint = 150      # ours (CPU budget): stage 3, joint fine-tuning.
+  c.urbansta.batch_size = 16        # ours (CPU budget).
+  c.urbansta.lr = 1e-3              # ours: Adam, as c.baselines.lr.
+  c.urbansta.lr_joint = 2e-4        # ours: smaller rate when fine-tuning jointly.
+  c.urbansta.loss_on_hidden = True  # ours: STA's loss on the hidden cells only.
+  c.urbansta.completion_weight = 1.0  # ours: joint loss = fine loss + this x completion loss.
+  c.urbansta.eval_batch = 256       # ours: windows per network call at evaluation.
+  c.urbansta.log_every = 100        # training log cadence (in steps).
 
   # ---- DiffUFlow (baselines/diffuflow.py): trained when evaluated, like the baselines above ----
   c.diffuflow = ml_collections.ConfigDict()

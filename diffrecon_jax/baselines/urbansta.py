@@ -1,0 +1,325 @@
+"""UrbanSTA (Xu et al.: "Spatio-temporal attention for fine-grained urban flow inference with
+missing data") as a deterministic baseline: a completion network (STA), then a fine-grained
+inference network (FIN), trained separately and then jointly.
+
+STA: the window of `history + 1` coarse maps ending at the current slice, hidden cells zero-filled
+(0 = the train mean after z-scoring) with the observation mask as an extra channel and the
+window's external features added per slice, is embedded per cell and slice, then passes through
+`num_layers` encoder layers of temporal multi-head self-attention (each cell across the window),
+spatial multi-head self-attention (each slice across the cells) and a feed-forward block (each
+with a residual and layer norm). The current slice's tokens give the completed current map; the
+observed cells keep their observed values.
+FIN: UrbanFM (`urbanfm.UrbanFM`, with its N^2-Normalization) on the completed coarse map and the
+current slice's external features, so each N x N block of the fine map pools exactly to its
+completed coarse cell.
+Training ("two stages" in the paper: the networks separately, then together): stage 1 trains STA
+on train-split windows under masks of `config.patterns.train` (one mask series per pattern over
+the train split, `patterns.make_eval_mask`), its loss on the hidden cells (`loss_on_hidden`) or on
+every cell; stage 2 trains FIN on the complete coarse maps of the train split -> their fine maps;
+stage 3 fine-tunes both on masked windows with the fine loss plus `completion_weight` times the
+completion loss. Adam, MSE, random batches, a fixed number of steps per stage and a seed.
+
+Simplified or guessed (the paper's code and sizes were not at hand): learned position embeddings
+(slice of the window, cell of the grid) instead of the paper's encodings; one post-norm
+encoder layer type stacked `num_layers` times; widths, depths and steps sized for a 2-core CPU
+(configs/default.py `c.urbansta`); windows reaching before the first slice repeat the first map
+and windows across holes in the time axis are taken as they are stored; cells that are NaN in the
+data count as hidden inputs and carry no loss.
+"""
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from diffrecon_jax.baselines import supervised, urbanfm
+from diffrecon_jax.data import patterns as patterns_lib
+
+
+def window_indices(slices: np.ndarray, history: int) -> np.ndarray:
+  """(n,) current slices -> (n, history + 1) indices of their windows, oldest first; indices
+  before the series' start are clipped to 0 (the first map repeated)."""
+  slices = np.asarray(slices, np.int64)
+  return np.maximum(slices[:, None] + np.arange(-history, 1)[None, :], 0)
+
+
+class _EncoderLayer(nn.Module):
+  """Temporal, then spatial self-attention, then a feed-forward block on (B, W, S, D) tokens
+  (W slices of the window, S cells of the grid)."""
+  num_heads: int
+  ff_dim: int
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> jax.Array:
+    d = h.shape[-1]
+    attend = lambda: nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d,
+                                                     out_features=d)
+    # Temporal: each cell attends over the slices of its window.
+    ht = jnp.swapaxes(h, 1, 2)  # (B, S, W, D)
+    ht = nn.LayerNorm()(ht + attend()(ht, ht))
+    h = jnp.swapaxes(ht, 1, 2)
+    # Spatial: each slice's cells attend over each other.
+    h = nn.LayerNorm()(h + attend()(h, h))
+    ff = nn.Dense(d)(nn.relu(nn.Dense(self.ff_dim)(h)))
+    return nn.LayerNorm()(h + ff)
+
+
+class STA(nn.Module):
+  """Completion network: (B, W, I, J, C) normalised coarse window (0 where hidden), (B, W, I, J)
+  mask (1 = observed), (B, W, F) external features -> (B, I, J, C) normalised prediction of the
+  current (last) map at every cell."""
+  channels: int
+  features: int = 32
+  num_heads: int = 4
+  num_layers: int = 2
+  ff_dim: int = 64
+
+  @nn.compact
+  def __call__(self, obs: jax.Array, mask: jax.Array, external: jax.Array) -> jax.Array:
+    b, w, i, j, c = obs.shape
+    x = jnp.concatenate([obs * mask[..., None], mask[..., None]], -1).reshape(b, w, i * j, c + 1)
+    h = nn.Dense(self.features, name="embed")(x)
+    h = h + nn.Dense(self.features, name="external")(external)[:, :, None]
+    h = h + self.param("slice_pos", nn.initializers.normal(0.02), (w, 1, self.features))
+    h = h + self.param("cell_pos", nn.initializers.normal(0.02), (1, i * j, self.features))
+    for _ in range(self.num_layers):
+      h = _EncoderLayer(self.num_heads, self.ff_dim)(h)
+    return nn.Dense(self.channels, name="out")(h[:, -1]).reshape(b, i, j, self.channels)
+
+
+def merge_observed(pred: jax.Array, obs: jax.Array, mask: jax.Array) -> jax.Array:
+  """(B, I, J, C) prediction, current observed map and (B, I, J) mask -> observed where
+  observed, predicted elsewhere (the completed map)."""
+  m = mask[..., None]
+  return m * obs + (1.0 - m) * pred
+
+
+def _weighted_mse(pred, target, weight):
+  """Mean squared error over the cells with weight 1 (weight broadcasts against pred)."""
+  weight = jnp.broadcast_to(weight, pred.shape)
+  return jnp.sum(weight * (pred - target) ** 2) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+class UrbanSTAMethod:
+  """UrbanSTA as an evaluated method (`evaluate.evaluate_method`'s contract).
+
+  Args:
+    features, num_heads, num_layers, ff_dim: STA's width, heads, encoder layers, feed-forward width.
+    fin_features, fin_blocks: FIN's (UrbanFM's) width and residual blocks.
+    steps_sta, steps_fin, steps_joint: Adam steps of stages 1, 2, 3 (0 skips a stage).
+    batch_size: windows / maps per step.
+    lr: stages 1-2's Adam rate; lr_joint: stage 3's.
+    loss_on_hidden: STA's loss on the hidden cells only (else on every valid cell).
+    completion_weight: weight of the completion loss beside the fine loss in stage 3.
+    train_patterns: pattern specs of the stage 1 and 3 training masks.
+    seed: initialisation, training masks and batches.
+    eval_batch: windows per network call at reconstruction.
+    log_every: training log cadence (0 = silent).
+  """
+
+  name = "urbansta"
+  sampler = None
+
+  def __init__(self, *, features: int = 32, num_heads: int = 4, num_layers: int = 2,
+               ff_dim: int = 64, fin_features: int = 32, fin_blocks: int = 4,
+               steps_sta: int = 1000, steps_fin: int = 1000, steps_joint: int = 500,
+               batch_size: int = 32, lr: float = 1e-3, lr_joint: float = 2e-4,
+               loss_on_hidden: bool = True, completion_weight: float = 1.0,
+               train_patterns: tuple = ("random:0.4",), seed: int = 0, eval_batch: int = 256,
+               log_every: int = 0):
+    for label, v in (("features", features), ("num_heads", num_heads),
+                     ("num_layers", num_layers), ("ff_dim", ff_dim),
+                     ("fin_features", fin_features), ("batch_size", batch_size),
+                     ("eval_batch", eval_batch)):
+      if int(v) < 1:
+        raise ValueError(f"urbansta: {label} must be positive, got {v}")
+    if features % num_heads:
+      raise ValueError(f"urbansta: num_heads ({num_heads}) must divide features ({features})")
+    for label, v in (("fin_blocks", fin_blocks), ("steps_sta", steps_sta),
+                     ("steps_fin", steps_fin), ("steps_joint", steps_joint),
+                     ("log_every", log_every)):
+      if int(v) < 0:
+        raise ValueError(f"urbansta: {label} must be >= 0, got {v}")
+    if not (lr > 0 and lr_joint > 0 and completion_weight >= 0):
+      raise ValueError(f"urbansta: lr ({lr}) and lr_joint ({lr_joint}) must be positive and "
+                       f"completion_weight ({completion_weight}) >= 0")
+    if (steps_sta or steps_joint) and not train_patterns:
+      raise ValueError("urbansta: stages 1 and 3 need training patterns (config.patterns.train)")
+    self.train_patterns = tuple(train_patterns)
+    for spec in self.train_patterns:
+      patterns_lib.parse_pattern(spec)
+    self.sta = STA(0, int(features), int(num_heads), int(num_layers), int(ff_dim))  # channels set in fit
+    self.fin_features, self.fin_blocks = int(fin_features), int(fin_blocks)
+    self.steps = {"sta": int(steps_sta), "fin": int(steps_fin), "joint": int(steps_joint)}
+    self.batch_size, self.lr, self.lr_joint = int(batch_size), float(lr), float(lr_joint)
+    self.loss_on_hidden, self.completion_weight = bool(loss_on_hidden), float(completion_weight)
+    self.seed, self.eval_batch, self.log_every = int(seed), int(eval_batch), int(log_every)
+    self._key = None
+    self.params = None
+    self.losses = {}  # stage -> (steps,) float32 batch losses before each update
+
+  # ---- training ----
+
+  def _networks(self, view) -> tuple:
+    """(STA, FIN) modules for the view's shapes and normalisers."""
+    sta = self.sta.clone(channels=view.channels)
+    fin = urbanfm.UrbanFM(
+        view.scale, view.channels, tuple(map(float, view.coarse_norm.mean)),
+        tuple(map(float, view.coarse_norm.std)), tuple(map(float, view.fine_norm.mean)),
+        tuple(map(float, view.fine_norm.std)), view.aggregation, self.fin_features,
+        self.fin_blocks)
+    return sta, fin
+
+  def _train_arrays(self, view) -> dict:
+    """The train split as device arrays: coarse (T, I, J, C) normalised with NaN -> 0, valid
+    (T, I, J), fine (T, H, W, C) normalised with NaN -> 0 and its weights, external (T, F),
+    masks (P, T, I, J) of the training patterns (times valid)."""
+    v0 = int(view.split.val_start)
+    if view.train_fine.shape[0] != v0 or view.train_coarse.shape[0] != v0:
+      raise ValueError(f"urbansta: train_fine / train_coarse have {view.train_fine.shape[0]} / "
+                       f"{view.train_coarse.shape[0]} slices, the training split {v0}")
+    raw = np.asarray(view.train_coarse, np.float32)
+    coarse, _ = supervised._finite_or_zero(view.coarse_norm.apply(raw))
+    valid = np.isfinite(raw).all(-1).astype(np.float32)
+    fine, fine_w = supervised._finite_or_zero(
+        view.fine_norm.apply(np.asarray(view.train_fine, np.float32)))
+    masks = [patterns_lib.make_eval_mask(patterns_lib.parse_pattern(spec), v0,
+                                         view.coarse_shape, self.seed + k) * valid
+             for k, spec in enumerate(self.train_patterns)] or [valid]
+    arrays = dict(coarse=coarse, valid=valid, fine=fine, fine_w=fine_w,
+                  external=np.asarray(view.external[:v0], np.float32), masks=np.stack(masks))
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+  def _masked_batch(self, data, key, history: int) -> dict:
+    """A random batch of train windows under a random training pattern's mask."""
+    k_t, k_p = jax.random.split(key)
+    n, p = data["coarse"].shape[0], data["masks"].shape[0]
+    t = jax.random.randint(k_t, (self.batch_size,), 0, n)
+    win = jnp.maximum(t[:, None] + jnp.arange(-history, 1)[None, :], 0)  # (B, W)
+    mask = data["masks"][jax.random.randint(k_p, (self.batch_size,), 0, p)[:, None], win]
+    return dict(obs=data["coarse"][win], mask=mask, external=data["external"][win],
+                ext_now=data["external"][t], target=data["coarse"][t],
+                valid=data["valid"][t], fine=data["fine"][t], fine_w=data["fine_w"][t])
+
+  def _completion_loss(self, pred, batch):
+    """Normalised MSE of the current map on the hidden (or all) valid cells."""
+    weight = batch["valid"] * ((1.0 - batch["mask"][:, -1]) if self.loss_on_hidden else 1.0)
+    return _weighted_mse(pred, batch["target"], weight[..., None])
+
+  def _adam(self, stage: str, params, loss_fn, lr: float, seed: int):
+    """`steps[stage]` Adam steps of loss_fn(params, key) -> scalar; returns the params and
+    records the losses in self.losses[stage]."""
+    steps = self.steps[stage]
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(params, opt_state, key):
+      value, grads = jax.value_and_grad(loss_fn)(params, key)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, value
+
+    opt_state, losses, start = tx.init(params), [], time.time()
+    key = jax.random.PRNGKey(seed)
+    for s in range(steps):
+      params, opt_state, value = step(params, opt_state, jax.random.fold_in(key, s))
+      losses.append(value)
+      if self.log_every and ((s + 1) % self.log_every == 0 or s + 1 == steps):
+        logging.info("urbansta %s: step %d/%d loss %.4f (%.1f s)", stage, s + 1, steps,
+                     float(jnp.mean(jnp.stack(losses[-self.log_every:]))), time.time() - start)
+    self.losses[stage] = np.asarray(jnp.stack(losses) if losses else jnp.zeros(0), np.float32)
+    return params
+
+  def fit(self, view) -> None:
+    """Trains the three stages on `view`'s train split (once per distinct train split)."""
+    key = supervised._train_key(view)
+    if key == self._key:
+      return
+    sta, fin = self._networks(view)
+    data = self._train_arrays(view)
+    hist = int(view.history)
+    w = hist + 1
+    (i, j), c, f = view.coarse_shape, view.channels, data["external"].shape[-1]
+    k_sta, k_fin = jax.random.split(jax.random.PRNGKey(self.seed))
+    # Jitted: eager initialisation runs op by op, several times slower on CPU.
+    params = {"sta": jax.jit(sta.init)(k_sta, jnp.zeros((1, w, i, j, c)),
+                                       jnp.ones((1, w, i, j)), jnp.zeros((1, w, f))),
+              "fin": jax.jit(fin.init)(k_fin, jnp.zeros((1, i, j, c)), jnp.zeros((1, f)))}
+    logging.info("urbansta: training %s steps (sta, fin, joint) on %d train maps",
+                 tuple(self.steps.values()), data["coarse"].shape[0])
+
+    def sta_loss(p, key):
+      batch = self._masked_batch(data, key, hist)
+      return self._completion_loss(sta.apply(p, batch["obs"], batch["mask"], batch["external"]),
+                                   batch)
+
+    def fin_loss(p, key):
+      # Complete coarse maps -> fine maps (cells NaN in the data enter as the train mean).
+      t = jax.random.randint(key, (self.batch_size,), 0, data["coarse"].shape[0])
+      out = fin.apply(p, data["coarse"][t], data["external"][t])
+      return _weighted_mse(out, data["fine"][t], data["fine_w"][t])
+
+    def joint_loss(p, key):
+      batch = self._masked_batch(data, key, hist)
+      pred = sta.apply(p["sta"], batch["obs"], batch["mask"], batch["external"])
+      completed = merge_observed(pred, batch["obs"][:, -1], batch["mask"][:, -1])
+      fine = fin.apply(p["fin"], completed, batch["ext_now"])
+      return (_weighted_mse(fine, batch["fine"], batch["fine_w"])
+              + self.completion_weight * self._completion_loss(pred, batch))
+
+    params["sta"] = self._adam("sta", params["sta"], sta_loss, self.lr, self.seed + 1)
+    params["fin"] = self._adam("fin", params["fin"], fin_loss, self.lr, self.seed + 2)
+    self.params = self._adam("joint", params, joint_loss, self.lr_joint, self.seed + 3)
+
+    def apply(p, obs, mask, external, ext_now):
+      pred = sta.apply(p["sta"], obs, mask, external)
+      completed = merge_observed(pred, obs[:, -1], mask[:, -1])
+      return completed, fin.apply(p["fin"], completed, ext_now)
+
+    self._apply = jax.jit(apply)
+    self._key = key
+
+  # ---- reconstruction ----
+
+  def reconstruct(self, view, slices: np.ndarray) -> dict:
+    """slices (n,) -> dict(coarse (n, I, J, C): the completed maps, observed cells as observed,
+    fine (n, N*I, N*J, C) float32, both physical; samples None). Trains first if needed."""
+    self.fit(view)
+    slices = np.asarray(slices, np.int64)
+    win = window_indices(slices, int(view.history))
+    obs = np.asarray(view.coarse_obs_norm)  # 0 where hidden or NaN in the data
+    mask = np.asarray(view.mask, np.float32)
+    ext = np.asarray(view.external, np.float32)
+    inputs = (obs[win], mask[win], ext[win], ext[slices])
+    b = max(1, min(self.eval_batch, len(slices)))
+    coarse, fine = [], []
+    for k in range(0, len(slices), b):
+      m = min(b, len(slices) - k)
+      # The last batch is padded to the others' size: one compiled shape per call.
+      pad = lambda a: np.concatenate([a[k:k + m], np.zeros((b - m,) + a.shape[1:], a.dtype)])
+      c_out, f_out = self._apply(self.params, *map(pad, inputs))
+      coarse.append(np.asarray(c_out)[:m])
+      fine.append(np.asarray(f_out)[:m])
+    coarse = view.coarse_norm.inverse(np.concatenate(coarse)).astype(np.float32)
+    observed = view.mask[slices][..., None] > 0
+    coarse = np.where(observed, view.coarse_obs[slices], coarse).astype(np.float32)
+    fine = view.fine_norm.inverse(np.concatenate(fine)).astype(np.float32)
+    return {"coarse": coarse, "fine": fine, "samples": None}
+
+
+def build(config) -> UrbanSTAMethod:
+  """UrbanSTA with its hyperparameters from `config.urbansta`, its seed from `config.seed` and its
+  training masks from `config.patterns.train`."""
+  u = config.urbansta
+  return UrbanSTAMethod(
+      features=int(u.features), num_heads=int(u.num_heads), num_layers=int(u.num_layers),
+      ff_dim=int(u.ff_dim), fin_features=int(u.fin_features), fin_blocks=int(u.fin_blocks),
+      steps_sta=int(u.steps_sta), steps_fin=int(u.steps_fin), steps_joint=int(u.steps_joint),
+      batch_size=int(u.batch_size), lr=float(u.lr), lr_joint=float(u.lr_joint),
+      loss_on_hidden=bool(u.loss_on_hidden), completion_weight=float(u.completion_weight),
+      train_patterns=tuple(config.patterns.train), seed=int(config.seed),
+      eval_batch=int(u.eval_batch), log_every=int(u.log_every))
