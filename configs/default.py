@@ -14,7 +14,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
   c.method = "diffrecon"  # "diffrecon" or a baseline: "interp", "climatology" (deterministic) or
                           # "srcnn" / "srresnet" / "urbanfm" (trained when evaluated; c.baselines).
-                          # or "diffuflow" (trained when evaluated; c.diffuflow).
+                          # or "urbansta" / "diffuflow" (trained when evaluated; c.urbansta,
+                          # c.diffuflow).
   c.ablation = ""  # paper Sec. V-C: "" = DiffRecon, or one of its ablations (ablations.py):
                    # "noPre", "noJoint", "noSTPointFormer", "noTPatternNet", "noFG".
   c.ablation_fine_network = "srcnn"  # noFG: the network replacing Diffusion-F on Diffusion-C's

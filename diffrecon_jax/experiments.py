@@ -149,6 +149,10 @@ def smoke_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   b.srcnn_features = (8, 4)
   b.srresnet_features, b.srresnet_blocks = 8, 1
   b.urbanfm_features, b.urbanfm_blocks = 8, 1
+  u = c.urbansta
+  u.features, u.num_heads, u.num_layers, u.ff_dim, u.fin_features, u.fin_blocks = 8, 2, 1, 8, 8, 1
+  u.steps_sta, u.steps_fin, u.steps_joint, u.batch_size = 4, 4, 4, 8
+  u.eval_batch, u.log_every = 8, 0
   d = c.diffuflow
   d.features, d.base_channels, d.channel_mults, d.emb_dim = 8, 8, (1,), 8
   d.steps, d.batch_size, d.sampling_steps, d.n_samples = 4, 8, 2, 2

@@ -6,8 +6,8 @@
   - a baseline name (`BASELINES`): evaluate only (they have nothing to train);
   - a supervised baseline name (`supervised.NETWORKS`: srcnn, srresnet, urbanfm): evaluate only;
     the network is trained on the train split when it is evaluated (`baselines/supervised.py`).
-  - a baseline with its own module (`OWN_MODULE_BASELINES`: diffuflow): evaluate only, trained on
-    the train split when it is evaluated.
+  - a baseline with its own module (`OWN_MODULE_BASELINES`: urbansta, diffuflow): evaluate
+    only, trained on the train split when it is evaluated.
 Every evaluation writes results.json / results.md into the workdir by docs/evaluation.md;
 DiffRecon's results carry the `REFERENCES` (climatology and interp) beside them, on the same masks.
 """
@@ -60,7 +60,8 @@ def setup_compilation_cache(config) -> None:
 
 
 # Baselines with their own modules (trained when evaluated): name -> module with `build(config)`.
-OWN_MODULE_BASELINES = {"diffuflow": "diffrecon_jax.baselines.diffuflow"}
+OWN_MODULE_BASELINES = {"urbansta": "diffrecon_jax.baselines.urbansta",
+                        "diffuflow": "diffrecon_jax.baselines.diffuflow"}
 
 
 def baseline_names() -> tuple:
