@@ -13,7 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
   c.method = "diffrecon"  # "diffrecon" or a baseline: "interp", "climatology" (deterministic) or
-                          # "srcnn" / "srresnet" / "urbanfm" (trained when evaluated; c.baselines).
+                          # "srcnn" / "srresnet" / "urbanfm" / "fode" / "stcf" (trained when
+                          # evaluated; c.baselines)
                           # or "urbansta" / "diffuflow" (trained when evaluated; c.urbansta,
                           # c.diffuflow).
   c.ablation = ""  # paper Sec. V-C: "" = DiffRecon, or one of its ablations (ablations.py):
@@ -222,7 +223,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.baselines.urbanfm_features = 32      # ours (CPU); UrbanFM: 128.
   c.baselines.urbanfm_blocks = 4         # ours (CPU); UrbanFM: 16 residual blocks.
 
-  # ---- FODE and STCF: their fields live in c.baselines (baselines/fode.py, baselines/stcf.py) ----
+  # ---- FODE and STCF: their fields live in c.baselines (baselines/fode.py, baselines/stcf.py);
+  # both keep UrbanFM's frame and train in the loop above with its steps, batch, rate and loss ----
+  c.baselines.fode_features = 32         # ours (CPU), as urbanfm_features (FODE: 128 as UrbanFM).
+  c.baselines.fode_ode_steps = 2         # ours: RK4 steps on tau in [0, 1] (8 field evaluations,
+                                         # about the compute of UrbanFM's 4 blocks); FODE: an
+                                         # adaptive solver.
+  c.baselines.stcf_features = 32         # ours (CPU), as urbanfm_features (STCF: 128 as UrbanFM).
+  c.baselines.stcf_blocks = 4            # ours (CPU), as urbanfm_blocks.
+  c.baselines.stcf_encoder_features = 16  # ours (CPU): width of each pre-trained encoder.
+  c.baselines.stcf_pretrain_steps = 1000  # ours: contrastive steps per encoder (spatial, then
+                                          # temporal); a tenth of the supervised budget.
+  c.baselines.stcf_temperature = 0.1     # ours: InfoNCE temperature, SimCLR's usual range.
 
   # ---- UrbanSTA (baselines/urbansta.py): trained when evaluated, like the baselines above ----
   c.urbansta = ml_collections.ConfigDict()

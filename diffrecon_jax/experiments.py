@@ -149,6 +149,8 @@ def smoke_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   b.srcnn_features = (8, 4)
   b.srresnet_features, b.srresnet_blocks = 8, 1
   b.urbanfm_features, b.urbanfm_blocks = 8, 1
+  b.fode_features, b.fode_ode_steps = 8, 1
+  b.stcf_features, b.stcf_blocks, b.stcf_encoder_features, b.stcf_pretrain_steps = 8, 1, 4, 4
   u = c.urbansta
   u.features, u.num_heads, u.num_layers, u.ff_dim, u.fin_features, u.fin_blocks = 8, 2, 1, 8, 8, 1
   u.steps_sta, u.steps_fin, u.steps_joint, u.batch_size = 4, 4, 4, 8

@@ -4,7 +4,8 @@
   - "diffrecon" (the two-stage diffusion model): train (`train.train`), evaluate from the workdir's
     checkpoints alone, train_and_evaluate, or reconstruct (writes the reconstructed maps);
   - a baseline name (`BASELINES`): evaluate only (they have nothing to train);
-  - a supervised baseline name (`supervised.NETWORKS`: srcnn, srresnet, urbanfm): evaluate only;
+  - a supervised baseline name (`supervised.NETWORKS`: srcnn, srresnet, urbanfm, fode,
+    stcf): evaluate only;
     the network is trained on the train split when it is evaluated (`baselines/supervised.py`).
   - a baseline with its own module (`OWN_MODULE_BASELINES`: urbansta, diffuflow): evaluate
     only, trained on the train split when it is evaluated.

@@ -1,4 +1,5 @@
-"""The deterministic super-resolution baselines (SRCNN, SRResNet, UrbanFM) and their shared loop."""
+"""The deterministic super-resolution baselines (SRCNN, SRResNet, UrbanFM, FODE, STCF) and their
+shared loop."""
 import json
 
 import jax
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffrecon_jax import evaluate, run
-from diffrecon_jax.baselines import srcnn, srresnet, supervised, urbanfm
+from diffrecon_jax.baselines import fode, srcnn, srresnet, stcf, supervised, urbanfm
 from diffrecon_jax.data import coarsen
 from tests import _train_helpers as helpers
 from tests import test_leakage
@@ -22,6 +23,8 @@ def tiny_config(method: str = "srcnn", steps: int = 3):
   b.srcnn_features = (8, 4)
   b.srresnet_features, b.srresnet_blocks = 8, 1
   b.urbanfm_features, b.urbanfm_blocks = 8, 1
+  b.fode_features, b.fode_ode_steps = 8, 1
+  b.stcf_features, b.stcf_blocks, b.stcf_encoder_features, b.stcf_pretrain_steps = 8, 1, 4, 3
   return c
 
 
@@ -51,7 +54,10 @@ def test_networks_map_coarse_to_fine_shapes():
   x = np.zeros((2, 4, 3, 2), np.float32)
   ext = np.zeros((2, 5), np.float32)
   nets = [srcnn.SRCNN(3, 2, (8, 4)), srresnet.SRResNet(3, 2, 8, 1),
-          urbanfm.UrbanFM(3, 2, (0., 0.), (1., 1.), (0., 0.), (1., 1.), "sum", 8, 1)]
+          urbanfm.UrbanFM(3, 2, (0., 0.), (1., 1.), (0., 0.), (1., 1.), "sum", 8, 1),
+          fode.FODE(3, 2, (0., 0.), (1., 1.), (0., 0.), (1., 1.), "sum", 8, ode_steps=2),
+          stcf.STCF(3, 2, (0., 0.), (1., 1.), (0., 0.), (1., 1.), "sum", 8, 1,
+                    encoder_features=4)]
   for net in nets:
     params = net.init(jax.random.PRNGKey(0), x, ext)
     assert net.apply(params, x, ext).shape == (2, 12, 9, 2), type(net).__name__
@@ -66,24 +72,40 @@ def test_training_lowers_the_loss(name):
   assert last < 0.7 * first, (name, first, last)
 
 
+def _perturbed(params, seed: int = 3, scale: float = 0.1):
+  """params plus Gaussian noise: no zero-initialised layer left (FODE's field starts at zero)."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  rs = np.random.RandomState(seed)
+  return jax.tree_util.tree_unflatten(
+      tree, [a + scale * rs.standard_normal(a.shape).astype(np.float32) for a in leaves])
+
+
+# The networks with UrbanFM's frame (its N^2-Normalization): class and extra arguments.
+FRAMED = {"urbanfm": (urbanfm.UrbanFM, {}), "fode": (fode.FODE, {"ode_steps": 2}),
+          "stcf": (stcf.STCF, {"encoder_features": 4})}
+
+
+@pytest.mark.parametrize("name", sorted(FRAMED))
 @pytest.mark.parametrize("aggregation", ["sum", "mean"])
-def test_urbanfm_fine_maps_pool_exactly_to_the_coarse_input(aggregation):
+def test_urbanfm_fine_maps_pool_exactly_to_the_coarse_input(aggregation, name):
   rs = np.random.RandomState(0)
   coarse = (rs.random_sample((3, 4, 3, 2)) * 50 + 1).astype(np.float32)
   cm, cs, fm, fs = (20., 5.), (9., 3.), (4., 1.), (2., 0.5)
-  net = urbanfm.UrbanFM(2, 2, cm, cs, fm, fs, aggregation, 8, 1)
+  cls, extra = FRAMED[name]
+  net = cls(2, 2, cm, cs, fm, fs, aggregation, 8, 1, **extra)
   x = (coarse - np.asarray(cm, np.float32)) / np.asarray(cs, np.float32)
   ext = rs.random_sample((3, 5)).astype(np.float32)
-  params = net.init(jax.random.PRNGKey(1), x, ext)
+  params = _perturbed(net.init(jax.random.PRNGKey(1), x, ext))
   fine = np.asarray(net.apply(params, x, ext)) * np.asarray(fs) + np.asarray(fm)
   np.testing.assert_allclose(coarsen.coarsen(fine, 2, aggregation), coarse, rtol=1e-5)
   # Not a trivial split: the shares differ inside a block.
   assert np.ptp(fine[0, :2, :2, 0]) > 1e-3
 
 
-def test_urbanfm_reconstruction_pools_to_the_completed_coarse_map():
+@pytest.mark.parametrize("name", sorted(FRAMED))
+def test_urbanfm_reconstruction_pools_to_the_completed_coarse_map(name):
   task = helpers.tiny_task()
-  rec = supervised.build("urbanfm", tiny_config("urbanfm")).reconstruct(
+  rec = supervised.build(name, tiny_config(name)).reconstruct(
       _view(task), np.arange(task.split.val_start, task.split.val_start + 6))
   np.testing.assert_allclose(coarsen.coarsen(rec["fine"], task.scale, task.series.aggregation),
                              rec["coarse"], rtol=1e-4, atol=1e-3)

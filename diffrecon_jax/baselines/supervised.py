@@ -1,5 +1,6 @@
 """The one training loop of the deterministic super-resolution baselines (SRCNN, SRResNet,
-UrbanFM): they differ only in their network and loss.
+UrbanFM, FODE, STCF): they differ only in their network and loss (and STCF in a contrastive
+pre-training of its encoders before this loop, `stcf.Pretrainer`).
 
 Training (`fit`) reads the train split's truth alone (`ObservedTask.train_coarse` ->
 `train_fine`, both z-scored by the view's train-split normalisers): the complete coarse maps, and
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -63,7 +64,7 @@ def training_inputs(view, patterns: tuple, seed: int, time_weight: float) -> np.
 def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
                   targets: np.ndarray, weights: np.ndarray, *, steps: int, batch_size: int,
                   lr: float, seed: int, loss: str = "l2", log_every: int = 0,
-                  name: str = "") -> tuple:
+                  name: str = "", prepare: Optional[Callable] = None) -> tuple:
   """Adam on random batches of (inputs, external) -> targets.
 
   Args:
@@ -73,6 +74,8 @@ def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
     steps, batch_size, lr, seed: the budget, Adam's rate, the initialisation and batch seed.
     loss: "l2" (squared error) or "l1" (absolute error).
     log_every: > 0 logs the mean loss of every that many steps.
+    prepare: optional params -> params applied to the initial parameters before the first step
+      (STCF's pre-trained encoders).
   Returns:
     (params, losses (steps,) float32: each step's batch loss before its update).
   """
@@ -84,6 +87,8 @@ def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
   n = data[0].shape[0]
   key_init, key_batch = jax.random.split(jax.random.PRNGKey(seed))
   params = module.init(key_init, data[0][:1], data[1][:1])
+  if prepare is not None:
+    params = prepare(params)
   tx = optax.adam(lr)
   opt_state = tx.init(params)
 
@@ -138,6 +143,8 @@ class SupervisedBaseline:
     time_weight: interp's time weight (completion of the inputs, train and test).
     eval_batch: maps per network call at reconstruction.
     log_every: training log cadence (0 = silent).
+    pretrain: optional (initial params, (copies * T, I, J, C) normalised training inputs,
+      copies) -> params, run before supervised training (STCF's `stcf.Pretrainer`).
   """
 
   sampler = None
@@ -145,13 +152,14 @@ class SupervisedBaseline:
   def __init__(self, name: str, network: Callable, *, loss: str = "l2", steps: int = 1000,
                batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                train_patterns: tuple = (), time_weight: float = 0.1, eval_batch: int = 256,
-               log_every: int = 0):
+               log_every: int = 0, pretrain: Optional[Callable] = None):
     if loss not in LOSSES:
       raise ValueError(f"{name}: loss must be one of {LOSSES}, got {loss!r}")
     self.name, self.network, self.loss = name, network, loss
     self.steps, self.batch_size, self.lr, self.seed = int(steps), int(batch_size), float(lr), int(seed)
     self.train_patterns = tuple(train_patterns)
     self.time_weight, self.eval_batch, self.log_every = float(time_weight), int(eval_batch), int(log_every)
+    self.pretrain = pretrain
     self._key = None
     self.module = self.params = self.losses = None
 
@@ -173,10 +181,13 @@ class SupervisedBaseline:
     logging.info("%s: training %d steps on %d train maps (%d input copies)", self.name,
                  self.steps, v0, copies)
     self.module = self.network(view)
+    prepare = None
+    if self.pretrain is not None:
+      prepare = lambda params: self.pretrain(params, x, copies)
     self.params, self.losses = train_network(
         self.module, x, tile(ext), tile(y), tile(w), steps=self.steps,
         batch_size=self.batch_size, lr=self.lr, seed=self.seed, loss=self.loss,
-        log_every=self.log_every, name=self.name)
+        log_every=self.log_every, name=self.name, prepare=prepare)
     self._apply = jax.jit(self.module.apply)
     self._key = key
 
@@ -207,14 +218,22 @@ class SupervisedBaseline:
     return view.fine_norm.inverse(np.concatenate(fine)).astype(np.float32)
 
 
-NETWORKS = ("srcnn", "srresnet", "urbanfm")
+NETWORKS = ("srcnn", "srresnet", "urbanfm", "fode", "stcf")
 
 
 def build(name: str, config) -> SupervisedBaseline:
   """The baseline `name` (one of NETWORKS) with its hyperparameters from `config.baselines`,
   its seed from `config.seed` and its training patterns from `config.patterns.train`."""
-  from diffrecon_jax.baselines import srcnn, srresnet, urbanfm  # the networks of this loop only
+  # The networks of this loop only.
+  from diffrecon_jax.baselines import fode, srcnn, srresnet, stcf, urbanfm
   b = config.baselines
+  # UrbanFM's frame (FODE and STCF keep it): normalisers and aggregation from the view.
+  frame = lambda v: dict(scale=v.scale, channels=v.channels,
+                         coarse_mean=tuple(map(float, v.coarse_norm.mean)),
+                         coarse_std=tuple(map(float, v.coarse_norm.std)),
+                         fine_mean=tuple(map(float, v.fine_norm.mean)),
+                         fine_std=tuple(map(float, v.fine_norm.std)), aggregation=v.aggregation)
+  pretrain = None
   if name == "srcnn":
     network = lambda v: srcnn.SRCNN(v.scale, v.channels, tuple(b.srcnn_features),
                                     tuple(b.srcnn_kernels))
@@ -227,10 +246,21 @@ def build(name: str, config) -> SupervisedBaseline:
         tuple(map(float, v.coarse_norm.std)), tuple(map(float, v.fine_norm.mean)),
         tuple(map(float, v.fine_norm.std)), v.aggregation, int(b.urbanfm_features),
         int(b.urbanfm_blocks))
+  elif name == "fode":
+    network = lambda v: fode.FODE(**frame(v), features=int(b.fode_features),
+                                  ode_steps=int(b.fode_ode_steps))
+  elif name == "stcf":
+    network = lambda v: stcf.STCF(**frame(v), features=int(b.stcf_features),
+                                  num_blocks=int(b.stcf_blocks),
+                                  encoder_features=int(b.stcf_encoder_features))
+    pretrain = stcf.Pretrainer(
+        features=int(b.stcf_encoder_features), steps=int(b.stcf_pretrain_steps),
+        batch_size=int(b.batch_size), lr=float(b.lr), temperature=float(b.stcf_temperature),
+        seed=int(config.seed), log_every=int(b.log_every))
   else:
     raise ValueError(f"unknown supervised baseline {name!r}; expected one of {NETWORKS}")
   return SupervisedBaseline(
       name, network, loss=b.loss, steps=int(b.steps), batch_size=int(b.batch_size),
       lr=float(b.lr), seed=int(config.seed),
       train_patterns=tuple(config.patterns.train) if b.train_masked else (),
-      time_weight=float(b.interp_time_weight), log_every=int(b.log_every))
+      time_weight=float(b.interp_time_weight), log_every=int(b.log_every), pretrain=pretrain)

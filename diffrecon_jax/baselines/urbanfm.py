@@ -67,6 +67,16 @@ class UrbanFM(nn.Module):
     e = nn.relu(nn.Dense(self.external_hidden, name=f"{name}_hidden")(external))
     return nn.relu(nn.Dense(h * w, name=f"{name}_out")(e)).reshape(-1, h, w, 1)
 
+  def _trunk(self, x: jax.Array, first: jax.Array) -> jax.Array:
+    """Feature extraction between the first convolution and the long skip: (B, I, J, features)
+    -> the same shape. UrbanFM: M residual blocks; FODE and STCF replace or widen it (`x`, the
+    (B, I, J, C) normalised input, is for networks that encode it again)."""
+    del x
+    h = first
+    for _ in range(self.num_blocks):
+      h = _ResBlock(self.features)(h)
+    return h
+
   @nn.compact
   def __call__(self, x: jax.Array, external: jax.Array) -> jax.Array:
     if self.aggregation not in ("sum", "mean"):
@@ -75,10 +85,7 @@ class UrbanFM(nn.Module):
     n = self.scale
     h = jnp.concatenate([x, self._external_map(external, i, j, "ext_coarse")], -1)
     first = nn.relu(nn.Conv(self.features, (9, 9))(h))
-    h = first
-    for _ in range(self.num_blocks):
-      h = _ResBlock(self.features)(h)
-    h = first + nn.Conv(self.features, (3, 3))(h)
+    h = first + nn.Conv(self.features, (3, 3))(self._trunk(x, first))
     # Distributional upsampling.
     h = nn.relu(pixel_shuffle(nn.Conv(self.features * n * n, (3, 3))(h), n))
     h = jnp.concatenate([h, self._external_map(external, i * n, j * n, "ext_fine")], -1)
