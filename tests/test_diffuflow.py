@@ -10,6 +10,7 @@ from diffrecon_jax import evaluate
 from diffrecon_jax.baselines import diffuflow
 from diffrecon_jax.data import coarsen
 from tests import _train_helpers as helpers
+from tests import test_leakage
 
 
 def tiny_config(steps: int = 40, seed: int = 0):
@@ -133,3 +134,8 @@ def test_bad_config_is_refused(field, value):
   c.diffuflow[field] = value
   with pytest.raises(ValueError, match="diffuflow"):
     diffuflow.build(c)
+
+
+def test_never_reads_hidden_values():
+  test_leakage.assert_no_leakage([("diffuflow", lambda task: diffuflow.build(tiny_config(4)))],
+                                 helpers.tiny_task())

@@ -10,6 +10,7 @@ from diffrecon_jax import evaluate
 from diffrecon_jax.baselines import urbansta
 from diffrecon_jax.data import coarsen
 from tests import _train_helpers as helpers
+from tests import test_leakage
 
 
 def tiny_config(steps: int = 30):
@@ -104,3 +105,8 @@ def test_bad_config_values_are_refused(field, value, match):
   c.urbansta[field] = value
   with pytest.raises(ValueError, match=match):
     urbansta.build(c)
+
+
+def test_never_reads_hidden_values():
+  test_leakage.assert_no_leakage([("urbansta", lambda task: urbansta.build(tiny_config(4)))],
+                                 helpers.tiny_task())
