@@ -108,5 +108,6 @@ def test_bad_config_values_are_refused(field, value, match):
 
 
 def test_never_reads_hidden_values():
+  # One pattern: every build compiles the method anew, and one poisoned mask already checks it.
   test_leakage.assert_no_leakage([("urbansta", lambda task: urbansta.build(tiny_config(4)))],
-                                 helpers.tiny_task())
+                                 helpers.tiny_task(), patterns=("random:0.4",))
