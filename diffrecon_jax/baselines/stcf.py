@@ -21,16 +21,13 @@ train split's inputs only, as the supervised training does.
 """
 from __future__ import annotations
 
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
-from diffrecon_jax.baselines import urbanfm
+from diffrecon_jax.baselines import adam, urbanfm
 
 
 class Encoder(nn.Module):
@@ -119,11 +116,8 @@ def pretrain_encoder(task: str, x: np.ndarray, copies: int, *, features: int, st
   net = _ContrastiveNet(features)
   key_init, key_run = jax.random.split(jax.random.PRNGKey(seed))
   params = net.init(key_init, data[:1], task == "temporal")
-  tx = optax.adam(lr)
-  opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, opt_state, key):
+  def loss_fn(p, data, key):
     k_idx, k_copy, k1, k2 = jax.random.split(key, 4)
     if task == "spatial":
       batch = data[jax.random.randint(k_idx, (batch_size,), 0, n)]
@@ -134,23 +128,12 @@ def pretrain_encoder(task: str, x: np.ndarray, copies: int, *, features: int, st
       idx = jax.random.randint(k_copy, (batch_size,), 0, copies) * per_copy + t
       views = (_augment(k1, data[idx], hide / 2, noise / 2),
                _augment(k2, data[idx + 1], hide / 2, noise / 2))
+    za, zb = (net.apply(p, v, task == "temporal") for v in views)
+    return info_nce(za, zb, temperature)
 
-    def loss_fn(p):
-      za, zb = (net.apply(p, v, task == "temporal") for v in views)
-      return info_nce(za, zb, temperature)
-
-    value, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
-  losses, start = [], time.time()
-  for s in range(steps):
-    params, opt_state, value = step(params, opt_state, jax.random.fold_in(key_run, s))
-    losses.append(value)
-    if log_every > 0 and ((s + 1) % log_every == 0 or s + 1 == steps):
-      logging.info("stcf %s pre-training: step %d/%d loss %.4f (%.1f s)", task, s + 1, steps,
-                   float(jnp.mean(jnp.stack(losses[-log_every:]))), time.time() - start)
-  return {"params": params["params"]["encoder"]}, np.asarray(jnp.stack(losses), np.float32)
+  params, losses = adam.minimise(params, loss_fn, data, steps=steps, lr=lr, key=key_run,
+                                 log_every=log_every, name=f"stcf {task} pre-training")
+  return {"params": params["params"]["encoder"]}, losses
 
 
 class Pretrainer:

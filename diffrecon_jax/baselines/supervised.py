@@ -6,7 +6,8 @@ Training (`fit`) reads the train split's truth alone (`ObservedTask.train_coarse
 `train_fine`, both z-scored by the view's train-split normalisers): the complete coarse maps, and
 with `train_masked` also one copy of them per training pattern (`config.patterns.train`) whose
 hidden cells were filled by the `interp` completion, so the network trains on inputs like those it
-is scored on. Adam (optax), a jitted step on random batches, a fixed number of steps and a seed.
+is scored on. Adam (`adam.minimise`), a jitted step on random batches, a fixed number of steps
+and a seed.
 
 Reconstruction (`reconstruct`): the observed coarse maps are completed by `interp` (the paper's
 preprocessing of its non-sparse baselines, Sec. V-A.4), z-scored and mapped by the network; the
@@ -16,17 +17,15 @@ network is trained on the first call and reused while the train split is the sam
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from diffrecon_jax.baselines import interp
+from diffrecon_jax.baselines import adam, interp
 from diffrecon_jax.data import patterns as patterns_lib
 
 LOSSES = ("l2", "l1")
@@ -89,32 +88,15 @@ def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
   params = module.init(key_init, data[0][:1], data[1][:1])
   if prepare is not None:
     params = prepare(params)
-  tx = optax.adam(lr)
-  opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, opt_state, key, data):
+  def loss_fn(p, data, key):
     x, e, y, w = (a[jax.random.randint(key, (batch_size,), 0, n)] for a in data)
+    err = module.apply(p, x, e) - y
+    per_cell = err * err if loss == "l2" else jnp.abs(err)
+    return jnp.sum(w * per_cell) / jnp.maximum(jnp.sum(w), 1.0)
 
-    def loss_fn(p):
-      err = module.apply(p, x, e) - y
-      per_cell = err * err if loss == "l2" else jnp.abs(err)
-      return jnp.sum(w * per_cell) / jnp.maximum(jnp.sum(w), 1.0)
-
-    value, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
-  losses = []
-  start = time.time()
-  for s in range(steps):
-    params, opt_state, value = step(params, opt_state, jax.random.fold_in(key_batch, s), data)
-    losses.append(value)
-    if log_every > 0 and ((s + 1) % log_every == 0 or s + 1 == steps):
-      recent = float(jnp.mean(jnp.stack(losses[-log_every:])))
-      logging.info("%s: step %d/%d loss %.4f (%.1f s)", name, s + 1, steps, recent,
-                   time.time() - start)
-  return params, np.asarray(jnp.stack(losses), np.float32)
+  return adam.minimise(params, loss_fn, data, steps=steps, lr=lr, key=key_batch,
+                       log_every=log_every, name=name)
 
 
 def _train_key(view) -> str:
@@ -241,11 +223,8 @@ def build(name: str, config) -> SupervisedBaseline:
     network = lambda v: srresnet.SRResNet(v.scale, v.channels, int(b.srresnet_features),
                                           int(b.srresnet_blocks))
   elif name == "urbanfm":
-    network = lambda v: urbanfm.UrbanFM(
-        v.scale, v.channels, tuple(map(float, v.coarse_norm.mean)),
-        tuple(map(float, v.coarse_norm.std)), tuple(map(float, v.fine_norm.mean)),
-        tuple(map(float, v.fine_norm.std)), v.aggregation, int(b.urbanfm_features),
-        int(b.urbanfm_blocks))
+    network = lambda v: urbanfm.UrbanFM(**frame(v), features=int(b.urbanfm_features),
+                                        num_blocks=int(b.urbanfm_blocks))
   elif name == "fode":
     network = lambda v: fode.FODE(**frame(v), features=int(b.fode_features),
                                   ode_steps=int(b.fode_ode_steps))
