@@ -36,7 +36,7 @@ setup(
     extras_require={
         # nbclient / nbformat / ipykernel: tests/test_notebook.py runs launch/colab.ipynb.
         "test": ["pytest>=9.0", "chex>=0.1.92", "nbclient>=0.11.0", "nbformat>=5.11.1",
-                 "ipykernel>=7.4.0"],
+                 "ipykernel>=7.4.0", "scoringrules>=0.10.0"],
         "bench": ["torch>=2.13.0", "matplotlib>=3.11.2"],
     },
 )

@@ -1,20 +1,22 @@
 """The benchmark cases and their inputs: problem sizes, random parameters, batches.
 
-A `Case` is one problem size (config, shapes as `TaskData.shapes`, train batch). The nytaxi case
-draws its batches from the real train split; the scaling cases (`scaling_cases`) use synthetic
-batches of the right shapes. Parameters are random (`random_params`): the timing does not depend
-on their values.
+A `Case` is one problem size (config, shapes as `TaskData.shapes`, train batch). The nytaxi cases
+(`build_real`: the paper's architecture and the default config) draw their batches from the real
+train split; the scaling cases (`scaling_cases`) use synthetic batches of the right shapes.
+Parameters are random (`random_params`): the timing does not depend on their values. `make_tiny`
+shrinks a config for the `--tiny` run.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
 from diffrecon_jax import diffrecon
-from diffrecon_jax.data import patterns as patterns_lib
+from diffrecon_jax import train
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.models.unet import bottleneck_shape
 
@@ -36,6 +38,37 @@ def make_shapes(coarse: tuple, scale: int, channels: int, external_dim: int, win
   """`TaskData.shapes` of a synthetic grid: coarse (I, J), fine (N*I, N*J)."""
   return {"coarse_shape": list(coarse), "fine_shape": [coarse[0] * scale, coarse[1] * scale],
           "channels": channels, "external_dim": external_dim, "window": window, "scale": scale}
+
+
+def make_tiny(config: Any) -> Any:
+  """Shrinks `config` in place to the smallest models and runs that still take every path of
+  the suite (`--tiny`): history 2, T = 10, DDIM with 2 steps, one-level U-Nets of width 8,
+  batches of 4, 4 scored slices. The sizes of the tests' tiny config (tests/_train_helpers.py);
+  what it times means nothing, it checks the suite against the package's current API."""
+  config.data.history = 2
+  config.diffusion.num_steps = 10
+  config.sampling.steps = 2
+  config.sampling.n_samples = 2
+  for m in (config.model_c, config.model_f):
+    m.base_channels = 8
+    m.channel_mults = (1,)
+    m.num_res_blocks = 1
+    m.emb_dim = 8
+    m.d_model = 8
+    m.inter_dim = 8
+  config.model_c.num_heads = 2
+  config.model_c.num_layers = 1
+  config.model_c.ff_dim = 8
+  config.model_f.d_ff = 8
+  config.model_f.top_k = 1
+  config.model_f.num_blocks = 1
+  config.model_f.num_kernels = 1
+  config.model_f.encoder_channels = 2
+  config.train.batch_size = 4
+  config.train.steps_per_call = 1
+  config.eval.batch_size = 4
+  config.eval.max_slices = 4
+  return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,6 +114,33 @@ def count_params(tree: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# A config on the real task
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Built:
+  """A config's models on the real task, as training and evaluation build them, with random
+  parameters: the joint objective's settings and the samplers' x0 clip bounds included."""
+  case: Case
+  models: diffrecon.Models
+  params: Any
+  clip: tuple
+  joint: diffrecon.JointSettings
+  params_setup_s: float
+
+
+def build_real(name: str, config: Any, task: pipeline.TaskData) -> Built:
+  """`Built` of `config` on `task`: `diffrecon.build_models_for_task` (fits the climatology prior
+  when the config uses one), `train.joint_settings` and `diffrecon.x0_clip_bounds`."""
+  case = Case(name, config, dict(task.shapes), int(config.train.batch_size))
+  models = diffrecon.build_models_for_task(config, task)
+  t0 = time.perf_counter()
+  params = random_params(models, case.shapes)
+  setup_s = time.perf_counter() - t0
+  clip = diffrecon.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
+  return Built(case, models, params, clip, train.joint_settings(config, task, models), setup_s)
+
+
+# --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
 def synthetic_batch(shapes: dict, batch_size: int, seed: int, ratio: float = 0.5) -> dict:
@@ -100,12 +160,15 @@ def synthetic_batch(shapes: dict, batch_size: int, seed: int, ratio: float = 0.5
           "fine": rs.standard_normal((b, ni, nj, c)).astype(np.float32)}
 
 
-def real_batch(task: pipeline.TaskData, batch_size: int, seed: int) -> dict:
-  """One train batch drawn from the real task exactly as the train step draws it (host numpy)."""
-  kinds, ratios = patterns_lib.encode_train_patterns(task.patterns_train)
+def real_batch(config, task: pipeline.TaskData, models: diffrecon.Models, batch_size: int,
+               seed: int) -> dict:
+  """One train batch drawn from the real task exactly as the train step draws it (host numpy):
+  the step's `train.BatchSpec` and arrays (`train.training_arrays`: with the climatology prior
+  the batch also holds each slice's slot, batch['slot'] (B, t))."""
+  spec = train.BatchSpec.from_task(config, task)
   out = pipeline.sample_train_batch(
-      task.device_arrays(), jax.random.PRNGKey(seed), batch_size=batch_size,
-      history=task.history, index_range=task.train_range, patterns=(kinds, ratios))
+      train.training_arrays(task, models), jax.random.PRNGKey(seed), batch_size=batch_size,
+      history=spec.history, index_range=spec.index_range, patterns=spec.patterns)
   return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -138,11 +201,12 @@ def component_inputs(case: Case, params: dict, batch: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # Scaling points
 # --------------------------------------------------------------------------------------------
-def scaling_cases(base: Any, device: str, batch: int) -> list:
+def scaling_cases(base: Any, device: str, batch: int, tiny: bool = False) -> list:
   """(axis, value, Case) points of the scaling section: grid, history and batch size.
 
   On CPU the grid points run at batch 4 (the largest grid's step would not fit otherwise); on GPU
-  every point at `batch`.
+  every point at `batch`. `tiny`: one small grid point (`--tiny`: the section's code path, not
+  its numbers; each point is one more train-step compile).
   """
   pts = []
 
@@ -154,6 +218,8 @@ def scaling_cases(base: Any, device: str, batch: int) -> list:
     return Case(name, c, make_shapes(coarse, scale, 2, 8, window), b)
 
   w = int(base.data.history) + 1
+  if tiny:
+    return [("grid", "tiny 4x4->8x8", case("tiny 4x4->8x8", (4, 4), 2, w, 2))]
   grid_b = batch if device == "gpu" else 4
   grids = [("nytaxi 8x6->16x12", (8, 6), 2), ("paper 8x8->32x32", (8, 8), 4),
            ("16x16->64x64", (16, 16), 4), ("UrbanFM 32x32->128x128", (32, 32), 4)]

@@ -3,8 +3,9 @@
   train       `train.make_train_step` (one step per call, or fused with `lax.scan`) on a fixed
               batch: `sample_batch` is replaced by `fixed_batch`, so both frameworks see the
               same inputs.
-  sampling    `diffrecon.sample_coarse` then `diffrecon.sample_fine`, each under `jax.jit` as
-              `DiffReconMethod` compiles them.
+  sampling    `diffrecon.sample_coarse` then `diffrecon.sample_fine` (or their members variants
+              for a members ensemble), each under `jax.jit` as `DiffReconMethod` compiles them,
+              climatology slots included.
   components  each sub-network of the denoisers alone (forward, forward + backward), built with
               the fields of the denoiser the config builds.
   split       `DiffReconMethod.reconstruct` over the evaluation split, as `evaluate` calls it.
@@ -15,7 +16,6 @@ Every timed call ends in `jax.block_until_ready`; compile time is measured apart
 from __future__ import annotations
 
 import dataclasses
-import functools
 import statistics
 import time
 from typing import Any, Optional
@@ -114,34 +114,67 @@ def sampling_key(config) -> jax.Array:
   return jax.random.key(int(config.seed) + 1, impl=config.sampling.get("prng_impl", "") or None)
 
 
+def ensemble(settings: diffrecon.SamplingSettings) -> str:
+  """The settings' `ensemble` ("shared_completion": one completion per window for every sample;
+  "members": each member its own completion and fine map), "shared_completion" when the
+  package has no such setting."""
+  return str(getattr(settings, "ensemble", "shared_completion"))
+
+
 def sampling_bench(models: diffrecon.Models, params: Any, batch: dict,
                    settings: diffrecon.SamplingSettings, clip: tuple, rng: jax.Array,
                    reps: dict) -> dict:
   """Diffusion-C completion + Diffusion-F inference of the batch's windows (n samples each).
 
-  batch: obs (B,t,I,J,C), mask (B,t,I,J), external (B,t,F), coarse (B,t,I,J,C); the completed
-  current map replaces the window's last slice before stage 2, as `DiffReconMethod` does.
+  batch: obs (B,t,I,J,C), mask (B,t,I,J), external (B,t,F), coarse (B,t,I,J,C), and slot (B,t)
+  when the models use the climatology prior (`cases.real_batch`); the completed current map
+  replaces the window's last slice before stage 2, as `DiffReconMethod` does. With the members
+  ensemble (`ensemble`) stage 1 is `diffrecon.sample_coarse_members` and stage 2
+  `diffrecon.sample_fine_members` on each member's window (its completion last).
   clip: (coarse, fine) x0 bounds (`diffrecon.x0_clip_bounds`) or (None, None).
   Returns compile_c_s, compile_f_s, time_s, reps, fine_maps_per_s (every sample counted),
   flops, memory_c, memory_f.
   """
-  stage_c = jax.jit(functools.partial(diffrecon.sample_coarse, models, settings=settings,
-                                      clip=clip[0]))
-  stage_f = jax.jit(functools.partial(diffrecon.sample_fine, models, settings=settings,
-                                      clip=clip[1]))
   obs, mask, ext, coarse = (jnp.asarray(batch[k]) for k in ("obs", "mask", "external", "coarse"))
+  slots = jnp.asarray(batch["slot"] if "slot" in batch else np.zeros(obs.shape[:2], np.int32))
+  # The stage functions exactly as `DiffReconMethod` jits them: slots ride along (zeros for a
+  # model without the prior, which ignores them) and stage 2 reads the current slice's.
+  if ensemble(settings) == "members":
+    stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse_members(
+        models, p, obs, mask, ext, rng, settings, clip[0], slots))
+    stage_f = jax.jit(lambda p, point_win, member_win, ext, slots, rng:
+                      diffrecon.sample_fine_members(models, p, point_win, member_win, ext, rng,
+                                                    settings, clip[1], slots[:, -1]))
+    # Every member's window keeps the batch's history slices (`DiffReconMethod` puts each
+    # member's own completions there: the same shapes and work).
+    history = jnp.broadcast_to(coarse[:, None, :-1],
+                               (coarse.shape[0], settings.n_samples) + coarse[:, :-1].shape[1:])
+
+    def stage_f_args(done):  # (point (B,I,J,C), members (B,S,I,J,C)) -> stage 2's arrays
+      point, members = done
+      return (jnp.concatenate([coarse[:, :-1], point[:, None]], axis=1),
+              jnp.concatenate([history, members[:, :, None]], axis=2), ext, slots, rng)
+  else:
+    stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse(
+        models, p, obs, mask, ext, rng, settings, clip[0], slots))
+    stage_f = jax.jit(lambda p, coarse, ext, slots, rng: diffrecon.sample_fine(
+        models, p, coarse, ext, rng, settings, clip[1], slots[:, -1]))
+
+    def stage_f_args(done):  # the completed map (B,I,J,C) -> stage 2's arrays
+      return jnp.concatenate([coarse[:, :-1], done[:, None]], axis=1), ext, slots, rng
   out = {}
   t0 = time.perf_counter()
-  comp_c = stage_c.lower(params["c"], obs, mask, ext, rng).compile()
+  comp_c = stage_c.lower(params["c"], obs, mask, ext, slots, rng).compile()
   t1 = time.perf_counter()
-  comp_f = stage_f.lower(params["f"], coarse, ext, rng).compile()
+  # Stage 2's input shapes from stage 1's output shapes (nothing is computed).
+  f_args = jax.eval_shape(stage_f_args, comp_c.out_info)
+  comp_f = stage_f.lower(params["f"], *f_args).compile()
   t2 = time.perf_counter()
   out.update(compile_c_s=t1 - t0, compile_f_s=t2 - t1)
 
   def run():
-    done = comp_c(params["c"], obs, mask, ext, rng)
-    win = jnp.concatenate([coarse[:, :-1], done[:, None]], axis=1)
-    jax.block_until_ready(comp_f(params["f"], win, ext, rng))
+    done = comp_c(params["c"], obs, mask, ext, slots, rng)
+    jax.block_until_ready(comp_f(params["f"], *stage_f_args(done)))
 
   r = timed_reps(run, **reps)
   maps = obs.shape[0] * settings.n_samples

@@ -46,7 +46,13 @@ def _header(results: dict) -> list:
   return lines
 
 
-def _train(rows_in: list) -> list:
+def _row_notes(rows_in: list) -> list:
+  """Lines for the distinct `torch_note`s of a table's rows (why the twin has no time there)."""
+  notes = list(dict.fromkeys(r["torch_note"] for r in rows_in if r.get("torch_note")))
+  return [f"PyTorch: {n}." for n in notes] + ([""] if notes else [])
+
+
+def _train(rows_in: list, title: str = "Train step") -> list:
   rows = []
   for r in rows_in:
     j, t = r["jax"], r.get("torch", {})
@@ -59,7 +65,7 @@ def _train(rows_in: list) -> list:
         _f(j.get("achieved_gflops")), _f(mem / 2**20 if mem else None, "{:.0f}"),
         _f(t.get("step_ms")), _f(t.get("samples_per_s")),
         _f(r.get("speedup_jax_over_torch"), "{:.2f}")])
-  return _table("Train step", [
+  return _table(title, [
       "step", "batch", "JAX ms", "JAX samples/s", "JAX fused ms/step", "compile s",
       "GFLOP/step", "achieved GFLOP/s", "JAX mem MiB", "torch ms", "torch samples/s",
       "speed-up"], rows)
@@ -76,7 +82,8 @@ def _components(rows_in: list) -> list:
       "torch fwd+bwd ms", "fwd+bwd speed-up", "JAX compile s", "GFLOP fwd+bwd"], rows)
 
 
-def _sampling(rows_in: list) -> list:
+def _sampling(rows_in: list,
+              title: str = "Sampling (Diffusion-C completion + Diffusion-F inference)") -> list:
   rows = []
   for r in rows_in:
     j, t = r["jax"], r.get("torch", {})
@@ -84,13 +91,14 @@ def _sampling(rows_in: list) -> list:
                  _f(j["time_s"], "{:.2f}"), _f(j["fine_maps_per_s"]),
                  _f(j["compile_c_s"] + j["compile_f_s"]), _f(t.get("time_s"), "{:.2f}"),
                  _f(t.get("fine_maps_per_s")), _f(r.get("speedup_jax_over_torch"), "{:.2f}")])
-  return _table("Sampling (Diffusion-C completion + Diffusion-F inference)", [
+  return _table(title, [
       "sampler", "steps", "windows x samples", "JAX s", "JAX fine maps/s", "compile C+F s",
-      "torch s", "torch fine maps/s", "speed-up"], rows)
+      "torch s", "torch fine maps/s", "speed-up"], rows) + _row_notes(rows_in)
 
 
-def _split(s: dict) -> list:
-  return ["## Whole test split, all evaluation patterns (real `reconstruct`)", "",
+def _split(s: dict,
+           title: str = "Whole test split, all evaluation patterns (real `reconstruct`)") -> list:
+  return [f"## {title}", "",
           f"{s['slices']} slices x {s['patterns_total']} patterns, sampler {s['sampler']}, "
           f"eval batch {s['eval_batch']}: {s['all_patterns_s']:.0f} s"
           + (f" (extrapolated from {s['patterns_run']} pattern(s), measured "
@@ -118,13 +126,32 @@ def _scaling_samples(rows_in: list) -> list:
   rows = [[str(r["value"]), _f(r["jax"]["time_s"], "{:.2f}"), _f(r["jax"]["fine_maps_per_s"]),
            _f(r.get("torch", {}).get("time_s"), "{:.2f}"),
            _f(r.get("speedup_jax_over_torch"), "{:.2f}")] for r in rows_in]
-  return _table("Scaling: samples per map (DDIM)",
-                ["samples", "JAX s", "JAX fine maps/s", "torch s", "speed-up"], rows)
+  return (_table("Scaling: samples per map (DDIM)",
+                 ["samples", "JAX s", "JAX fine maps/s", "torch s", "speed-up"], rows)
+          + _row_notes(rows_in))
+
+
+def _default(d: dict) -> list:
+  """The `default` entry: the default config's train, sampling and split, JAX only."""
+  lines = [f"## Default config `{d['config']}` (JAX only)", "",
+           "What `python -m diffrecon_jax.main --config=configs/nytaxi.py` trains and evaluates "
+           "(the tables above time the paper's architecture, which the PyTorch twin mirrors).",
+           ""]
+  if d.get("train"):
+    lines += _train(d["train"], "Default config: train step")
+  if d.get("sampling"):
+    points = sorted({str(r.get("sampler", {}).get("point", "-")) for r in d["sampling"]})
+    lines += _sampling(d["sampling"], "Default config: sampling (point estimate: "
+                       + ", ".join(points) + ")")
+  if d.get("split"):
+    lines += _split(d["split"], "Default config: whole test split (real `reconstruct`)")
+  return lines
 
 
 # Sections in report order: (results.json key, renderer).
 _SECTIONS = (("train", _train), ("components", _components), ("sampling", _sampling),
-             ("split", _split), ("scaling", _scaling), ("scaling_samples", _scaling_samples))
+             ("split", _split), ("scaling", _scaling), ("scaling_samples", _scaling_samples),
+             ("default", _default))
 
 
 def markdown(results: dict) -> str:

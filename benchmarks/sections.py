@@ -67,6 +67,20 @@ def bench_components(case, models, params, batch, torch_side, reps, results) -> 
   return rows
 
 
+def _torch_sampling(torch_side, case, batch, settings, reps, row: dict) -> None:
+  """The twin's timing of the same sampler into `row` (with the speed-up), when there is a twin
+  and it runs the same ensemble: it completes each window once for every sample, so a members
+  ensemble (`jax_side.ensemble`) gets a note instead of an unlike comparison."""
+  if torch_side is None:
+    return
+  if jax_side.ensemble(settings) != "shared_completion":
+    row["torch_note"] = (f"twin not timed: it has no '{jax_side.ensemble(settings)}' ensemble "
+                         "(one shared completion per window only)")
+    return
+  row["torch"] = torch_side.sampling_bench(case, batch, settings, reps)
+  row["speedup_jax_over_torch"] = ratio(row["torch"]["time_s"], row["jax"]["time_s"])
+
+
 def bench_sampling(case, models, params, batch, torch_side, samplers, n_samples, reps, results,
                    clip: tuple) -> list:
   """`sampling` rows: stage 1 + stage 2 of the batch's windows for each (sampler, steps)."""
@@ -78,10 +92,8 @@ def bench_sampling(case, models, params, batch, torch_side, samplers, n_samples,
         f"{n_samples}")
     j = jax_side.sampling_bench(models, params, batch, settings, clip, rng, reps)
     row = {"method": method, "steps": settings.steps, "windows": int(batch["obs"].shape[0]),
-           "n_samples": n_samples, "jax": j}
-    if torch_side is not None:
-      row["torch"] = torch_side.sampling_bench(case, batch, settings, reps)
-      row["speedup_jax_over_torch"] = ratio(row["torch"]["time_s"], j["time_s"])
+           "n_samples": n_samples, "sampler": settings.describe(), "jax": j}
+    _torch_sampling(torch_side, case, batch, settings, reps, row)
     rows.append(row)
     results["sampling"] = rows
   return rows
@@ -98,9 +110,7 @@ def bench_samples_scaling(case, models, params, batch, torch_side, counts, reps,
     settings = jax_side.sampling_settings(case.config, "ddim", steps, n)
     row = {"axis": "n_samples", "value": n,
            "jax": jax_side.sampling_bench(models, params, batch, settings, clip, rng, reps)}
-    if torch_side is not None:
-      row["torch"] = torch_side.sampling_bench(case, batch, settings, reps)
-      row["speedup_jax_over_torch"] = ratio(row["torch"]["time_s"], row["jax"]["time_s"])
+    _torch_sampling(torch_side, case, batch, settings, reps, row)
     rows.append(row)
     results["scaling_samples"] = rows
   return rows
@@ -113,16 +123,48 @@ def bench_split(config, task, params, models, clip: tuple, results, max_patterns
   return out
 
 
+def bench_default(label: str, config, task, phases: tuple, fused: int, samplers: list,
+                  windows: int, n_split: int, reps: dict, results: dict,
+                  save=lambda: None) -> dict:
+  """`default`: the default config (what `python -m diffrecon_jax.main
+  --config=configs/nytaxi.py` trains and evaluates: climatology prior, x0 prediction, one-pass
+  point estimate), JAX only, since the PyTorch twin mirrors the paper's architecture.
+
+  Its train steps (`phases`, fused x`fused`), its samplers (`samplers`, `windows` windows) and
+  its whole-split reconstruction (`n_split` patterns), each with the function of the matching
+  section above, into results['default'] with the config's `label` (an empty tuple / list / 0
+  skips a part); `save` is called after each part.
+  """
+  out = {"config": label}
+  results["default"] = out
+  b = cases_lib.build_real("nytaxi default", config, task)
+  out["params_setup_s"] = b.params_setup_s
+  if phases:
+    batch = cases_lib.real_batch(config, task, b.models, b.case.batch_size, 0)
+    bench_train(b.case, b.models, b.params, batch, None, phases, fused, reps, out, b.joint)
+    save()
+  if samplers:
+    sbatch = cases_lib.real_batch(config, task, b.models, windows, 1)
+    bench_sampling(b.case, b.models, b.params, sbatch, None, samplers,
+                   int(config.sampling.n_samples), reps, out, b.clip)
+    save()
+  if n_split > 0:
+    bench_split(config, task, b.params, b.models, b.clip, out, n_split)
+    save()
+  return out
+
+
 def bench_scaling(base, device: str, batch: int, torch_device: Optional[str], reps: dict,
-                  results: dict, mem_limit: Optional[float]) -> list:
-  """`scaling` rows: the joint step at each point of `cases.scaling_cases` (synthetic batches).
+                  results: dict, mem_limit: Optional[float], tiny: bool = False) -> list:
+  """`scaling` rows: the joint step at each point of `cases.scaling_cases` (synthetic batches;
+  `tiny`: its small points).
 
   A point whose compiled buffers exceed `mem_limit` bytes is skipped; one that fails (e.g. out
   of memory) records its error and the others still run.
   """
   from benchmarks.torch_side import TorchSide
   rows = []
-  for axis, value, case in cases_lib.scaling_cases(base, device, batch):
+  for axis, value, case in cases_lib.scaling_cases(base, device, batch, tiny):
     log(f"scaling {axis}={value}")
     # Synthetic grids have no normalisation stats or calendar: time the plain targets (the
     # residual parameterisations add a few elementwise ops).

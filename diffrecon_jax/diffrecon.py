@@ -462,6 +462,9 @@ def x0_clip_bounds(factor: float, models: Models, task=None) -> tuple:
   return tuple(bounds)
 
 
+ENSEMBLES = ("members", "shared_completion")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
   """The sampler, from `config.sampling` (hashable: static under jit).
@@ -475,6 +478,12 @@ class SamplingSettings:
     it) or "posterior_mean" (one pass of an x0-predicting denoiser on pure noise, its estimate
     of E[target | conditioning]: the MSE-optimal point without sampling noise; stage 1 then
     draws no samples at all, the fine samples serve the sample metrics only).
+  ensemble: how the S ensemble members arise: "members" (each member draws its own completion
+    of the hidden coarse cells with Diffusion-C, with one noise draw shared by every slice so a
+    member's history window is coherent in time, and its own fine map from its own window:
+    member m's fine map pools to member m's completion; `sample_coarse_members`,
+    `sample_fine_members`) or "shared_completion" (one completed coarse map per slice, every
+    fine sample pools to it: the spread of the hidden coarse cells never enters the samples).
   """
   sampler: str = "ddim"
   steps: int = 10
@@ -482,20 +491,27 @@ class SamplingSettings:
   n_samples: int = 2
   consistent: bool = True
   point: str = "median"
+  ensemble: str = "shared_completion"
 
   @classmethod
   def from_config(cls, sampling: ml_collections.ConfigDict, num_train_steps: int):
     if sampling.sampler not in ("ddim", "ddpm"):
       raise ValueError(f"sampling.sampler must be 'ddim' or 'ddpm', got {sampling.sampler!r}")
     steps = int(sampling.steps) if sampling.sampler == "ddim" else int(num_train_steps)
+    ensemble = str(sampling.get("ensemble", "shared_completion"))
+    if ensemble not in ENSEMBLES:
+      raise ValueError(f"sampling.ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    if ensemble == "members" and int(sampling.n_samples) < 2:
+      raise ValueError("sampling.ensemble='members' needs sampling.n_samples >= 2 (a spread)")
     return cls(sampler=str(sampling.sampler), steps=steps, eta=float(sampling.eta),
                n_samples=int(sampling.n_samples), consistent=bool(sampling.consistent),
-               point=_choice(sampling, "sampling", "point", ("median", "posterior_mean")))
+               point=_choice(sampling, "sampling", "point", ("median", "posterior_mean")),
+               ensemble=ensemble)
 
   def describe(self) -> dict:
     """The `sampler` entry of results.json."""
     d = {"name": self.sampler, "steps": self.steps, "n_samples": self.n_samples,
-         "point": self.point}
+         "point": self.point, "ensemble": self.ensemble}
     if self.sampler == "ddim":
       d["eta"] = self.eta
     return d
@@ -515,7 +531,7 @@ def posterior_mean(models: Models, net: nn.Module, params, cond: dict, shape: tu
 
 def _sample(models: Models, net: nn.Module, params, cond: dict, shape: tuple, rng: Array,
             settings: SamplingSettings, clip: Optional[float], known=None,
-            known_mask=None) -> dict:
+            known_mask=None, share_noise_over_batch: bool = False) -> dict:
   apply = functools.partial(net.apply, {"params": params}, deterministic=True)
   # The sequence encoder reads only the conditioning: run it once per input here, not at every
   # reverse step for every sample (denoisers module docstring).
@@ -524,7 +540,8 @@ def _sample(models: Models, net: nn.Module, params, cond: dict, shape: tuple, rn
   return diffusion.sample_many(
       eps_fn, inputs, models.schedule, shape,
       rng, n_samples=settings.n_samples, method=settings.sampler, num_steps=settings.steps,
-      eta=settings.eta, known=known, known_mask=known_mask, return_samples=True, x0_clip=clip)
+      eta=settings.eta, known=known, known_mask=known_mask, return_samples=True, x0_clip=clip,
+      share_noise_over_batch=share_noise_over_batch)
 
 
 def sample_coarse(models: Models, params_c, obs: Array, mask: Array, external: Array, rng: Array,
@@ -552,6 +569,21 @@ def sample_coarse(models: Models, params_c, obs: Array, mask: Array, external: A
   return out["median"] * scale + guess
 
 
+def fine_condition(models: Models, coarse: Array, external: Array,
+                   slot_now: Optional[Array]) -> tuple:
+  """Diffusion-F's conditioning and base: coarse (B,t,I,J,C) normalised window, external (B,t,F),
+  slot_now (B,) or None -> (cond dict, base (B,NI,NJ,C) normalised or None)."""
+  cond = {"coarse": coarse, "external": external}
+  base = None
+  if models.fine_base is not None:
+    if models.needs_slots and slot_now is None:
+      raise ValueError("Diffusion-F with the climatology base needs the current slot")
+    base = models.fine_base(coarse[:, -1], slot_now)
+    if models.feed_prior_f:
+      cond["prior"] = base
+  return cond, base
+
+
 def sample_fine(models: Models, params_f, coarse: Array, external: Array, rng: Array,
                 settings: SamplingSettings, clip: Optional[float] = None,
                 slot_now: Optional[Array] = None) -> tuple:
@@ -568,14 +600,7 @@ def sample_fine(models: Models, params_f, coarse: Array, external: Array, rng: A
   """
   b, _, i, j, c = coarse.shape
   n = models.f.scale
-  cond = {"coarse": coarse, "external": external}
-  base = None
-  if models.fine_base is not None:
-    if models.needs_slots and slot_now is None:
-      raise ValueError("Diffusion-F with the climatology base needs the current slot")
-    base = models.fine_base(coarse[:, -1], slot_now)
-    if models.feed_prior_f:
-      cond["prior"] = base
+  cond, base = fine_condition(models, coarse, external, slot_now)
   out = _sample(models, models.f, params_f, cond, (b, n * i, n * j, c), rng, settings, clip)
   samples = out["samples"]                                  # (S, B, NI, NJ, C)
   mean = None
@@ -600,3 +625,77 @@ def sample_fine(models: Models, params_f, coarse: Array, external: Array, rng: A
       # The median of one or two samples is their mean and pools exactly already.
       point = block_mean_zero(point - base, n) + base
   return point, jnp.swapaxes(samples, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Ensemble members that carry the completion's uncertainty (`SamplingSettings.ensemble`)
+# --------------------------------------------------------------------------------------------
+def sample_coarse_members(models: Models, params_c, obs: Array, mask: Array, external: Array,
+                          rng: Array, settings: SamplingSettings, clip: Optional[float] = None,
+                          slots: Optional[Array] = None) -> tuple:
+  """Stage 1 for an ensemble: the point completion and S member completions of each window.
+
+  obs (B,t,I,J,C) normalised observations (0 where hidden), mask (B,t,I,J), external (B,t,F),
+  slots (B,t) -> (point (B,I,J,C), members (B,S,I,J,C)), normalised. The point is the one-pass
+  posterior estimate (`settings.point` "posterior_mean") or the per-cell median of the members.
+  Member s draws the same noise for every window of the batch (and `rng` is meant to be the
+  same for every batch of a run), so member s's completions of consecutive slices are one
+  coherent trajectory: a window of member s's completions is a plausible history, not a
+  patchwork of independent draws. Observed cells are exact in every member (eq. 5's imposition,
+  `diffusion._impose`).
+  """
+  cond, guess = coarse_condition(models, obs, mask, external, slots)
+  scale = models.residual_scale("c")
+  m = mask[:, -1, ..., None]
+  out = _sample(models, models.c, params_c, cond, obs[:, -1].shape, rng, settings, clip,
+                known=(obs[:, -1] - guess) / scale, known_mask=m, share_noise_over_batch=True)
+  members = jnp.where(m[None] > 0.5, obs[None, :, -1], out["samples"] * scale + guess)
+  if settings.point == "posterior_mean":
+    residual = posterior_mean(models, models.c, params_c, cond, obs[:, -1].shape)
+    point = jnp.where(m > 0.5, obs[:, -1], residual * scale + guess)
+  else:
+    point = jnp.median(members, axis=0)
+  return point, jnp.swapaxes(members, 0, 1)
+
+
+def point_fine(models: Models, params_f, coarse: Array, external: Array,
+               slot_now: Optional[Array] = None, consistent: bool = True) -> Array:
+  """Diffusion-F's one-pass posterior estimate (x0-prediction) of the fine map of each window:
+  coarse (B,t,I,J,C) normalised -> (B,NI,NJ,C) normalised; with the residual target and
+  `consistent` it pools exactly to coarse[:, -1] (the same point as `sample_fine`'s)."""
+  b, _, i, j, c = coarse.shape
+  n = models.f.scale
+  cond, base = fine_condition(models, coarse, external, slot_now)
+  mean = posterior_mean(models, models.f, params_f, cond, (b, n * i, n * j, c))
+  if base is None:
+    return mean
+  mean = mean * models.residual_scale("f")
+  return (block_mean_zero(mean, n) if consistent else mean) + base
+
+
+def sample_fine_members(models: Models, params_f, point_window: Array, member_windows: Array,
+                        external: Array, rng: Array, settings: SamplingSettings,
+                        clip: Optional[float] = None, slot_now: Optional[Array] = None) -> tuple:
+  """Stage 2 for an ensemble: one fine map per member from the member's own completed window.
+
+  point_window (B,t,I,J,C) the point completions' window, member_windows (B,S,t,I,J,C) each
+  member's, external (B,t,F), slot_now (B,) -> (point (B,NI,NJ,C), members (B,S,NI,NJ,C)),
+  normalised. Member s's fine map is one Diffusion-F draw conditioned on member s's window (and
+  with `settings.consistent` pools exactly to member s's completion of the current slice). The
+  point is `point_fine` on the point window ("posterior_mean"), or the per-cell median of the
+  members projected onto the point completion's block constraint ("median").
+  """
+  b, s = member_windows.shape[:2]
+  flat = member_windows.reshape((b * s,) + member_windows.shape[2:])
+  rep = lambda a: None if a is None else jnp.repeat(a, s, axis=0)  # row b*S + s
+  one = dataclasses.replace(settings, n_samples=1, point="median")
+  _, samples = sample_fine(models, params_f, flat, rep(external), rng, one, clip, rep(slot_now))
+  members = samples.reshape((b, s) + samples.shape[2:])
+  if settings.point == "posterior_mean":
+    return point_fine(models, params_f, point_window, external, slot_now,
+                      settings.consistent), members
+  point = jnp.median(members, axis=1)
+  if settings.consistent and models.fine_base is not None:
+    _, base = fine_condition(models, point_window, external, slot_now)
+    point = block_mean_zero(point - base, models.f.scale) + base
+  return point, members

@@ -11,6 +11,13 @@ features; nothing else of the task is read at sampling time):
      maps (through T-PatternNet) and the external features; the median is the point estimate.
      With `sampling.consistent` every sample pools exactly (sum or mean) to the completed
      coarse map, and so does the point estimate (`diffrecon.sample_fine`).
+With `sampling.ensemble = "members"` (the default) stage 1 also draws `n_samples` member
+completions of every slice (one noise draw per member for all slices: coherent histories) and
+stage 2 draws member m's fine map from a window of member m's completions, so the spread holds
+the completion's uncertainty and member m pools to its own completion; the point estimate is the
+same one-pass estimate (`diffrecon.sample_coarse_members`, `sample_fine_members`). A
+`calibration` (fitted on the validation split, `calibration.py`) then re-scales the members and
+gives the intervals.
 Both chains run as one compiled function per stage on fixed-size batches (the last batch is padded),
 so nothing recompiles across batches, patterns or splits. On CPU several batches run at once from
 a small thread pool (`eval.concurrent_batches`): XLA:CPU keeps about one core busy with one
@@ -25,6 +32,7 @@ import functools
 import jax
 import numpy as np
 
+from diffrecon_jax import calibration as calibration_lib
 from diffrecon_jax import diffrecon
 
 
@@ -61,6 +69,17 @@ class DiffReconMethod:
         models, p, obs, mask, ext, rng, settings, clip[0], slots))
     self._stage_f = jax.jit(lambda p, coarse, ext, slots, rng: diffrecon.sample_fine(
         models, p, coarse, ext, rng, settings, clip[1], slots[:, -1]))
+    # Ensemble members with their own completions (settings.ensemble == "members").
+    self._stage_c_members = jax.jit(
+        lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse_members(
+            models, p, obs, mask, ext, rng, settings, clip[0], slots))
+    self._stage_f_members = jax.jit(
+        lambda p, point_win, member_win, ext, slots, rng: diffrecon.sample_fine_members(
+            models, p, point_win, member_win, ext, rng, settings, clip[1], slots[:, -1]))
+    # Optional recalibration fitted on the validation split (calibration.Calibration), applied
+    # to every reconstruction: `reconstruct` then also returns the calibrated members and
+    # intervals beside the raw ones.
+    self.calibration = None
 
   # -- host loop -------------------------------------------------------------------------------
   def _batched(self, stage: str, fn, arrays: list, rng) -> list:
@@ -95,6 +114,10 @@ class DiffReconMethod:
       outs += [one(k) for k in rest]
     return [np.concatenate(parts, axis=0) for parts in zip(*outs)]
 
+  @property
+  def _members(self) -> bool:
+    return self.settings.ensemble == "members"
+
   def _compile_f_aside(self, view, n: int):
     """With several workers, when stage 2 has not run at this batch size yet: compiles it (one
     call on zeros of its batch shape) in a background thread while stage 1 compiles and runs,
@@ -107,9 +130,14 @@ class DiffReconMethod:
     coarse = np.zeros(window + tuple(view.coarse_shape) + (view.channels,), np.float32)
     external = np.zeros(window + tuple(view.external.shape[1:]), view.external.dtype)
     slots = np.zeros(window, np.int32)
+    if self._members:
+      member_win = np.zeros((size, self.n_samples) + coarse.shape[1:], np.float32)
+      call = lambda: self._stage_f_members(self.params["f"], coarse, member_win, external,
+                                           slots, self._rng)
+    else:
+      call = lambda: self._stage_f(self.params["f"], coarse, external, slots, self._rng)
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(lambda: jax.block_until_ready(
-        self._stage_f(self.params["f"], coarse, external, slots, self._rng)))
+    future = pool.submit(lambda: jax.block_until_ready(call()))
     pool.shutdown(wait=False)
     return future, size
 
@@ -144,16 +172,59 @@ class DiffReconMethod:
   def reconstruct(self, view, slices: np.ndarray) -> dict:
     """view: evaluate.ObservedTask; slices (n,) contiguous current-slice indices.
 
-    Returns physical-unit dict: coarse (n,I,J,C) completed maps, fine (n,NI,NJ,C) medians,
-    samples (S,n,NI,NJ,C).
+    Returns physical-unit dict: coarse (n,I,J,C) completed maps, fine (n,NI,NJ,C) point
+    estimates, samples (S,n,NI,NJ,C) the ensemble members; with `sampling.ensemble` "members"
+    also coarse_samples (S,n,I,J,C), each member's completion (member s's fine map pools to
+    it). With a `calibration`, `calibration.apply` adds the calibrated members (`samples`; the
+    raw ones move to `samples_raw`) and intervals.
     """
+    rec = self._reconstruct_members(view, slices) if self._members else self._reconstruct_shared(
+        view, slices)
+    if self.calibration is not None:
+      slices = np.asarray(slices)
+      rec = self.calibration.apply(
+          rec, view.mask[slices], view.scale, view.aggregation,
+          unseen=calibration_lib.unseen_cells(view.mask, slices, view.history))
+    return rec
+
+  def _start(self, view, slices) -> tuple:
+    """What both reconstruct paths begin with: (history, slices as an array, (stage-1 key,
+    stage-2 key), stage 2's background compile (future, size) or None, the slots (T,))."""
     h = view.history
     slices = np.asarray(slices)
     if slices[0] < 2 * h:
       raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
-    k_c, k_f = self._keys(slices)
-    warm_f = self._compile_f_aside(view, len(slices))  # (future, size) or None
-    slot = self._slots(view)
+    return (h, slices, self._keys(slices), self._compile_f_aside(view, len(slices)),
+            self._slots(view))
+
+  def _reconstruct_members(self, view, slices: np.ndarray) -> dict:
+    """`reconstruct` with members that carry the completion's uncertainty (module docstring)."""
+    h, slices, (k_c, k_f), warm_f, slot = self._start(view, slices)
+    span = np.arange(slices[0] - h, slices[-1] + 1)
+    idx = span[:, None] + np.arange(-h, 1)[None, :]
+    # One key for every batch of stage 1 (the per-batch key is ignored): member s draws the same
+    # noise at every slice, so its completions form one trajectory (`sample_coarse_members`).
+    stage_c = lambda *a: self._stage_c_members(self.params["c"], *a[:-1], k_c)
+    point_c, members_c = self._batched(
+        "cm", stage_c, [view.coarse_obs_norm[idx], view.mask[idx], view.external[idx],
+                        slot[idx]], k_c)                     # (n+h, I,J,C), (n+h, S, I,J,C)
+    if warm_f is not None:
+      warm_f[0].result()
+      self._compiled.add(("f", warm_f[1]))
+    win = np.arange(len(slices))[:, None] + np.arange(0, h + 1)[None, :]
+    idx_f = slices[:, None] + np.arange(-h, 1)[None, :]
+    member_win = np.swapaxes(members_c[win], 1, 2)           # (n, S, t, I, J, C)
+    fine, members_f = self._batched(
+        "f", functools.partial(self._stage_f_members, self.params["f"]),
+        [point_c[win], member_win, view.external[idx_f], slot[idx_f]], k_f)
+    return {"coarse": view.coarse_norm.inverse(point_c[h:]),
+            "coarse_samples": view.coarse_norm.inverse(np.swapaxes(members_c[h:], 0, 1)),
+            "fine": view.fine_norm.inverse(fine),
+            "samples": view.fine_norm.inverse(np.swapaxes(members_f, 0, 1))}
+
+  def _reconstruct_shared(self, view, slices: np.ndarray) -> dict:
+    """`reconstruct` with one completion per slice shared by every sample."""
+    h, slices, (k_c, k_f), warm_f, slot = self._start(view, slices)
     # Stage 1 on every slice the stage-2 windows touch, from observed values only (0 = hidden).
     completed = self._complete_norm(view, np.arange(slices[0] - h, slices[-1] + 1), slot, k_c)
     if warm_f is not None:

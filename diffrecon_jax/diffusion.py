@@ -172,18 +172,20 @@ def _check_known(shape, known, known_mask):
                        f"sample shape {tuple(shape)}") from None
 
 
-def _impose(schedule: Schedule, x: Array, level: Array, rng: Array, known, known_mask) -> Array:
+def _impose(schedule: Schedule, x: Array, level: Array, rng: Array, known, known_mask,
+            draw=None) -> Array:
   """Replaces observed cells of x (at noise level `level`, -1 = clean) by noised known values.
 
   RePaint / CSDI-style replacement: at level >= 0 observed cells get q_sample(known, level) with
   fresh noise, at level -1 they get `known` exactly, so the final sample holds them exactly.
+  draw: optional key -> noise of x's shape (`_noise_drawer`); standard normal by default.
   """
   if known is None:
     return x
   b = x.shape[0]
   safe = jnp.maximum(level, 0)
-  noised = q_sample(schedule, known, jnp.full((b,), safe, jnp.int32),
-                    jax.random.normal(rng, x.shape, x.dtype))
+  noise = draw(rng) if draw is not None else jax.random.normal(rng, x.shape, x.dtype)
+  noised = q_sample(schedule, known, jnp.full((b,), safe, jnp.int32), noise.astype(x.dtype))
   target = jnp.where(level >= 0, noised, known)
   # `where`, not m * target + (1 - m) * x: exact values even if x were inf / nan.
   return jnp.where(jnp.asarray(known_mask) > 0.5, target.astype(x.dtype), x)
@@ -191,7 +193,8 @@ def _impose(schedule: Schedule, x: Array, level: Array, rng: Array, known, known
 
 def sample_ddpm(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array,
                 known: Optional[Array] = None, known_mask: Optional[Array] = None,
-                x_init: Optional[Array] = None, x0_clip: Optional[float] = None) -> Array:
+                x_init: Optional[Array] = None, x0_clip: Optional[float] = None,
+                noise_groups: int = 0) -> Array:
   """Ancestral sampling over all T steps (eqs. 6-7), one `lax.scan`.
 
   p(s_{tau-1} | s_tau) = N(sqrt_recip_alpha (s_tau - eps_coef eps_hat), beta_tilde_tau), starting
@@ -208,6 +211,8 @@ def sample_ddpm(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array,
       noise estimate made consistent with it (standard DDPM/DDIM practice; it keeps a poorly
       trained model's chain from diverging, since s_0 = (s - sqrt(1-abar) eps) / sqrt(abar)
       amplifies errors by 1/sqrt(abar_T), about 170x for the quad schedule).
+    noise_groups: 0 = independent noise for every row; G > 0 = the B rows are G groups of B/G
+      consecutive rows that share every noise draw (`_noise_drawer`).
   Returns: (B, ...) float32 samples.
   """
   shape = tuple(shape)
@@ -218,7 +223,7 @@ def sample_ddpm(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array,
       eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_clip, taus,
       prev_levels=taus - 1,
       ab_t=schedule.alpha_bars[taus], ab_prev=schedule.alpha_bars_prev[taus],
-      sigma=jnp.sqrt(schedule.posterior_variance[taus]))
+      sigma=jnp.sqrt(schedule.posterior_variance[taus]), noise_groups=noise_groups)
 
 
 def ddim_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
@@ -231,7 +236,7 @@ def ddim_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
 def sample_ddim(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array, num_steps: int,
                 eta: float = 0.0, known: Optional[Array] = None,
                 known_mask: Optional[Array] = None, x_init: Optional[Array] = None,
-                x0_clip: Optional[float] = None) -> Array:
+                x0_clip: Optional[float] = None, noise_groups: int = 0) -> Array:
   """DDIM sampling (Song et al. 2021) with S <= T evenly spaced steps of the same trained model.
 
   x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z, with
@@ -251,11 +256,29 @@ def sample_ddim(eps_fn: EpsFn, schedule: Schedule, shape, rng: Array, num_steps:
   ab_prev = jnp.where(prev_levels >= 0, schedule.alpha_bars[jnp.maximum(prev_levels, 0)], 1.0)
   sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
   return _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_clip, taus,
-                        prev_levels, ab_t, ab_prev, sigma)
+                        prev_levels, ab_t, ab_prev, sigma, noise_groups)
+
+
+def _noise_drawer(shape: tuple, groups: int):
+  """key -> standard normal noise of `shape`; with groups G > 0 the leading axis (B rows) is G
+  groups of B/G consecutive rows drawing the same noise: (G, 1, ...) broadcast to (G, B/G, ...).
+
+  Ensemble members sampled for many time slices at once use it so that one member's draws are
+  the same at every slice: its completions of neighbouring slices then differ only where the
+  conditioning does, i.e. they are coherent in time (a member is one trajectory, not independent
+  draws per slice)."""
+  if groups <= 0:
+    return lambda key: jax.random.normal(key, shape, jnp.float32)
+  if shape[0] % groups:
+    raise ValueError(f"sampler: {shape[0]} rows do not split into {groups} noise groups")
+  one = (groups, 1) + tuple(shape[1:])
+  full = (groups, shape[0] // groups) + tuple(shape[1:])
+  return lambda key: jnp.broadcast_to(jax.random.normal(key, one, jnp.float32),
+                                      full).reshape(shape)
 
 
 def _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_clip, taus,
-                   prev_levels, ab_t, ab_prev, sigma) -> Array:
+                   prev_levels, ab_t, ab_prev, sigma, noise_groups: int = 0) -> Array:
   """Shared reverse loop in DDIM form; every per-step coefficient is a (S,) array scanned over.
 
   With prev = tau - 1 and sigma^2 = beta_tilde this update equals the DDPM posterior mean
@@ -264,13 +287,14 @@ def _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_c
   """
   init_rng, loop_rng = jax.random.split(rng)
   x_rng, k_rng = jax.random.split(init_rng)
+  draw = _noise_drawer(shape, noise_groups)
   if x_init is None:
-    x = jax.random.normal(x_rng, shape, jnp.float32)
+    x = draw(x_rng)
   elif tuple(x_init.shape) != shape:
     raise ValueError(f"sampler: x_init shape {x_init.shape} != sample shape {shape}")
   else:
     x = jnp.asarray(x_init, jnp.float32)
-  x = _impose(schedule, x, taus[0], k_rng, known, known_mask)
+  x = _impose(schedule, x, taus[0], k_rng, known, known_mask, draw)
   b = shape[0]
 
   def step(x, inp):
@@ -282,9 +306,9 @@ def _reverse_chain(eps_fn, schedule, shape, rng, known, known_mask, x_init, x0_c
       eps = (x - jnp.sqrt(a_t) * x0_hat) / jnp.sqrt(1.0 - a_t)
     z_rng, k_rng = jax.random.split(jax.random.fold_in(loop_rng, i))
     dir_coef = jnp.sqrt(jnp.maximum(1.0 - a_prev - sig ** 2, 0.0))
-    noise = jnp.where(prev >= 0, sig, 0.0) * jax.random.normal(z_rng, shape, jnp.float32)
+    noise = jnp.where(prev >= 0, sig, 0.0) * draw(z_rng)
     x = jnp.sqrt(a_prev) * x0_hat + dir_coef * eps + noise
-    x = _impose(schedule, x, prev, k_rng, known, known_mask)
+    x = _impose(schedule, x, prev, k_rng, known, known_mask, draw)
     return x, None
 
   idx = jnp.arange(taus.shape[0], dtype=jnp.int32)
@@ -316,7 +340,8 @@ def sample_many(denoise_fn: Callable[[Array, Array, Any], Array], cond: Any,
                 method: str = "ddim", num_steps: Optional[int] = None, eta: float = 0.0,
                 known: Optional[Array] = None, known_mask: Optional[Array] = None,
                 return_samples: bool = False,
-                x0_clip: Optional[float] = None) -> dict[str, Array]:
+                x0_clip: Optional[float] = None,
+                share_noise_over_batch: bool = False) -> dict[str, Array]:
   """Draws n_samples per input in ONE batched chain and summarises them in the same graph.
 
   Args:
@@ -329,6 +354,8 @@ def sample_many(denoise_fn: Callable[[Array, Array, Any], Array], cond: Any,
     known, known_mask: optional (B, ...) observed values / mask, tiled like cond.
     return_samples: also return the raw samples (S, B, ...) under "samples".
     x0_clip: optional bound on the per-step estimate of s_0 (see `sample_ddpm`).
+    share_noise_over_batch: sample s of every input draws the same noise (members coherent
+      across the inputs of a batch, e.g. consecutive time slices; `_noise_drawer`).
   Returns: `summarize` dict of (B, ...) arrays (+ "samples").
   """
   if n_samples < 1:
@@ -341,11 +368,13 @@ def sample_many(denoise_fn: Callable[[Array, Array, Any], Array], cond: Any,
   if known_mask is not None:
     mask_t = tile_batch(jnp.broadcast_to(known_mask, shape), n_samples)
   eps_fn = lambda x, tau: denoise_fn(x, tau, cond_t)
+  groups = n_samples if share_noise_over_batch else 0
   if method == "ddpm":
-    flat = sample_ddpm(eps_fn, schedule, big, rng, known_t, mask_t, x0_clip=x0_clip)
+    flat = sample_ddpm(eps_fn, schedule, big, rng, known_t, mask_t, x0_clip=x0_clip,
+                       noise_groups=groups)
   elif method == "ddim":
     flat = sample_ddim(eps_fn, schedule, big, rng, num_steps or schedule.num_steps, eta,
-                       known_t, mask_t, x0_clip=x0_clip)
+                       known_t, mask_t, x0_clip=x0_clip, noise_groups=groups)
   else:
     raise ValueError(f"sample_many: method must be 'ddim' or 'ddpm', got {method!r}")
   samples = flat.reshape((n_samples,) + shape)

@@ -128,13 +128,13 @@ def observe(task, mask: np.ndarray) -> ObservedTask:
       train_fine=_readonly(task.fine_phys[lo:hi]), train_coarse=_readonly(task.coarse_phys[lo:hi]))
 
 
-def evaluation_slices(task, split: str, max_slices: int = 0) -> tuple:
+def evaluation_slices(task, split: str, max_slices: int = 0, skip_slices: int = 0) -> tuple:
   """The current-slice indices scored on `split` ("val" or "test") and what was left out.
 
   Only slices whose whole reconstruction span lies on the time grid without a break are scored
   (`pipeline.eval_slices`: under `data.gap_rule` "skip" a span across a hole in the series is
-  left out and counted; under "fill" the holes are unobserved slices); `max_slices` > 0 keeps
-  the first ones (smoke runs). The train split is refused: every method's view holds its truth
+  left out and counted; under "fill" the holes are unobserved slices); `skip_slices` > 0 drops
+  the first ones, then `max_slices` > 0 keeps the first of the rest (smoke runs, studies). The train split is refused: every method's view holds its truth
   (`ObservedTask`).
 
   Returns:
@@ -146,6 +146,9 @@ def evaluation_slices(task, split: str, max_slices: int = 0) -> tuple:
            if split == "train" else "")
     raise ValueError(f"cannot evaluate on split {split!r}{why}; use one of {EVAL_SPLITS}")
   slices, report = pipeline.eval_slices(task, split)
+  if skip_slices:  # e.g. score the validation slices after those a calibration was fitted on
+    slices = slices[int(skip_slices):]
+    report = dict(report, n_scored=int(len(slices)), skip_slices=int(skip_slices))
   if max_slices:
     slices = slices[:int(max_slices)]
     report = dict(report, n_scored=int(len(slices)), max_slices=int(max_slices))
@@ -181,7 +184,7 @@ def eval_mask(task, pattern: patterns_lib.Pattern, base_seed: int) -> tuple:
 
 
 def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "test",
-                    max_slices: int = 0, chunk: int = 0, workdir=None,
+                    max_slices: int = 0, chunk: int = 0, workdir=None, skip_slices: int = 0,
                     figures_dir=None) -> list:
   """Scores `method` on every pattern; returns the contract's `results` entries.
 
@@ -193,7 +196,7 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
   With `figures_dir`, the first scored slice of each pattern is drawn there, and the 90%
   interval's coverage per pattern (`figures.py`; a figure that fails only logs a warning).
   """
-  slices_all, gaps = evaluation_slices(task, split, max_slices)
+  slices_all, gaps = evaluation_slices(task, split, max_slices, skip_slices)
   pieces = contiguous_pieces(slices_all, chunk)
   if gaps["n_skipped_gap"] or gaps["n_skipped_start"]:
     logging.warning("%s: %d of %d %s slices not scored (reconstruction span of %d slices "
@@ -212,14 +215,22 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
                           seed=mseed)
     view = observe(task, mask)
     fine_m, comp_m = metrics_lib.PooledMetrics(), metrics_lib.PooledMetrics()
+    fine_raw = metrics_lib.PooledMetrics()  # the raw ensemble, when the method recalibrates
     start = time.perf_counter()
     shown = None  # (slice index, its reconstruction): the slice the figures draw
     for sl in pieces:
       rec = method.reconstruct(view, sl)
       if shown is None:
         shown = (int(sl[0]), rec)
-      fine_m.update(rec["fine"], task.fine_phys[sl], samples=rec.get("samples"))
-      comp_m.update(rec["coarse"], task.coarse_phys[sl], where=(mask[sl] == 0)[..., None])
+      truth = task.fine_phys[sl]
+      hidden = np.broadcast_to(metrics_lib.hidden_fine_cells(mask[sl], task.scale),
+                               truth.shape)
+      fine_m.update(rec["fine"], truth, samples=rec.get("samples"),
+                    intervals=rec.get("intervals"), hidden=hidden)
+      if rec.get("samples_raw") is not None:
+        fine_raw.update(rec["fine"], truth, samples=rec["samples_raw"], hidden=hidden)
+      comp_m.update(rec["coarse"], task.coarse_phys[sl], where=(mask[sl] == 0)[..., None],
+                    samples=rec.get("coarse_samples"), intervals=rec.get("coarse_intervals"))
     seconds = time.perf_counter() - start
     missing = 1.0 - mask[slices_all].mean()
     entry = {
@@ -227,7 +238,9 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
         "missing_ratio": pattern.ratio if pattern.kind != "file" else round(float(missing), 4),
         "mae": fine_m.mae, "rmse": fine_m.rmse,
         "completion_mae": comp_m.mae, "completion_rmse": comp_m.rmse,
-        "crps": fine_m.crps, "coverage_90": fine_m.coverage_90,
+        **fine_m.calibration_entry(),
+        "completion_crps": comp_m.crps if comp_m.crps_count else None,
+        "completion_coverage_90": comp_m.coverage_90,
         "split": split,
         "n_test_slices": int(len(slices_all)),  # the contract's name; slices of `split`
         "seconds": seconds,
@@ -236,6 +249,8 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
         "observed_missing_ratio": round(float(missing), 4),
         "slices": gaps,
     }
+    if fine_raw.count:
+      entry.update({f"{k}_raw": v for k, v in fine_raw.calibration_entry().items()})
     if pattern.kind == "file":
       entry["mask_file"] = pattern.path
     logging.info("%s %s: MAE %.4f RMSE %.4f completion MAE %s (%.1f s)", method.name,
@@ -252,14 +267,35 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
           str(task.series.timestamps[first]), channel=task.series.channel_names[0],
           units=task.series.units)
   if figures_dir is not None and any(e["coverage_90"] is not None for e in out):
-    n = (getattr(method, "sampler", None) or {}).get("n_samples")
-    figures_lib.write_safely(
-        figures_lib.coverage_bars, [f"{e['pattern']}:{e['missing_ratio']:g}" for e in out],
-        [e["coverage_90"] for e in out],
-        path=pathlib.Path(figures_dir) / f"{method.name}_coverage_90.png",
-        title=f"{method.name} on {task.series.name} ({split}): 90% interval coverage"
-              + (f", {n} samples per map" if n else ""))
+    calibration_figures(figures_dir, method, task.series.name, split, out)
   return out
+
+
+def calibration_figures(figures_dir, method, dataset: str, split: str, results: list) -> None:
+  """Coverage bars, the reliability diagram (nominal vs observed coverage at 10..90%, raw and
+  recalibrated) and the rank histograms of every pattern (`figures.py`; failures only warn)."""
+  n = (getattr(method, "sampler", None) or {}).get("n_samples")
+  labels = [f"{e['pattern']}:{e['missing_ratio']:g}" for e in results]
+  about = f"{method.name} on {dataset} ({split})" + (f", {n} members per map" if n else "")
+  folder = pathlib.Path(figures_dir)
+  figures_lib.write_safely(figures_lib.coverage_bars, labels, [e["coverage_90"] for e in results],
+                           path=folder / f"{method.name}_coverage_90.png",
+                           title=f"{about}: 90% interval coverage")
+  curves = []
+  for label, e in zip(labels, results):
+    for key, tag in (("reliability", ""), ("reliability_raw", " raw")):
+      if e.get(key):
+        curves.append((label + tag, e[key]["nominal"], e[key]["observed"]))
+  if curves:
+    figures_lib.write_safely(figures_lib.reliability_diagram, curves,
+                             path=folder / f"{method.name}_reliability.png",
+                             title=f"{about}: reliability")
+  hists = [(label, e["rank_histogram"]) for label, e in zip(labels, results)
+           if e.get("rank_histogram")]
+  if hists:
+    figures_lib.write_safely(figures_lib.rank_histograms, hists,
+                             path=folder / f"{method.name}_rank_histograms.png",
+                             title=f"{about}: rank of the truth among the members")
 
 
 def file_label(label: str) -> str:
@@ -281,6 +317,9 @@ def results_document(task, method, results: list, seed: int, extra: dict = None)
       "seed": seed,
       "results": results,
   }
+  cal = getattr(method, "calibration", None)
+  if cal is not None:  # recalibration fitted on the validation split (calibration.py)
+    doc["calibration"] = cal.to_json()
   if extra:
     doc.update(extra)
   return doc
@@ -314,12 +353,40 @@ def results_markdown(docs: list) -> str:
         continue
       lines.append(f"| {r0['pattern']} | {r0['missing_ratio']:g} | {title} | "
                    + " | ".join(_fmt(v) for v in vals) + " |")
+  lines += calibration_markdown(docs)
   lines += ["", "| method | pattern | missing | seconds | maps/s |", "|---|---|---|---|---|"]
   for d in docs:
     for r in d["results"]:
       lines.append(f"| {d['method']} | {r['pattern']} | {r['missing_ratio']:g} | "
                    f"{r['seconds']:.2f} | {_fmt(r['maps_per_second'])} |")
   return "\n".join(lines) + "\n"
+
+
+CALIBRATION_COLUMNS = (("CRPS", "crps"), ("cov. 50%", "coverage_50"), ("cov. 90%", "coverage_90"),
+                       ("cov. 90% hidden", "coverage_90_hidden"),
+                       ("cov. 90% observed", "coverage_90_observed"),
+                       ("spread-skill", "spread_skill"))
+
+
+def calibration_markdown(docs: list) -> list:
+  """Lines of the calibration table (docs/evaluation.md): one row per sampling method and
+  pattern, recalibrated numbers first, the raw ensemble's beside them where a recalibration
+  was applied."""
+  rows = [(d, r) for d in docs for r in d["results"] if r.get("coverage_90") is not None]
+  if not rows:
+    return []
+  raw = any("coverage_90_raw" in r for _, r in rows)
+  cols = list(CALIBRATION_COLUMNS) + ([(f"{t} raw", f"{k}_raw") for t, k in CALIBRATION_COLUMNS]
+                                      if raw else [])
+  lines = ["", "Calibration of the sampling methods (a calibrated ensemble: coverage = nominal, "
+           "spread-skill 1" + ("; raw = the ensemble before the recalibration fitted on the "
+                               "validation split" if raw else "") + "):", "",
+           "| method | pattern | missing | " + " | ".join(t for t, _ in cols) + " |",
+           "|---|---|---|" + "---|" * len(cols)]
+  for d, r in rows:
+    lines.append(f"| {d['method']} | {r['pattern']} | {r['missing_ratio']:g} | "
+                 + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |")
+  return lines
 
 
 def write_results(workdir, docs: list) -> None:

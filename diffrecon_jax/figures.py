@@ -4,8 +4,12 @@
   surfaces_3d       3-D bar heatmaps of one slice (the paper's Fig. 10 style): truth,
                     reconstruction and absolute error (or any list of fine maps)
   uncertainty_maps  2-D maps of one slice: the reconstruction, the width of its 90% interval
-                    (from the samples) and the observed coarse cells
+                    (the samples' Weibull interval, as scored: metrics.ensemble_interval) and the
+                    observed coarse cells
   coverage_bars     the 90% interval's coverage per pattern against the nominal 0.9
+  reliability_diagram  observed against nominal coverage of the central intervals at 10..90%,
+                    one curve per pattern (raw and recalibrated side by side)
+  rank_histograms   the truth's rank among the samples, one small panel per pattern
   error_vs_ratio    a comparison's MAE and RMSE against the missing ratio, one line per method,
                     for the `fixed` and `random` patterns (the paper's Figs. 6-8 style)
   ablation_bars     a comparison's MAE per pattern, one bar per method (the paper's Fig. 9 style)
@@ -23,6 +27,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 from absl import logging
+
+from diffrecon_jax import metrics as metrics_lib
 
 # Small figures: a few tenths of a second each, so an evaluation's figures take a few seconds.
 _DPI = 90
@@ -140,6 +146,72 @@ def coverage_bars(labels: Sequence[str], coverage: Sequence[Optional[float]], pa
   return _save(fig, path)
 
 
+def reliability_diagram(curves: Sequence[tuple], path, title: str) -> pathlib.Path:
+  """Observed against nominal coverage of the central intervals, the diagonal for reference.
+
+  curves: (label, nominal, observed) triples, nominal / observed equal-length sequences of
+    levels in [0, 1] (`metrics.PooledMetrics.reliability()`); several patterns, or a method's
+    raw ensemble beside its recalibrated intervals, share one figure. None in observed (a level
+    not scored) is left out of its curve. Below the diagonal: over-confident.
+  """
+  fig = _figure(4.8, 4.6)
+  ax = fig.add_subplot(1, 1, 1)
+  ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1, label="calibrated")
+  markers = "osD^v<>px*h+"
+  for i, (label, nominal, observed) in enumerate(curves):
+    pts = [(float(n), float(o)) for n, o in zip(nominal, observed) if o is not None]
+    if pts:
+      x, y = zip(*pts)
+      ax.plot(x, y, marker=markers[i % 12], markersize=4, linewidth=1.3, label=label)
+  ax.set_xlim(-0.02, 1.02)  # a margin, so points at 0 or 1 (full coverage) are not cut
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_aspect("equal")
+  ax.set_xlabel("nominal level of the central interval", fontsize=9)
+  ax.set_ylabel("share of fine truth values inside", fontsize=9)
+  ax.tick_params(labelsize=8)
+  ax.grid(alpha=0.3)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7, loc="upper left")
+  fig.subplots_adjust(left=0.14, right=0.97, bottom=0.11, top=0.92)
+  return _save(fig, path)
+
+
+def rank_histograms(hists: Sequence[tuple], path, title: str) -> pathlib.Path:
+  """One small panel per pattern: the frequency of each rank of the truth among the S samples,
+  with the flat 1 / (S + 1) of a calibrated ensemble as a dashed line (U-shaped: over-confident,
+  dome: under-confident, sloped: biased).
+
+  hists: (label, counts) pairs, counts S + 1 ints (`metrics.PooledMetrics.rank_histogram`);
+    pairs whose counts are None (no samples) are left out.
+  """
+  hists = [(label, np.asarray(c, np.float64)) for label, c in hists
+           if c is not None and np.sum(c) > 0]
+  if not hists:
+    raise ValueError("no rank histogram to draw (no method gave samples)")
+  cols = min(4, len(hists))
+  rows = -(-len(hists) // cols)
+  height = 2.5 * rows + 0.7
+  fig = _figure(3.0 * cols + 0.4, height)
+  for k, (label, counts) in enumerate(hists):
+    ax = fig.add_subplot(rows, cols, k + 1)
+    freq = counts / counts.sum()
+    ax.bar(np.arange(freq.size), freq, width=0.85, color="#4c72b0")
+    ax.axhline(1.0 / freq.size, color="#c44e52", linestyle="--", linewidth=1,
+               label="calibrated: 1 / (S + 1)")
+    if k == 0:
+      ax.legend(fontsize=7, loc="upper center")
+    ax.set_title(label, fontsize=9)
+    ax.set_xlabel(f"rank of the truth among {freq.size - 1} samples", fontsize=8)
+    ax.set_ylabel("frequency", fontsize=8)
+    ax.set_ylim(0, max(float(freq.max()), 1.0 / freq.size) * 1.15)
+    ax.tick_params(labelsize=7)
+  fig.suptitle(title, fontsize=11)
+  # margins in inches, so one row and many rows both leave room for the titles and labels
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.5 / height, top=1 - 0.65 / height,
+                      wspace=0.35, hspace=0.7)
+  return _save(fig, path)
+
+
 def write_safely(fn: Callable, *args, **kwargs) -> Optional[pathlib.Path]:
   """`fn(*args, **kwargs)`, or None with a warning naming the figure and the error when drawing
   fails (matplotlib missing, a broken font cache, a full disk): figures never stop a run."""
@@ -166,7 +238,8 @@ def evaluation_figures(folder, method: str, label: str, truth: np.ndarray, fine:
   t, f = np.asarray(truth)[..., 0], np.asarray(fine)[..., 0]
   lower = upper = None
   if samples is not None:
-    lower, upper = np.quantile(np.asarray(samples)[..., 0], [0.05, 0.95], axis=0)
+    # the interval the coverage is scored on (Weibull positions), not numpy's default quantiles
+    lower, upper = metrics_lib.ensemble_interval(np.asarray(samples)[..., 0], 0.9)
   out = [write_safely(surfaces_3d, [("truth", t, True), ("reconstruction", f, True),
                                     ("absolute error", np.abs(f - t), False)],
                       path=folder / f"{name}_3d.png", title=what, units=units),

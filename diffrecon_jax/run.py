@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from diffrecon_jax import ablations
+from diffrecon_jax import calibration
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import parallel
@@ -153,7 +154,8 @@ def _evaluated_elsewhere() -> list:
 
 # Chosen at evaluate time: these replace the checkpoint's saved values whole (the noFG
 # ablation's fine network is trained when evaluated, like the supervised baselines).
-EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "baselines", "ablation_fine_network")
+EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baselines",
+                        "ablation_fine_network")
 
 
 def load_method(config, workdir: str) -> tuple:
@@ -176,6 +178,8 @@ def load_method(config, workdir: str) -> tuple:
   method.name = ablations.method_name(saved_config)
   if saved_config.get("ablation", "") == "noFG":
     method = ablations.DiffCThenFine(method, ablations.fine_network(saved_config), method.name)
+  elif parallel.is_main_process():  # process 0 alone samples and writes the workdir's files
+    calibration.attach(method, saved_config, workdir, task)
   return saved_config, task, method
 
 
@@ -190,8 +194,9 @@ def check_task_matches(task, meta: dict) -> None:
 
 
 def reconstruct_to_files(config, workdir, task, method) -> dict:
-  """Writes reconstruction_<pattern>.npz (fine median, 5% / 95% quantiles, completed coarse,
-  mask, slices, timestamps) for every evaluation pattern; returns {pattern label: path}.
+  """Writes reconstruction_<pattern>.npz (fine point, the 90% interval fine_q05 / fine_q95,
+  completed coarse and its interval, mask, slices, timestamps) for every evaluation pattern;
+  returns {pattern label: path}.
 
   The method sees what an evaluation shows it (`evaluate.observe`), on a val or test split.
   """
@@ -204,16 +209,12 @@ def reconstruct_to_files(config, workdir, task, method) -> dict:
     t0 = time.perf_counter()
     view = evaluate_lib.observe(task, mask)
     parts = [method.reconstruct(view, piece) for piece in evaluate_lib.contiguous_pieces(slices)]
-    rec = {k: np.concatenate([r[k] for r in parts], axis=1 if k == "samples" else 0)
-           for k in ("fine", "coarse", "samples") if parts[0][k] is not None}
-    # A deterministic fine stage (the noFG ablation) has no spread: its quantiles are the maps.
-    samples = rec.get("samples", rec["fine"][None])
+    # Calibrated 90% intervals when the method has a calibration; a deterministic fine stage
+    # (the noFG ablation) has no spread: its interval is the map itself.
+    rec = user_reconstruct.interval_outputs(parts)
     path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
-    np.savez_compressed(path, fine=rec["fine"], coarse=rec["coarse"],
-                        fine_q05=np.quantile(samples, 0.05, axis=0),
-                        fine_q95=np.quantile(samples, 0.95, axis=0),
-                        mask=mask[slices], slices=slices, timestamps=task.series.timestamps[slices],
-                        mask_seed=seed)
+    np.savez_compressed(path, **rec, mask=mask[slices], slices=slices,
+                        timestamps=task.series.timestamps[slices], mask_seed=seed)
     logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
     written[p.label] = str(path)
   return written

@@ -154,7 +154,10 @@ def make_train_step(phase: str, models: diffrecon.Models, optimizer: optax.Gradi
   parallel.check_batch_size(spec.batch_size, mesh)
   repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   decay = float(train_cfg.ema_decay)
-  patterns = (np.asarray(spec.patterns[0], np.int32), np.asarray(spec.patterns[1], np.float32))
+  # (kinds, ratios[, layouts]): the layouts of `file:` training patterns must reach the sampler,
+  # or those patterns train with nothing hidden.
+  patterns = (np.asarray(spec.patterns[0], np.int32), np.asarray(spec.patterns[1], np.float32),
+              *(np.asarray(layout, np.float32) for layout in spec.patterns[2:]))
 
   def one_step(state: TrainState, arrays: dict) -> tuple:
     rng, k_batch, k_loss = jax.random.split(state.rng, 3)

@@ -13,9 +13,13 @@ completes the coarse maps of s's window, each from its own window of observation
 evaluation, `diffrecon_method`), stage 2 infers the fine map. Written to `reconstruct.output`
 (default `workdir/reconstruction/<input name>`) as .nc and .npz:
   fine (n, N*I, N*J, C)      the point estimate (`sampling.point`)
-  fine_q05, fine_q95         the 90% interval: per-cell 5% / 95% quantiles of the samples
-  samples (S, n, N*I, N*J, C) with `reconstruct.save_samples`
+  fine_q05, fine_q95         the 90% interval of every fine cell: the recalibrated interval
+                             (`calibration.py`, fitted on the validation split of the training
+                             data and kept in the workdir), or without one the 5% / 95%
+                             quantiles of the members (Weibull positions)
+  samples (S, n, N*I, N*J, C) with `reconstruct.save_samples`: the (calibrated) members
   coarse (n, I, J, C)        the completed coarse maps (observed cells keep their values)
+  coarse_q05, coarse_q95     the 90% interval of the completed coarse cells (observed: exact)
   observed (n, I, J)         1 where the coarse cell was observed (every channel finite)
   time (n,)                  the slices' timestamps
 The NetCDF file carries the input's spatial coordinates refined by N (`refine_coordinates`) and
@@ -31,8 +35,10 @@ import time
 import numpy as np
 from absl import logging
 
+from diffrecon_jax import calibration as calibration_lib
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
+from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import train as train_lib
 from diffrecon_jax.data import custom, files, pipeline, registry, time_axis
@@ -252,25 +258,25 @@ def reconstruct_file(config, workdir: str) -> dict:
   if saved.get("ablation", "") == "noFG":
     raise ValueError(f"{workdir} holds the noFG ablation, whose Diffusion-F was never trained; "
                      "reconstruct with a DiffRecon workdir")
-  for key in ("eval", "sampling"):
-    saved[key] = config[key]
+  for key in ("eval", "sampling", "calibration"):
+    if key in config:
+      saved[key] = config[key]
   _check_against_model(obs, meta, models, workdir)
   history = int(meta["shapes"]["window"]) - 1
   slices = reconstructable_slices(obs, history, workdir)
   view = observed_task(obs, meta, pathlib.Path(path).stem)
   method = DiffReconMethod(saved, params, models, clip_bounds(saved, models))
+  # The calibration fitted when the workdir was evaluated; fitted here (on the validation split
+  # of the training data the saved config names) when there is none for this sampler.
+  calibration_lib.attach(method, saved, workdir, lambda: pipeline.prepare_task(saved))
   t0 = time.perf_counter()
   pieces = evaluate_lib.contiguous_pieces(slices, int(saved.eval.get("chunk_slices", 0)))
   parts = [method.reconstruct(view, piece) for piece in pieces]
-  rec = {k: np.concatenate([r[k] for r in parts], axis=1 if k == "samples" else 0)
-         for k in ("fine", "coarse", "samples")}
   seconds = time.perf_counter() - t0
-  out = {"fine": rec["fine"].astype(np.float32), "coarse": rec["coarse"].astype(np.float32),
-         "fine_q05": np.quantile(rec["samples"], 0.05, axis=0).astype(np.float32),
-         "fine_q95": np.quantile(rec["samples"], 0.95, axis=0).astype(np.float32),
-         "observed": view.mask[slices].astype(np.uint8), "time": obs.timestamps[slices]}
+  out = interval_outputs(parts)
+  out.update(observed=view.mask[slices].astype(np.uint8), time=obs.timestamps[slices])
   if rc.save_samples:
-    out["samples"] = rec["samples"].astype(np.float32)
+    out["samples"] = np.concatenate([p["samples"] for p in parts], axis=1).astype(np.float32)
   stem = pathlib.Path(registry.absolute_path(rc.output) or
                       pathlib.Path(workdir) / "reconstruction" / pathlib.Path(path).stem)
   stem.parent.mkdir(parents=True, exist_ok=True)
@@ -281,15 +287,33 @@ def reconstruct_file(config, workdir: str) -> dict:
                            "sampler": str(method.sampler), "history": history})
   figs = reconstruction_figures(pathlib.Path(workdir) / "figures", pathlib.Path(path).stem, out,
                                 obs.units)
-  with np.errstate(invalid="ignore"):
-    inside = float(np.mean((out["fine_q05"] <= out["fine"]) & (out["fine"] <= out["fine_q95"])))
-  # The one-pass point estimate is not one of the samples: with few samples it often lies
-  # outside their 5-95% range; the median point (sampling.point="median") never does.
-  logging.info("reconstructed %d slices of %s in %.1f s (point estimate inside its 90%% interval "
-               "in %.0f%% of fine cells): wrote %s and %s", len(slices), path, seconds,
-               100 * inside, nc, npz)
+  logging.info("reconstructed %d slices of %s in %.1f s (90%% interval: %s): wrote %s and %s",
+               len(slices), path, seconds,
+               "recalibrated on the validation split" if method.calibration is not None
+               else "raw ensemble quantiles, no calibration in the workdir", nc, npz)
   return {"netcdf": str(nc), "npz": str(npz), "figures": [str(p) for p in figs],
           "slices": int(len(slices))}
+
+
+def interval_outputs(parts: list) -> dict:
+  """The arrays written for a list of `DiffReconMethod.reconstruct` outputs (contiguous pieces):
+  fine, coarse, and the 90% intervals fine_q05 / fine_q95 / coarse_q05 / coarse_q95 (float32).
+  Calibrated intervals when the method had a calibration; else the members' 5% / 95% quantiles
+  at Weibull positions (`metrics.ensemble_quantile`; the members' completions for the coarse
+  cells, the point completion when there are none)."""
+  cat = lambda key, axis=0: np.concatenate([p[key] for p in parts], axis=axis)
+  out = {"fine": cat("fine").astype(np.float32), "coarse": cat("coarse").astype(np.float32)}
+  for name, rec_key, samples_key in (("fine", "intervals", "samples"),
+                                     ("coarse", "coarse_intervals", "coarse_samples")):
+    if parts[0].get(rec_key) is not None:
+      lo, hi = (np.concatenate([p[rec_key][0.9][i] for p in parts]) for i in (0, 1))
+    elif parts[0].get(samples_key) is not None:
+      members = cat(samples_key, axis=1)
+      lo, hi = (metrics_lib.ensemble_quantile(members, q) for q in (0.05, 0.95))
+    else:
+      lo = hi = out[name]
+    out[f"{name}_q05"], out[f"{name}_q95"] = (np.asarray(a, np.float32) for a in (lo, hi))
+  return out
 
 
 def write_netcdf(path, out: dict, obs: CoarseInput, scale: int, attrs: dict) -> pathlib.Path:
@@ -320,8 +344,8 @@ def write_netcdf(path, out: dict, obs: CoarseInput, scale: int, attrs: dict) -> 
                        else f"{dim} index of the cell")
     fine_dims = ("time", row, col, "channel")
     for key, long_name in (("fine", "fine map, point estimate"),
-                           ("fine_q05", "fine map, 5% quantile of the samples"),
-                           ("fine_q95", "fine map, 95% quantile of the samples")):
+                           ("fine_q05", "fine map, lower end of the 90% interval"),
+                           ("fine_q95", "fine map, upper end of the 90% interval")):
       v = ds.createVariable(key, "f4", fine_dims, zlib=True)
       v[:] = out[key]
       v.long_name, v.units = long_name, obs.units
@@ -334,6 +358,12 @@ def write_netcdf(path, out: dict, obs: CoarseInput, scale: int, attrs: dict) -> 
                           zlib=True)
     v[:] = out["coarse"]
     v.long_name, v.units = "completed coarse map (observed cells keep their values)", obs.units
+    for key, long_name in (("coarse_q05", "completed coarse map, lower end of the 90% interval"),
+                           ("coarse_q95", "completed coarse map, upper end of the 90% interval")):
+      v = ds.createVariable(key, "f4", ("time", f"{row}_coarse", f"{col}_coarse", "channel"),
+                            zlib=True)
+      v[:] = out[key]
+      v.long_name, v.units = long_name, obs.units
     v = ds.createVariable("observed", "i1", ("time", f"{row}_coarse", f"{col}_coarse"))
     v[:] = out["observed"].astype(np.int8)
     v.long_name = "1 where the coarse cell was observed"

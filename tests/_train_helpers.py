@@ -37,6 +37,8 @@ def tiny_config(steps=(4, 4, 4), batch_size: int = 8, steps_per_call: int = 2,
   c.train.log_every = checkpoint_every
   c.train.keep_checkpoints = 2
   c.train.ema_decay = 0.9
+  c.sampling.n_samples = 2          # the smallest ensemble: every sampling path, least time
+  c.calibration.val_slices = 8      # a few validation slices: the fit's path, not its quality
   return c
 
 

@@ -42,14 +42,21 @@ def test_x0_clip_bound_is_a_factor_of_the_largest_train_value():
 def test_sampling_settings_come_from_the_sampling_section_alone():
   config = default.get_config()
   s = diffrecon.SamplingSettings.from_config(config.sampling, config.diffusion.num_steps)
-  assert (s.sampler, s.steps, s.eta, s.n_samples, s.consistent) == ("ddim", 10, 1.0, 2, True)
-  assert s.describe() == {"name": "ddim", "steps": 10, "n_samples": 2, "eta": 1.0,
-                          "point": "posterior_mean"}
+  assert (s.sampler, s.steps, s.eta, s.n_samples, s.consistent) == ("ddim", 4, 1.0, 4, True)
+  assert s.describe() == {"name": "ddim", "steps": 4, "n_samples": 4, "eta": 1.0,
+                          "point": "posterior_mean", "ensemble": "members"}
   config.sampling.sampler = "ddpm"
   s = diffrecon.SamplingSettings.from_config(config.sampling, 50)
   assert s.steps == 50 and "eta" not in s.describe()  # DDPM always takes the T training steps
   config.sampling.sampler = "euler"
   with pytest.raises(ValueError, match="sampling.sampler"):
+    diffrecon.SamplingSettings.from_config(config.sampling, 50)
+  config.sampling.sampler = "ddim"
+  config.sampling.ensemble = "independent"
+  with pytest.raises(ValueError, match="sampling.ensemble"):
+    diffrecon.SamplingSettings.from_config(config.sampling, 50)
+  config.sampling.ensemble, config.sampling.n_samples = "members", 1
+  with pytest.raises(ValueError, match="n_samples >= 2"):
     diffrecon.SamplingSettings.from_config(config.sampling, 50)
 
 

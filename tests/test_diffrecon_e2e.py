@@ -49,12 +49,21 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
   doc = json.loads((wd / "results.json").read_text())
   assert doc["method"] == "diffrecon" and doc["dataset"] == "nytaxi"
   assert doc["sampler"] == {"name": "ddim", "steps": 2, "n_samples": 2, "eta": 1.0,
-                            "point": "posterior_mean"}
+                            "point": "posterior_mean", "ensemble": "members"}
+  # The recalibration was fitted on the validation split, saved, and its numbers reported
+  # beside the raw ensemble's.
+  cal = json.loads((wd / "calibration.json").read_text())
+  assert cal["fitted_on"]["split"] == "val" and cal["sampler"] == doc["sampler"]
+  assert doc["calibration"]["spread_scale"] == cal["spread_scale"]
   assert doc["trained_on"] == ["random:0.4", "large_scale:0.25"]
   for r in doc["results"]:
     assert r["n_test_slices"] == 6
-    for key in ("mae", "rmse", "completion_mae", "completion_rmse", "crps", "maps_per_second"):
+    for key in ("mae", "rmse", "completion_mae", "completion_rmse", "crps", "maps_per_second",
+                "crps_raw", "spread_skill", "spread_skill_raw", "completion_crps"):
       assert np.isfinite(r[key]) and r[key] > 0, (key, r)
+    for key in ("coverage_50", "coverage_90", "coverage_90_hidden", "coverage_90_raw"):
+      assert 0.0 <= r[key] <= 1.0, (key, r)
+    assert sum(r["rank_histogram"]) > 0 and len(r["rank_histogram"]) == 3
   for name in ("climatology", "interp"):  # the references, on the same masks
     ref = json.loads((wd / f"results_{name}.json").read_text())
     assert ref["method"] == name and len(ref["results"]) == 2 and ref["sampler"] is None
@@ -68,6 +77,8 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
   assert rec["fine"].shape == (6, 16, 12, 2) and rec["coarse"].shape == (6, 8, 6, 2)
   assert np.isfinite(rec["fine"]).all()
   assert (rec["fine_q05"] <= rec["fine_q95"] + 1e-5).all()
+  assert (rec["coarse_q05"] <= rec["coarse_q95"] + 1e-5).all()
+  assert (rec["fine_q95"] - rec["fine_q05"]).max() > 0  # a real band, from the calibration
   # observed coarse cells are reproduced exactly (imposed at every reverse step)
   mask = rec["mask"].astype(bool)
   from diffrecon_jax.data import nyc_dsan, coarsen

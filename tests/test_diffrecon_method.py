@@ -91,6 +91,7 @@ def test_fine_maps_pool_exactly_to_the_completed_coarse_map(aggregation, n_sampl
   config.sampling.steps = 3
   config.sampling.n_samples = n_samples
   config.sampling.point = point
+  config.sampling.ensemble = "shared_completion"  # members: tests/test_ensemble.py
   config.eval.batch_size = 8
   assert config.diffusion.fine_residual and config.sampling.consistent
   task = helpers.tiny_task()

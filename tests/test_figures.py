@@ -71,7 +71,8 @@ def test_evaluation_writes_figures_per_pattern_and_the_coverage(tmp_path):
   names = sorted(p.name for p in (tmp_path / "figures").iterdir())
   assert names == ["jittered_coverage_90.png", "jittered_large_scale_0.25_3d.png",
                    "jittered_large_scale_0.25_maps.png", "jittered_random_0.4_3d.png",
-                   "jittered_random_0.4_maps.png"]
+                   "jittered_random_0.4_maps.png", "jittered_rank_histograms.png",
+                   "jittered_reliability.png"]
   assert all(_is_png(tmp_path / "figures" / n) for n in names)
   assert all(r["coverage_90"] is not None for r in results)
 

@@ -39,20 +39,27 @@ def test_nan_prediction_at_a_scored_cell_raises():
 def test_crps_by_hand():
   # one sample: CRPS = |x - y|
   assert metrics.crps_per_cell(np.array([[3.0]]), np.array([1.0]))[0] == pytest.approx(2.0)
-  # samples {0, 2}, y = 1: E|X-y| = 1, E|X-X'| = (0+2+2+0)/4 = 1 -> CRPS = 1 - 0.5 = 0.5
-  assert metrics.crps_per_cell(np.array([[0.0], [2.0]]), np.array([1.0]))[0] == pytest.approx(0.5)
-  # equals the brute-force double sum on random data
+  # samples {0, 2}, y = 1: E|X-y| = 1, sum_{i!=j}|x_i - x_j| = 4 -> fair 1 - 4/(2*2*1) = 0,
+  # empirical (nrg) 1 - 4/(2*2*2) = 0.5
+  two = np.array([[0.0], [2.0]])
+  assert metrics.crps_per_cell(two, np.array([1.0]))[0] == pytest.approx(0.0)
+  assert metrics.crps_per_cell(two, np.array([1.0]), "nrg")[0] == pytest.approx(0.5)
+  # equals the brute-force double sums on random data
   rng = np.random.default_rng(0)
   s, y = rng.normal(size=(6, 4, 3)), rng.normal(size=(4, 3))
-  ref = np.abs(s - y).mean(0) - 0.5 * np.abs(s[:, None] - s[None]).mean((0, 1))
-  np.testing.assert_allclose(metrics.crps_per_cell(s, y), ref, rtol=1e-10)
+  pairs = np.abs(s[:, None] - s[None]).sum((0, 1))
+  np.testing.assert_allclose(metrics.crps_per_cell(s, y),
+                             np.abs(s - y).mean(0) - pairs / (2 * 6 * 5), rtol=1e-10)
+  np.testing.assert_allclose(metrics.crps_per_cell(s, y, "nrg"),
+                             np.abs(s - y).mean(0) - pairs / (2 * 6 * 6), rtol=1e-10)
 
 
 def test_crps_pooled():
   m = metrics.PooledMetrics()
+  # cell 1: samples {0, 2}, y = 3: (3 + 1)/2 - 4/(2*2*1) = 1; cell 2: all 5, y = 5: 0
   samples = np.array([[0.0, 5.0], [2.0, 5.0]])
-  m.update(np.median(samples, 0), np.array([1.0, 5.0]), samples=samples)
-  assert m.crps == pytest.approx((0.5 + 0.0) / 2)
+  m.update(np.median(samples, 0), np.array([3.0, 5.0]), samples=samples)
+  assert m.crps == pytest.approx((1.0 + 0.0) / 2)
 
 
 def test_a_point_forecast_has_crps_equal_to_its_mae_and_no_coverage():
@@ -62,8 +69,8 @@ def test_a_point_forecast_has_crps_equal_to_its_mae_and_no_coverage():
 
 
 def test_coverage_90_by_hand():
-  # 21 samples 0..20 per cell: the 5% / 95% quantiles are exactly 1 and 19.
-  samples = np.repeat(np.arange(21.0)[:, None], 4, axis=1)
+  # 19 samples 1..19 per cell: with Weibull positions k/20 the 90% interval is exactly [1, 19].
+  samples = np.repeat(np.arange(1.0, 20.0)[:, None], 4, axis=1)
   truth = np.array([0.5, 1.0, 19.0, 19.5])  # outside, on the edge, on the edge, outside
   m = metrics.PooledMetrics()
   m.update(np.median(samples, 0), truth, samples=samples)

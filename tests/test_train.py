@@ -130,3 +130,40 @@ def test_config_round_trips_through_json():
   assert back.model_c.channel_mults == (1,)
   assert back.patterns.train == tuple(config.patterns.train)
   assert back.train.steps_joint == config.train.steps_joint
+
+
+def test_file_training_patterns_reach_the_compiled_step(tmp_path):
+  """A `file:` training pattern (a fixed sensor layout) hides the layout's cells in the batches
+  the compiled step draws: its layouts are passed to the mask sampler, not dropped."""
+  import dataclasses
+
+  from diffrecon_jax.data import patterns as patterns_lib
+  from diffrecon_jax.data import pipeline
+
+  config = helpers.tiny_config()
+  task = helpers.tiny_task()
+  layout = np.zeros(task.coarse_shape, np.float32)
+  layout[:, : task.coarse_shape[1] // 3] = 1.0  # a third of the columns observed
+  path = tmp_path / "layout.npy"
+  np.save(path, layout)
+  task = dataclasses.replace(task, patterns_train=(patterns_lib.parse_pattern(f"file:{path}"),))
+  spec = train.BatchSpec.from_task(config, task)
+  assert len(spec.patterns) == 3
+  seen = []
+
+  def recording_sampler(arrays, rng, **kw):
+    assert len(kw["patterns"]) == 3, "the layouts were dropped"
+    batch = pipeline.sample_train_batch(arrays, rng, **kw)
+    jax.debug.callback(lambda m: seen.append(float(m)), batch["mask"][:, -1].mean())
+    return batch
+
+  models = helpers.standin_models(config, task.scale)
+  mesh = parallel.make_mesh()
+  params = diffrecon.init_params(models, task.shapes, jax.random.PRNGKey(0))
+  opt = train.make_optimizer("stage_c", config.train)
+  step_fn = train.make_train_step("stage_c", models, opt, config.train, spec, mesh, 1,
+                                  sample_batch=recording_sampler)
+  state = train.phase_start_state(opt, params, jax.tree_util.tree_map(jnp.copy, params),
+                                  jax.random.PRNGKey(1))
+  jax.block_until_ready(step_fn(state, parallel.put_replicated(task.device_arrays(), mesh)))
+  assert seen and abs(seen[0] - layout.mean()) < 0.05, seen

@@ -1,5 +1,6 @@
 """Tests of diffrecon_jax/user_reconstruct.py: `--mode=reconstruct` on a user's own file of
 incomplete coarse maps, with a tiny model trained on a user-style grid (the README's flow)."""
+import json
 import os
 import pathlib
 import subprocess
@@ -57,16 +58,25 @@ def test_reconstructs_a_user_file_with_gaps(trained):
   history = 2  # the smoke overrides' data.history: 2 * 2 past slices before the first one
   n = 24 - 2 * history
   assert nc["fine"].shape == z["fine"].shape == (n, 14, 8, 2)
-  assert nc["samples"].shape == (2, n, 14, 8, 2) and nc["coarse"].shape == (n, 7, 4, 2)
+  s = custom_config.get_config().sampling.n_samples  # the default ensemble size
+  assert nc["samples"].shape == (s, n, 14, 8, 2) and nc["coarse"].shape == (n, 7, 4, 2)
   np.testing.assert_array_equal(nc["fine"], z["fine"])
   assert np.isfinite(nc["fine"]).all() and (nc["fine_q05"] <= nc["fine_q95"]).all()
-  # the 90% interval is the samples' 5-95% range (the point estimate, a separate one-pass
-  # estimate projected onto the pooling constraint, may lie outside it with few samples)
-  np.testing.assert_allclose(nc["fine_q05"], np.quantile(nc["samples"], 0.05, axis=0), rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(nc["fine_q95"], np.quantile(nc["samples"], 0.95, axis=0), rtol=1e-5,
-                             atol=1e-5)
-  assert (nc["fine_q95"] - nc["fine_q05"]).max() > 0  # the samples differ: a real interval
+  # The workdir had no calibration (trained with --mode=train): reconstruct fitted one on the
+  # validation split of the training grid, kept it, and wrote its 90% interval: centred on the
+  # point estimate (except where the lower bound, the smallest training value, cuts it).
+  cal = json.loads((trained / "wd" / "calibration.json").read_text())
+  assert cal["fitted_on"]["split"] == "val"
+  inside = (nc["fine_q05"] <= nc["fine"] + 1e-4) & (nc["fine"] <= nc["fine_q95"] + 1e-4)
+  assert inside[nc["fine"] >= cal["lower_bound"]].all()
+  assert (nc["fine_q95"] - nc["fine_q05"]).max() > 0  # the members differ: a real interval
+  # the members written are the calibrated ones: centred on the point estimate
+  np.testing.assert_allclose(nc["samples"].mean(axis=0), nc["fine"], rtol=1e-4, atol=1e-3)
+  # the completed coarse cells' interval: exact where observed, open where hidden
+  observed_c = nc["observed"].astype(bool)
+  np.testing.assert_array_equal(nc["coarse_q05"][observed_c], nc["coarse_q95"][observed_c])
+  assert (nc["coarse_q95"][~observed_c] >= nc["coarse_q05"][~observed_c]).all()
+  assert (nc["coarse_q95"][~observed_c] > nc["coarse_q05"][~observed_c]).mean() > 0.5
   # timestamps from the file; the coarse cell centres refined by N (fine rows 0..13)
   np.testing.assert_array_equal(nc["time"], obs["time"][2 * history:])
   np.testing.assert_allclose(nc["y"], np.arange(14)) and np.testing.assert_allclose(

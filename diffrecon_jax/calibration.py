@@ -1,0 +1,398 @@
+"""Recalibrated ensembles and intervals, fitted on the validation split only (docs/evaluation.md).
+
+A sampling method's raw ensemble can be over-confident (its members spread less than its point
+estimate errs). This module fits two things on the VALIDATION split, per group of cells, and
+applies them to every later reconstruction (evaluation on test, a user's file):
+
+- a *spread scale* k_g: the calibrated members are x'_s = point + k_g (x_s - mean_s x), centred
+  on the point estimate; k_g makes the spread-skill (root mean member variance x sqrt(1 + 1/S)
+  over the RMSE of the ensemble mean, `metrics.PooledMetrics.spread_skill`) 1 on the validation
+  cells of group g, or (`calibration.spread_rule = "crps"`) gives them the lowest fair CRPS
+  (minimum-CRPS estimation, as EMOS; `fit_from_scores`);
+- *interval scales* q_{g,a} per nominal level a (`LEVELS`): the central a-interval of a cell is
+  point -/+ q_{g,a} * max(std_s x_s, floor_g), with q_{g,a} the conformal a-quantile of the
+  scores |y - point| / max(std, floor_g) over the validation cells of group g (split conformal
+  prediction: Vovk et al. 2005; Angelopoulos & Bates 2023, "A gentle introduction to conformal
+  prediction", the "scalar uncertainty estimates" recipe). Lower bounds are kept at or above
+  the train split's smallest value (flows cannot go below 0).
+
+Groups: "fine_observed" (fine cells under observed coarse cells: only the split within a block
+is uncertain), "fine_hidden" (under coarse cells hidden now but observed earlier in the window),
+"fine_unseen" (under coarse cells hidden in every slice of the window, as fixed sensors' gaps:
+on nytaxi val their members need a spread scale of 2.47 against 2.16 and 2.03 for the other two
+kinds) and
+"coarse_hidden" (hidden coarse cells; observed ones are exact). The mask is an
+input of the task, so choosing the group of a cell uses nothing hidden.
+
+The scale is constant over each N x N block (the mask is coarse), so the calibrated fine members
+still pool exactly: member s pools to point_c + k_g (c_s - mean_c), the calibrated member
+completion returned as `coarse_samples` (observed coarse cells stay exact in every member).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Optional
+
+import numpy as np
+from absl import logging
+
+from diffrecon_jax import evaluate as evaluate_lib
+from diffrecon_jax import metrics as metrics_lib
+from diffrecon_jax.data import patterns as patterns_lib
+
+# Nominal levels of the central intervals fitted and reported (the reliability diagram's x axis).
+LEVELS = metrics_lib.LEVELS
+# Fine groups in label order (`fine_groups`), then the coarse one.
+# Fine groups in label order (`fine_groups`), then the coarse one.
+FINE_GROUPS = ("fine_observed", "fine_hidden", "fine_unseen")
+GROUPS = FINE_GROUPS + ("coarse_hidden",)
+
+
+def unseen_cells(mask: np.ndarray, slices: np.ndarray, history: int) -> np.ndarray:
+  """mask (T, I, J) 1 = observed; slices (n,) -> (n, I, J) bool: coarse cells hidden in every
+  slice of the window s - history .. s (fixed sensors' gaps: nothing of the cell's own past
+  reaches the model, and its errors are the largest)."""
+  idx = np.asarray(slices)[:, None] + np.arange(-history, 1)[None, :]
+  return (np.asarray(mask)[idx] < 0.5).all(axis=1)
+
+
+def fine_groups(mask: np.ndarray, unseen: Optional[np.ndarray], scale: int,
+                shape: tuple) -> np.ndarray:
+  """(n, NI, NJ, C) int labels of the fine cells, indices into FINE_GROUPS: 0 under an observed
+  coarse cell, 1 under a hidden one, 2 under one hidden through its whole window."""
+  labels = metrics_lib.hidden_fine_cells(mask, scale).astype(np.int64)
+  if unseen is not None:
+    labels = labels + metrics_lib.hidden_fine_cells(~np.asarray(unseen, bool), scale)
+  return np.broadcast_to(labels, shape)
+FILE_NAME = "calibration.json"
+VERSION = 2  # of the fit (groups, rules): a calibration.json of another version is refitted
+
+
+def pool_blocks(fine: np.ndarray, scale: int, aggregation: str) -> np.ndarray:
+  """(..., N*I, N*J, C) -> (..., I, J, C): the sum or mean of every N x N block."""
+  *lead, h, w, c = fine.shape
+  blocks = fine.reshape(tuple(lead) + (h // scale, scale, w // scale, scale, c))
+  pooled = blocks.sum(axis=(-4, -2))
+  return pooled / (scale * scale) if aggregation == "mean" else pooled
+
+
+def ensemble_std(samples: np.ndarray) -> np.ndarray:
+  """(S, ...) -> (...) per-cell standard deviation of the members (ddof 1, S >= 2)."""
+  return np.std(np.asarray(samples, np.float64), axis=0, ddof=1)
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+  """The split-conformal `level` quantile of `scores` (n,): the ceil((n + 1) level)-th smallest,
+  which covers a new exchangeable score with probability >= level."""
+  n = scores.size
+  if n == 0:
+    raise ValueError("conformal_quantile: no validation cells in this group")
+  rank = min(n, int(math.ceil((n + 1) * level)))
+  return float(np.partition(scores, rank - 1)[rank - 1])
+
+
+@dataclasses.dataclass
+class Calibration:
+  """What `fit` measured on the validation split; `apply` uses it. All values physical units.
+
+  spread_scale: {group: k_g}.
+  interval_scale: {group: [q_{g,a} for a in levels]}.
+  std_floor: {group: floor_g}, 1% of the group's median member std (cells where all members
+    agree still get an interval that can be scaled).
+  lower_bound: the train split's smallest fine value (intervals never go below it); None = none.
+  coarse_lower_bound: the same for the coarse maps.
+  levels: the nominal levels.
+  sampler: the sampler description it was fitted for (`SamplingSettings.describe`); applying it
+    to another sampler is refused by `load`.
+  fitted_on: what it was fitted on (split, patterns, slices, cells per group, seconds).
+  """
+  spread_scale: dict
+  interval_scale: dict
+  std_floor: dict
+  lower_bound: Optional[float]
+  coarse_lower_bound: Optional[float]
+  levels: tuple = LEVELS
+  sampler: dict = dataclasses.field(default_factory=dict)
+  fitted_on: dict = dataclasses.field(default_factory=dict)
+
+  # -- applying -------------------------------------------------------------------------------
+  def group(self, name: str) -> str:
+    """The fitted group that serves `name`: the two hidden kinds stand in for each other when
+    the validation patterns gave one of them no cells ("fine_unseen" under random patterns
+    alone, "fine_hidden" under fixed ones alone)."""
+    if name not in self.spread_scale:
+      return {"fine_unseen": "fine_hidden", "fine_hidden": "fine_unseen"}.get(name, name)
+    return name
+
+  def apply(self, rec: dict, mask: np.ndarray, scale: int, aggregation: str = "sum",
+            unseen: Optional[np.ndarray] = None) -> dict:
+    """rec: a reconstruction (`DiffReconMethod.reconstruct`: fine (n,NI,NJ,C), samples
+    (S,n,NI,NJ,C), coarse (n,I,J,C), optional coarse_samples (S,n,I,J,C)); mask (n,I,J) 1 =
+    observed; unseen (n,I,J) bool, coarse cells hidden in every slice of their window
+    (`unseen_cells`; None = none). Returns a copy with `samples` calibrated (the raw members in
+    `samples_raw`), `intervals` {level: (lo, hi)} of the fine maps, and, when the raw
+    completions were given, `coarse_samples` the calibrated members' pooled completions (raw in
+    `coarse_samples_raw`) and `coarse_intervals`."""
+    out = dict(rec)
+    point, raw = np.asarray(rec["fine"], np.float64), np.asarray(rec["samples"], np.float64)
+    labels = fine_groups(mask, unseen, scale, point.shape)
+    names = [self.group(g) for g in FINE_GROUPS]
+    k = np.choose(labels, [self.spread_scale[g] for g in names])
+    members = point[None] + k[None] * (raw - raw.mean(axis=0, keepdims=True))
+    out["samples_raw"] = rec["samples"]
+    out["samples"] = members.astype(np.float32)
+    out["intervals"] = self._intervals(point, ensemble_std(raw), labels, names, self.lower_bound)
+    c_point = np.asarray(rec["coarse"], np.float64)
+    c_hidden = np.broadcast_to((np.asarray(mask) < 0.5)[..., None], c_point.shape)
+    if rec.get("coarse_samples") is None or "coarse_hidden" not in self.interval_scale:
+      return out
+    out["coarse_samples_raw"] = rec["coarse_samples"]
+    pooled = pool_blocks(members, scale, aggregation)
+    # Observed coarse cells exact (pooling reproduces them up to float rounding).
+    out["coarse_samples"] = np.where(c_hidden[None], pooled, c_point[None]).astype(np.float32)
+    out["coarse_intervals"] = self._intervals(c_point, ensemble_std(rec["coarse_samples"]),
+                                              c_hidden.astype(np.int64),
+                                              [None, "coarse_hidden"], self.coarse_lower_bound)
+    return out
+
+  def _intervals(self, point, std, labels, names: list, lower) -> dict:
+    """{level: (lo, hi)} float32: point -/+ q x max(std, floor) with the q and floor of the group
+    names[labels] of each cell (a None group: exact cells, no width)."""
+    floors = [self.std_floor[g] if g else 0.0 for g in names]
+    std = np.where(np.choose(labels, [g is None for g in names]), 0.0,
+                   np.maximum(std, np.choose(labels, floors)))
+    out = {}
+    for i, level in enumerate(self.levels):
+      q = np.choose(labels, [self.interval_scale[g][i] if g else 0.0 for g in names])
+      half = q * std
+      lo, hi = point - half, point + half
+      if lower is not None:  # a point below the bound (rare) would leave hi < lo: clip both
+        lo, hi = np.maximum(lo, lower), np.maximum(hi, lower)
+      out[float(level)] = (lo.astype(np.float32), hi.astype(np.float32))
+    return out
+
+  # -- files ----------------------------------------------------------------------------------
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["levels"] = list(self.levels)
+    return d
+
+  def save(self, workdir) -> pathlib.Path:
+    path = pathlib.Path(workdir) / FILE_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(self.to_json(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load(workdir, sampler: dict, val_slices: Optional[int] = None,
+         rule: Optional[str] = None) -> Optional[Calibration]:
+  """The workdir's calibration if it was fitted for `sampler` (`SamplingSettings.describe`)
+  and, when given, on `val_slices` slices; else None (another sampler, or none fitted yet)."""
+  path = pathlib.Path(workdir) / FILE_NAME
+  if not path.exists():
+    return None
+  try:
+    d = json.loads(path.read_text())
+    cal = Calibration(**{**d, "levels": tuple(d["levels"])})
+  except (ValueError, TypeError, KeyError) as err:
+    logging.warning("ignoring unreadable %s (%s); it will be refitted", path, err)
+    return None
+  if cal.sampler != sampler:
+    logging.info("%s was fitted for sampler %s, not %s: refitting", path, cal.sampler, sampler)
+    return None
+  if val_slices is not None and cal.fitted_on.get("max_slices") != int(val_slices):
+    logging.info("%s was fitted on other validation slices: refitting", path)
+    return None
+  if cal.fitted_on.get("version") != VERSION:
+    logging.info("%s was fitted by an earlier version of the calibration: refitting", path)
+    return None
+  if rule is not None and cal.fitted_on.get("spread_rule") != rule:
+    logging.info("%s was fitted with another spread rule: refitting", path)
+    return None
+  return cal
+
+
+# Validation masks are drawn from the evaluation's mask seed plus this, so even a `fixed`
+# pattern hides other cells there than in the scored evaluation.
+CALIBRATION_SEED_OFFSET = 1
+
+
+def attach(method, config, workdir, task) -> None:
+  """Gives `method` (a sampling method with a `calibration` attribute and >= 2 samples) the
+  workdir's calibration for its sampler, fitting and saving it first when there is none
+  (`config.calibration`: on the first `val_slices` validation slices under every evaluation
+  pattern). Does nothing when `calibration.enabled` is off or the method has no ensemble.
+  task: `pipeline.TaskData`, or a function returning it (called only when fitting)."""
+  settings = config.get("calibration", None)
+  if settings is None or not settings.get("enabled", False):
+    return
+  if not hasattr(method, "calibration") or int(getattr(method, "n_samples", 0)) < 2:
+    return
+  val_slices = int(settings.get("val_slices", 0))
+  smoke = int(config.get("eval", {}).get("max_slices", 0))
+  if smoke:  # a smoke run (eval.max_slices) fits on as few validation slices as it scores
+    val_slices = min(val_slices, smoke) if val_slices else smoke
+  rule = str(settings.get("spread_rule", "spread_skill"))
+  cal = load(workdir, method.sampler, val_slices, rule)
+  if cal is None:
+    logging.info("fitting the calibration on the validation split (%s slices, %d patterns)",
+                 val_slices or "all", len(config.patterns.eval))
+    cal = fit(method, task() if callable(task) else task, tuple(config.patterns.eval),
+              seed=int(config.patterns.eval_mask_seed) + CALIBRATION_SEED_OFFSET,
+              max_slices=val_slices, rule=rule)
+    logging.info("wrote %s", cal.save(workdir))
+  method.calibration = cal
+
+
+# ---- fitting ------------------------------------------------------------------------------------
+# Candidate spread scales k (geometric, 0.25x to 8x the raw spread): the one with the lowest
+# fair CRPS of the re-centred members on the validation cells is kept (`fit_from_scores`).
+SPREAD_GRID = tuple(float(k) for k in np.geomspace(0.25, 8.0, 31))
+
+
+def recentred_crps_sums(err: np.ndarray, dev: np.ndarray, grid=SPREAD_GRID) -> np.ndarray:
+  """Summed fair CRPS of the members point + k dev_s against the truth, for every k of `grid`.
+
+  err (n,) = point - truth; dev (S, n) = members minus their mean -> (len(grid),). The fair
+  CRPS (docs/evaluation.md) is mean_s |err + k dev_s| - k sum_{s != t} |dev_s - dev_t| /
+  (2 S (S - 1)): the second term is linear in k, so it is computed once."""
+  s = dev.shape[0]
+  ordered = np.sort(dev, axis=0)  # sum_{s<t} |d_s - d_t| = sum_k (2k - S + 1) d_(k)
+  coef = (2 * np.arange(s) - s + 1).reshape((s,) + (1,) * err.ndim)
+  spread = float(np.sum(coef * ordered)) / (s * (s - 1))
+  return np.array([float(np.abs(err[None] + k * dev).mean(axis=0).sum()) - k * spread
+                   for k in grid])
+
+
+class _GroupScores:
+  """Per-group validation scores, grown batch by batch: |y - point| and member std per cell
+  (for the conformal interval scales) and the summed fair CRPS of the re-centred members at
+  every candidate spread scale (`recentred_crps_sums`)."""
+
+  def __init__(self):
+    self.abs_err, self.std = [], []
+    self.crps = np.zeros(len(SPREAD_GRID))
+
+  def add(self, err: np.ndarray, members: np.ndarray, keep: np.ndarray) -> None:
+    """err (...) point - truth; members (S, ...); keep (...) bool: the group's scored cells."""
+    members = np.asarray(members, np.float64)
+    std = np.std(members, axis=0, ddof=1)
+    self.abs_err.append(np.abs(err[keep]).astype(np.float32))
+    self.std.append(std[keep].astype(np.float32))
+    if keep.any():
+      dev = (members - members.mean(axis=0, keepdims=True))[:, keep]
+      self.crps += recentred_crps_sums(np.asarray(err, np.float64)[keep], dev)
+
+  def arrays(self) -> tuple:
+    return (np.concatenate(self.abs_err) if self.abs_err else np.zeros(0, np.float32),
+            np.concatenate(self.std) if self.std else np.zeros(0, np.float32), self.crps)
+
+
+SPREAD_RULES = ("spread_skill", "crps")
+
+
+def fit_from_scores(scores: dict, n_samples: int, levels: tuple = LEVELS,
+                    rule: str = "spread_skill") -> tuple:
+  """scores: {group: (abs_err (n,), member std (n,)[, summed CRPS per `SPREAD_GRID` k])} ->
+  (spread_scale, interval_scale, std_floor) dicts (see `Calibration`); groups without cells
+  are left out (`Calibration.group` serves them).
+
+  `rule` picks the spread scale: "spread_skill" (the k that makes the spread-skill 1 on the
+  group's cells: the contract's definition of a calibrated spread) or "crps" (the k of
+  `SPREAD_GRID` with the lowest fair CRPS there: minimum-CRPS estimation, as ensemble
+  post-processing does, Gneiting et al. 2005, "Calibrated probabilistic forecasting using
+  ensemble model output statistics"; needs the CRPS sums). Validation cells under observed coarse cells and
+  under hidden ones (either kind) are required: fit on patterns that hide some cells and
+  observe others."""
+  if rule not in SPREAD_RULES:
+    raise ValueError(f"calibration.spread_rule must be one of {SPREAD_RULES}, got {rule!r}")
+  spread, interval, floor = {}, {}, {}
+  inflate = math.sqrt(1.0 + 1.0 / n_samples)
+  for group, (abs_err, std, *crps) in scores.items():
+    if abs_err.size == 0:
+      continue  # served by another group (`Calibration.group`), or not used
+    abs_err, std = abs_err.astype(np.float64), std.astype(np.float64)
+    floor[group] = 0.01 * float(np.median(std)) if np.median(std) > 0 else 1e-6
+    # The spread of `metrics.PooledMetrics.spread_skill`: root mean member variance.
+    mean_spread = float(np.sqrt(np.mean(std ** 2))) * inflate
+    rmse = float(np.sqrt(np.mean(abs_err ** 2)))
+    spread[group] = rmse / mean_spread if mean_spread > 0 else 1.0
+    if rule == "crps":
+      if not crps or not np.any(crps[0] > 0):
+        raise ValueError(f"calibration: the 'crps' rule needs the CRPS sums of {group!r}")
+      best = int(np.argmin(crps[0]))
+      if best in (0, len(SPREAD_GRID) - 1):
+        logging.warning("calibration: the best spread scale of %s is at the end of the grid "
+                        "(%.2f)", group, SPREAD_GRID[best])
+      spread[group] = SPREAD_GRID[best]
+    ratio = abs_err / np.maximum(std, floor[group])
+    interval[group] = [conformal_quantile(ratio, a) for a in levels]
+  if "fine_observed" not in spread or not {"fine_hidden", "fine_unseen"} & set(spread):
+    raise ValueError("calibration: no validation cells under observed or under hidden coarse "
+                     "cells (fit on patterns that hide some coarse cells and observe others)")
+  return spread, interval, floor
+
+
+def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
+        max_slices: int = 0, rule: str = "spread_skill") -> Calibration:
+  """Fits a `Calibration` for `method` (uncalibrated: its `calibration` is ignored here) on
+  `split` (the validation split; the test split is refused) under every pattern of
+  `pattern_specs`, on the first `max_slices` scored slices (0 = all). Only the truth of `split`
+  is read (tested: changing the test split's values changes nothing)."""
+  if split != "val":
+    raise ValueError(f"a calibration is fitted on the validation split only, not {split!r}")
+  start = time.perf_counter()
+  slices, _ = evaluate_lib.evaluation_slices(task, split, max_slices)
+  pieces = evaluate_lib.contiguous_pieces(slices)
+  groups = {g: _GroupScores() for g in GROUPS}
+  saved, method.calibration = getattr(method, "calibration", None), None
+  try:
+    for spec in pattern_specs:
+      pattern = patterns_lib.parse_pattern(spec)
+      mask, _ = evaluate_lib.eval_mask(task, pattern, seed)
+      view = evaluate_lib.observe(task, mask)
+      for sl in pieces:
+        rec = method.reconstruct(view, sl)
+        if rec.get("samples") is None or len(rec["samples"]) < 2:
+          raise ValueError(f"{method.name}: a calibration needs >= 2 samples per map")
+        truth = task.fine_phys[sl]
+        err = np.asarray(rec["fine"], np.float64) - truth
+        labels = fine_groups(mask[sl], unseen_cells(mask, sl, task.history), task.scale,
+                             truth.shape)
+        finite = np.isfinite(truth)
+        for i, name in enumerate(FINE_GROUPS):
+          groups[name].add(err, rec["samples"], finite & (labels == i))
+        if rec.get("coarse_samples") is not None:
+          c_truth = task.coarse_phys[sl]
+          c_hidden = np.broadcast_to((mask[sl] < 0.5)[..., None], c_truth.shape)
+          groups["coarse_hidden"].add(np.asarray(rec["coarse"], np.float64) - c_truth,
+                                      rec["coarse_samples"], np.isfinite(c_truth) & c_hidden)
+  finally:
+    method.calibration = saved
+  scores = {g: s.arrays() for g, s in groups.items()}
+  n_samples = int(len(rec["samples"]))
+  spread, interval, floor = fit_from_scores(scores, n_samples, rule=rule)
+  # The other rule's scales, for the record (calibration.json): how far they differ.
+  other = fit_from_scores(scores, n_samples, rule=[r for r in SPREAD_RULES if r != rule][0])[0]
+  lo, hi = task.split.range("train")
+  cal = Calibration(
+      spread_scale=spread, interval_scale=interval, std_floor=floor,
+      lower_bound=float(np.nanmin(task.fine_phys[lo:hi])),
+      coarse_lower_bound=float(np.nanmin(task.coarse_phys[lo:hi])),
+      sampler=dict(getattr(method, "sampler", None) or {}),
+      fitted_on={"split": split, "patterns": list(pattern_specs), "n_slices": int(len(slices)),
+                 "max_slices": int(max_slices), "mask_seed_base": int(seed), "version": VERSION,
+                 "spread_rule": rule, "spread_scale_other_rule": other,
+                 "cells": {g: int(scores[g][0].size) for g in GROUPS},
+                 "seconds": round(time.perf_counter() - start, 1)})
+  logging.info("calibration fitted on %s (%d slices x %d patterns, %.0f s): spread scales %s, "
+               "90%% interval scales %s", split, len(slices), len(pattern_specs),
+               cal.fitted_on["seconds"], {g: round(v, 3) for g, v in spread.items()},
+               {g: round(v[-1], 3) for g, v in interval.items()})
+  return cal

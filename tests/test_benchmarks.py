@@ -1,0 +1,86 @@
+"""The benchmark suite still runs against the package: `python -m benchmarks.run --tiny`.
+
+Tiny mode calls every section's functions (train steps, sub-networks, sampling, the whole-split
+`reconstruct`, scaling, the default config's section) on a shrunk config, so a change of a
+public function the suite calls (an argument order, a new required input) fails here instead of
+in the next minutes-long benchmark run. Its timings mean nothing; they only have to exist, be
+finite and positive. 47 s on 2 CPU cores shared with another job (about half of it the three
+train-step compiles).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+# results.json key -> the timings of each of its rows that must be finite and > 0.
+ROW_TIMINGS = {
+    "train": (("jax", "step_ms"), ("jax", "compile_s")),
+    "components": (("jax_fwd_ms",), ("jax_fwd_bwd_ms",), ("jax_compile_s",)),
+    "sampling": (("jax", "time_s"), ("jax", "compile_c_s"), ("jax", "compile_f_s"),
+                 ("jax", "fine_maps_per_s")),
+    "scaling": (("jax", "step_ms"), ("jax", "compile_s")),
+    "scaling_samples": (("jax", "time_s"),),
+}
+SPLIT_TIMINGS = ("measured_s", "all_patterns_s", "fine_maps_per_s")
+
+
+def _get(row: dict, path: tuple):
+  for key in path:
+    row = row[key]
+  return row
+
+
+def _check_rows(where: str, rows: list, paths: tuple) -> None:
+  assert rows, f"{where}: no rows"
+  for row in rows:
+    assert "error" not in row and "skipped" not in row.get("jax", {}), (where, row)
+    for path in paths:
+      value = _get(row, path)
+      assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, \
+          (where, path, row)
+
+
+def _check_split(where: str, split: dict) -> None:
+  assert split["patterns_run"] >= 1 and split["slices"] >= 1, (where, split)
+  for key in SPLIT_TIMINGS:
+    assert math.isfinite(split[key]) and split[key] > 0, (where, key, split)
+  assert all(p["time_s"] > 0 for p in split["per_pattern"]), (where, split)
+
+
+def test_tiny_benchmark_run_writes_every_section(tmp_path):
+  out = tmp_path / "bench"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  cmd = [sys.executable, "-m", "benchmarks.run", "--tiny", "--no-torch", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+  results = json.loads((out / "results.json").read_text())
+  assert results["mode"] == "tiny" and results["finished"]
+  assert results["config"].startswith("configs/nytaxi.py:cpu,paper")
+  for key, paths in ROW_TIMINGS.items():
+    _check_rows(key, results.get(key), paths)
+  assert [r["phase"] for r in results["train"]] == ["joint"]
+  assert {r["component"] for r in results["components"]} == {
+      "unet_c", "unet_f", "st_pointformer", "t_patternnet"}
+  _check_split("split", results["split"])
+
+  # The default config (what a user runs), timed apart from the paper's architecture.
+  default = results["default"]
+  assert default["config"].startswith("configs/nytaxi.py:cpu") and "paper" not in default["config"]
+  _check_rows("default.train", default.get("train"), ROW_TIMINGS["train"])
+  _check_rows("default.sampling", default.get("sampling"), ROW_TIMINGS["sampling"])
+  _check_split("default.split", default["split"])
+
+  # results.md is the rendering of results.json (benchmarks/report.py), with every table.
+  from benchmarks import report
+  md = (out / "results.md").read_text()
+  assert md == report.markdown(results)
+  for title in ("## Train step", "## Where the time goes", "## Sampling", "## Whole test split",
+                "## Scaling: joint train step", "## Scaling: samples per map",
+                "## Default config", "## Default config: train step",
+                "## Default config: sampling", "## Default config: whole test split"):
+    assert title in md, title
