@@ -222,7 +222,8 @@ def test_the_crps_rule_minimises_the_validation_crps():
   members = rng.normal(0.0, 0.5, (s, n))
   group = calibration._GroupScores()
   group.add(err, members, np.ones(n, bool))
-  spread, _, _ = calibration.fit_from_scores({"fine_hidden": group.arrays()}, s, rule="crps")
+  spread, _, _ = calibration.fit_from_scores(
+      {"fine_hidden": group.arrays(), "fine_observed": group.arrays()}, s, rule="crps")
   assert 1.8 < spread["fine_hidden"] < 2.8, spread
   assert spread["fine_hidden"] == calibration.SPREAD_GRID[int(np.argmin(group.crps))]
 
