@@ -20,9 +20,8 @@ Groups: "fine_observed" (fine cells under observed coarse cells: only the split 
 is uncertain), "fine_hidden" (under coarse cells hidden now but observed earlier in the window),
 "fine_unseen" (under coarse cells hidden in every slice of the window, as fixed sensors' gaps:
 on nytaxi val their members need a spread scale of 2.47 against 2.16 and 2.03 for the other two
-kinds) and
-"coarse_hidden" (hidden coarse cells; observed ones are exact). The mask is an
-input of the task, so choosing the group of a cell uses nothing hidden.
+kinds) and "coarse_hidden" (hidden coarse cells; observed ones are exact). The mask is an input
+of the task, so choosing the group of a cell uses nothing hidden.
 
 The scale is constant over each N x N block (the mask is coarse), so the calibrated fine members
 still pool exactly: member s pools to point_c + k_g (c_s - mean_c), the calibrated member
@@ -43,14 +42,16 @@ from absl import logging
 
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import metrics as metrics_lib
+from diffrecon_jax.data import coarsen as coarsen_lib
 from diffrecon_jax.data import patterns as patterns_lib
 
 # Nominal levels of the central intervals fitted and reported (the reliability diagram's x axis).
 LEVELS = metrics_lib.LEVELS
 # Fine groups in label order (`fine_groups`), then the coarse one.
-# Fine groups in label order (`fine_groups`), then the coarse one.
 FINE_GROUPS = ("fine_observed", "fine_hidden", "fine_unseen")
 GROUPS = FINE_GROUPS + ("coarse_hidden",)
+FILE_NAME = "calibration.json"
+VERSION = 2  # of the fit (groups, rules): a calibration.json of another version is refitted
 
 
 def unseen_cells(mask: np.ndarray, slices: np.ndarray, history: int) -> np.ndarray:
@@ -69,16 +70,6 @@ def fine_groups(mask: np.ndarray, unseen: Optional[np.ndarray], scale: int,
   if unseen is not None:
     labels = labels + metrics_lib.hidden_fine_cells(~np.asarray(unseen, bool), scale)
   return np.broadcast_to(labels, shape)
-FILE_NAME = "calibration.json"
-VERSION = 2  # of the fit (groups, rules): a calibration.json of another version is refitted
-
-
-def pool_blocks(fine: np.ndarray, scale: int, aggregation: str) -> np.ndarray:
-  """(..., N*I, N*J, C) -> (..., I, J, C): the sum or mean of every N x N block."""
-  *lead, h, w, c = fine.shape
-  blocks = fine.reshape(tuple(lead) + (h // scale, scale, w // scale, scale, c))
-  pooled = blocks.sum(axis=(-4, -2))
-  return pooled / (scale * scale) if aggregation == "mean" else pooled
 
 
 def ensemble_std(samples: np.ndarray) -> np.ndarray:
@@ -147,12 +138,12 @@ class Calibration:
     out["samples_raw"] = rec["samples"]
     out["samples"] = members.astype(np.float32)
     out["intervals"] = self._intervals(point, ensemble_std(raw), labels, names, self.lower_bound)
-    c_point = np.asarray(rec["coarse"], np.float64)
-    c_hidden = np.broadcast_to((np.asarray(mask) < 0.5)[..., None], c_point.shape)
     if rec.get("coarse_samples") is None or "coarse_hidden" not in self.interval_scale:
       return out
+    c_point = np.asarray(rec["coarse"], np.float64)
+    c_hidden = np.broadcast_to((np.asarray(mask) < 0.5)[..., None], c_point.shape)
     out["coarse_samples_raw"] = rec["coarse_samples"]
-    pooled = pool_blocks(members, scale, aggregation)
+    pooled = coarsen_lib.coarsen(members, scale, aggregation)
     # Observed coarse cells exact (pooling reproduces them up to float rounding).
     out["coarse_samples"] = np.where(c_hidden[None], pooled, c_point[None]).astype(np.float32)
     out["coarse_intervals"] = self._intervals(c_point, ensemble_std(rec["coarse_samples"]),
@@ -263,11 +254,16 @@ def recentred_crps_sums(err: np.ndarray, dev: np.ndarray, grid=SPREAD_GRID) -> n
   CRPS (docs/evaluation.md) is mean_s |err + k dev_s| - k sum_{s != t} |dev_s - dev_t| /
   (2 S (S - 1)): the second term is linear in k, so it is computed once."""
   s = dev.shape[0]
-  ordered = np.sort(dev, axis=0)  # sum_{s<t} |d_s - d_t| = sum_k (2k - S + 1) d_(k)
-  coef = (2 * np.arange(s) - s + 1).reshape((s,) + (1,) * err.ndim)
-  spread = float(np.sum(coef * ordered)) / (s * (s - 1))
+  spread = float(metrics_lib.pair_abs_sum(np.sort(dev, axis=0)).sum()) / (2 * s * (s - 1))
   return np.array([float(np.abs(err[None] + k * dev).mean(axis=0).sum()) - k * spread
                    for k in grid])
+
+
+def member_stats(members: np.ndarray) -> tuple:
+  """(S, ...) members -> (their deviations from the member mean (S, ...), `ensemble_std` (...)),
+  float64."""
+  members = np.asarray(members, np.float64)
+  return members - members.mean(axis=0, keepdims=True), ensemble_std(members)
 
 
 class _GroupScores:
@@ -279,15 +275,14 @@ class _GroupScores:
     self.abs_err, self.std = [], []
     self.crps = np.zeros(len(SPREAD_GRID))
 
-  def add(self, err: np.ndarray, members: np.ndarray, keep: np.ndarray) -> None:
-    """err (...) point - truth; members (S, ...); keep (...) bool: the group's scored cells."""
-    members = np.asarray(members, np.float64)
-    std = np.std(members, axis=0, ddof=1)
+  def add(self, err: np.ndarray, dev: np.ndarray, std: np.ndarray, keep: np.ndarray) -> None:
+    """err (...) point - truth; dev (S, ...) members minus their mean and std (...) their
+    std (`member_stats`, computed once for every group of a batch); keep (...) bool: the
+    group's scored cells."""
     self.abs_err.append(np.abs(err[keep]).astype(np.float32))
     self.std.append(std[keep].astype(np.float32))
     if keep.any():
-      dev = (members - members.mean(axis=0, keepdims=True))[:, keep]
-      self.crps += recentred_crps_sums(np.asarray(err, np.float64)[keep], dev)
+      self.crps += recentred_crps_sums(np.asarray(err, np.float64)[keep], dev[:, keep])
 
   def arrays(self) -> tuple:
     return (np.concatenate(self.abs_err) if self.abs_err else np.zeros(0, np.float32),
@@ -307,9 +302,9 @@ def fit_from_scores(scores: dict, n_samples: int, levels: tuple = LEVELS,
   group's cells: the contract's definition of a calibrated spread) or "crps" (the k of
   `SPREAD_GRID` with the lowest fair CRPS there: minimum-CRPS estimation, as ensemble
   post-processing does, Gneiting et al. 2005, "Calibrated probabilistic forecasting using
-  ensemble model output statistics"; needs the CRPS sums). Validation cells under observed coarse cells and
-  under hidden ones (either kind) are required: fit on patterns that hide some cells and
-  observe others."""
+  ensemble model output statistics"; needs the CRPS sums). Validation cells under observed
+  coarse cells and under hidden ones (either kind) are required: fit on patterns that hide some
+  cells and observe others."""
   if rule not in SPREAD_RULES:
     raise ValueError(f"calibration.spread_rule must be one of {SPREAD_RULES}, got {rule!r}")
   spread, interval, floor = {}, {}, {}
@@ -366,13 +361,15 @@ def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
         labels = fine_groups(mask[sl], unseen_cells(mask, sl, task.history), task.scale,
                              truth.shape)
         finite = np.isfinite(truth)
+        dev, std = member_stats(rec["samples"])
         for i, name in enumerate(FINE_GROUPS):
-          groups[name].add(err, rec["samples"], finite & (labels == i))
+          groups[name].add(err, dev, std, finite & (labels == i))
         if rec.get("coarse_samples") is not None:
           c_truth = task.coarse_phys[sl]
           c_hidden = np.broadcast_to((mask[sl] < 0.5)[..., None], c_truth.shape)
           groups["coarse_hidden"].add(np.asarray(rec["coarse"], np.float64) - c_truth,
-                                      rec["coarse_samples"], np.isfinite(c_truth) & c_hidden)
+                                      *member_stats(rec["coarse_samples"]),
+                                      np.isfinite(c_truth) & c_hidden)
   finally:
     method.calibration = saved
   scores = {g: s.arrays() for g, s in groups.items()}

@@ -173,19 +173,18 @@ def _check_known(shape, known, known_mask):
 
 
 def _impose(schedule: Schedule, x: Array, level: Array, rng: Array, known, known_mask,
-            draw=None) -> Array:
+            draw: Callable[[Array], Array]) -> Array:
   """Replaces observed cells of x (at noise level `level`, -1 = clean) by noised known values.
 
   RePaint / CSDI-style replacement: at level >= 0 observed cells get q_sample(known, level) with
   fresh noise, at level -1 they get `known` exactly, so the final sample holds them exactly.
-  draw: optional key -> noise of x's shape (`_noise_drawer`); standard normal by default.
+  draw: key -> noise of x's shape (`_noise_drawer`), the chain's own noise.
   """
   if known is None:
     return x
   b = x.shape[0]
   safe = jnp.maximum(level, 0)
-  noise = draw(rng) if draw is not None else jax.random.normal(rng, x.shape, x.dtype)
-  noised = q_sample(schedule, known, jnp.full((b,), safe, jnp.int32), noise.astype(x.dtype))
+  noised = q_sample(schedule, known, jnp.full((b,), safe, jnp.int32), draw(rng).astype(x.dtype))
   target = jnp.where(level >= 0, noised, known)
   # `where`, not m * target + (1 - m) * x: exact values even if x were inf / nan.
   return jnp.where(jnp.asarray(known_mask) > 0.5, target.astype(x.dtype), x)

@@ -134,7 +134,8 @@ def evaluation_slices(task, split: str, max_slices: int = 0, skip_slices: int = 
   Only slices whose whole reconstruction span lies on the time grid without a break are scored
   (`pipeline.eval_slices`: under `data.gap_rule` "skip" a span across a hole in the series is
   left out and counted; under "fill" the holes are unobserved slices); `skip_slices` > 0 drops
-  the first ones, then `max_slices` > 0 keeps the first of the rest (smoke runs, studies). The train split is refused: every method's view holds its truth
+  the first ones, then `max_slices` > 0 keeps the first of the rest (smoke runs, studies). The
+  train split is refused: every method's view holds its truth
   (`ObservedTask`).
 
   Returns:

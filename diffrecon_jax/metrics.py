@@ -45,16 +45,23 @@ def _level_key(level: float) -> float:
   return round(float(level), 6)
 
 
+def pair_abs_sum(sorted_s: np.ndarray) -> np.ndarray:
+  """sum_{i,j} |x_i - x_j| over the members of samples sorted along axis 0: (S, ...) -> (...).
+
+  = 2 * sum_k (2k - S + 1) x_(k) over the sorted samples (k = 0..S-1): O(S log S) with the
+  sort instead of the S^2 pairs."""
+  s = sorted_s.shape[0]
+  coef = (2 * np.arange(s) - s + 1).reshape((s,) + (1,) * (sorted_s.ndim - 1))
+  return 2.0 * np.sum(coef * sorted_s, axis=0)
+
+
 def _sorted_crps(sorted_s: np.ndarray, truth: np.ndarray, estimator: str) -> np.ndarray:
   """CRPS from samples sorted along axis 0: (S, ...) and truth (...) -> (...)."""
   s = sorted_s.shape[0]
   term1 = np.mean(np.abs(sorted_s - truth[None]), axis=0)
   if s == 1:
     return term1  # a point forecast: its absolute error (the fair estimator is 0 / 0 there)
-  # sum_{i,j} |x_i - x_j| = 2 * sum_k (2k - S + 1) x_(k) over sorted samples (k = 0..S-1):
-  # O(S log S) instead of the S^2 pairs.
-  coef = (2 * np.arange(s) - s + 1).reshape((s,) + (1,) * truth.ndim)
-  pair_sum = 2.0 * np.sum(coef * sorted_s, axis=0)
+  pair_sum = pair_abs_sum(sorted_s)
   if estimator == "fair":
     return term1 - pair_sum / (2.0 * s * (s - 1))
   if estimator == "nrg":

@@ -298,9 +298,9 @@ def reconstruct_file(config, workdir: str) -> dict:
 def interval_outputs(parts: list) -> dict:
   """The arrays written for a list of `DiffReconMethod.reconstruct` outputs (contiguous pieces):
   fine, coarse, and the 90% intervals fine_q05 / fine_q95 / coarse_q05 / coarse_q95 (float32).
-  Calibrated intervals when the method had a calibration; else the members' 5% / 95% quantiles
-  at Weibull positions (`metrics.ensemble_quantile`; the members' completions for the coarse
-  cells, the point completion when there are none)."""
+  Calibrated intervals when the method had a calibration; else the members' central 90%
+  interval at Weibull positions (`metrics.ensemble_interval`; the members' completions for the
+  coarse cells, the point completion when there are none)."""
   cat = lambda key, axis=0: np.concatenate([p[key] for p in parts], axis=axis)
   out = {"fine": cat("fine").astype(np.float32), "coarse": cat("coarse").astype(np.float32)}
   for name, rec_key, samples_key in (("fine", "intervals", "samples"),
@@ -308,8 +308,7 @@ def interval_outputs(parts: list) -> dict:
     if parts[0].get(rec_key) is not None:
       lo, hi = (np.concatenate([p[rec_key][0.9][i] for p in parts]) for i in (0, 1))
     elif parts[0].get(samples_key) is not None:
-      members = cat(samples_key, axis=1)
-      lo, hi = (metrics_lib.ensemble_quantile(members, q) for q in (0.05, 0.95))
+      lo, hi = metrics_lib.ensemble_interval(cat(samples_key, axis=1), 0.9)
     else:
       lo = hi = out[name]
     out[f"{name}_q05"], out[f"{name}_q95"] = (np.asarray(a, np.float32) for a in (lo, hi))

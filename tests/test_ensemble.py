@@ -221,7 +221,7 @@ def test_the_crps_rule_minimises_the_validation_crps():
   err = rng.normal(0.0, 1.0, n)
   members = rng.normal(0.0, 0.5, (s, n))
   group = calibration._GroupScores()
-  group.add(err, members, np.ones(n, bool))
+  group.add(err, *calibration.member_stats(members), np.ones(n, bool))
   spread, _, _ = calibration.fit_from_scores(
       {"fine_hidden": group.arrays(), "fine_observed": group.arrays()}, s, rule="crps")
   assert 1.8 < spread["fine_hidden"] < 2.8, spread
