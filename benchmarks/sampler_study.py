@@ -1,8 +1,9 @@
 """Sampler study: ensemble quality against network evaluations and seconds, on the VALIDATION split.
 
 For a trained workdir and each sampler setting: fits the recalibration (`calibration.fit`) on
-the first `--slices` validation slices (masks from seed 1, as `calibration.attach`), then scores
-the next `--slices` validation slices under each pattern of `--patterns` (masks from seed 0),
+the first `--slices` validation slices (masks from seed 1: other layouts than those scored),
+then scores the next `--slices` validation slices under each pattern of `--patterns` (masks
+from seed 0),
 raw ensemble and recalibrated, and writes `<out>/sampler_study.json` and `.md`: per setting the
 fair CRPS, coverage at 50% / 90%, coverage under hidden coarse cells, spread-skill, MAE of the
 point estimate, the network evaluations per map (NFE) and the wall time of the scoring (the

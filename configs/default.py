@@ -194,6 +194,14 @@ def base_config() -> ml_collections.ConfigDict:
                                     # (measured: one XLA:CPU program keeps ~1 of 2 cores busy;
                                     # two at once halve the time per batch), 1 on accelerators.
 
+  # ---- the calendar table of the climatology reference and of DiffRecon's prior ----
+  c.climatology = ml_collections.ConfigDict()
+  c.climatology.table = "auto"      # ours (issue: the strongest calendar reference): "auto"
+                                    # scores the slot of the day, of the week and their
+                                    # shrinkage blends on the validation split and keeps the
+                                    # best (baselines/climatology_choice.py); "day", "week" or
+                                    # "blend:K" fixes it. The prior uses the same table.
+
   # ---- recalibration of the ensemble (calibration.py), fitted on the VALIDATION split ----
   c.calibration = ml_collections.ConfigDict()
   c.calibration.enabled = True      # ours: fit spread and interval scales on val once per

@@ -23,6 +23,16 @@ on nytaxi val their members need a spread scale of 2.47 against 2.16 and 2.03 fo
 kinds) and "coarse_hidden" (hidden coarse cells; observed ones are exact). The mask is an input
 of the task, so choosing the group of a cell uses nothing hidden.
 
+Per layout: besides the pooled fit (all evaluation patterns together: what a user's own file
+gets), the same is fitted for each evaluation pattern alone (`by_pattern`), on validation masks
+drawn with the evaluation's own mask seed, so a `fixed` pattern is calibrated for the very
+sensor layout it is scored on (a fixed network's gaps are known before any value is: on nytaxi
+the test seed's fixed:0.8 layout hides the busiest Midtown cells, where the pooled scales,
+fitted on other layouts, leave the spread-skill at 0.60 on the validation split against 0.86-1.03
+for six other layouts). A reconstruction whose view names its pattern (`ObservedTask.pattern`)
+gets that pattern's scales; any other (a user's file) the pooled ones. Only validation values
+are read either way.
+
 The scale is constant over each N x N block (the mask is coarse), so the calibrated fine members
 still pool exactly: member s pools to point_c + k_g (c_s - mean_c), the calibrated member
 completion returned as `coarse_samples` (observed coarse cells stay exact in every member).
@@ -51,7 +61,7 @@ LEVELS = metrics_lib.LEVELS
 FINE_GROUPS = ("fine_observed", "fine_hidden", "fine_unseen")
 GROUPS = FINE_GROUPS + ("coarse_hidden",)
 FILE_NAME = "calibration.json"
-VERSION = 2  # of the fit (groups, rules): a calibration.json of another version is refitted
+VERSION = 3  # of the fit (groups, rules, per-pattern scales): a calibration.json of another version is refitted
 
 
 def unseen_cells(mask: np.ndarray, slices: np.ndarray, history: int) -> np.ndarray:
@@ -101,6 +111,8 @@ class Calibration:
   sampler: the sampler description it was fitted for (`SamplingSettings.describe`); applying it
     to another sampler is refused by `load`.
   fitted_on: what it was fitted on (split, patterns, slices, cells per group, seconds).
+  by_pattern: {pattern spec: {"spread_scale", "interval_scale", "std_floor"}} fitted on that
+    evaluation pattern alone (its groups; a group it has no cells of takes the pooled values).
   """
   spread_scale: dict
   interval_scale: dict
@@ -110,6 +122,7 @@ class Calibration:
   levels: tuple = LEVELS
   sampler: dict = dataclasses.field(default_factory=dict)
   fitted_on: dict = dataclasses.field(default_factory=dict)
+  by_pattern: dict = dataclasses.field(default_factory=dict)
 
   # -- applying -------------------------------------------------------------------------------
   def group(self, name: str) -> str:
@@ -120,15 +133,28 @@ class Calibration:
       return {"fine_unseen": "fine_hidden", "fine_hidden": "fine_unseen"}.get(name, name)
     return name
 
+  def for_pattern(self, pattern: Optional[str]) -> "Calibration":
+    """The calibration a reconstruction under `pattern` (a spec such as "fixed:0.8") gets: the
+    pattern's own scales where they were fitted (`by_pattern`), the pooled ones otherwise."""
+    own = self.by_pattern.get(pattern) if pattern else None
+    if not own:
+      return self
+    merged = {k: {**getattr(self, k), **own[k]} for k in ("spread_scale", "interval_scale",
+                                                          "std_floor")}
+    return dataclasses.replace(self, by_pattern={}, **merged)
+
   def apply(self, rec: dict, mask: np.ndarray, scale: int, aggregation: str = "sum",
-            unseen: Optional[np.ndarray] = None) -> dict:
+            unseen: Optional[np.ndarray] = None, pattern: Optional[str] = None) -> dict:
     """rec: a reconstruction (`DiffReconMethod.reconstruct`: fine (n,NI,NJ,C), samples
     (S,n,NI,NJ,C), coarse (n,I,J,C), optional coarse_samples (S,n,I,J,C)); mask (n,I,J) 1 =
     observed; unseen (n,I,J) bool, coarse cells hidden in every slice of their window
     (`unseen_cells`; None = none). Returns a copy with `samples` calibrated (the raw members in
     `samples_raw`), `intervals` {level: (lo, hi)} of the fine maps, and, when the raw
     completions were given, `coarse_samples` the calibrated members' pooled completions (raw in
-    `coarse_samples_raw`) and `coarse_intervals`."""
+    `coarse_samples_raw`) and `coarse_intervals`. pattern: the evaluation pattern the mask
+    was drawn from, when known (`for_pattern`)."""
+    if pattern and pattern in self.by_pattern:
+      return self.for_pattern(pattern).apply(rec, mask, scale, aggregation, unseen)
     out = dict(rec)
     point, raw = np.asarray(rec["fine"], np.float64), np.asarray(rec["samples"], np.float64)
     labels = fine_groups(mask, unseen, scale, point.shape)
@@ -209,9 +235,10 @@ def load(workdir, sampler: dict, val_slices: Optional[int] = None,
   return cal
 
 
-# Validation masks are drawn from the evaluation's mask seed plus this, so even a `fixed`
-# pattern hides other cells there than in the scored evaluation.
-CALIBRATION_SEED_OFFSET = 1
+# Validation masks are drawn from the evaluation's own mask seed (offset 0): a `fixed` pattern
+# hides the same cells there as in the scored evaluation, its deployment's layout (`by_pattern`;
+# module docstring). Only the validation split's values are read.
+CALIBRATION_SEED_OFFSET = 0
 
 
 def attach(method, config, workdir, task) -> None:
@@ -305,6 +332,21 @@ def fit_from_scores(scores: dict, n_samples: int, levels: tuple = LEVELS,
   ensemble model output statistics"; needs the CRPS sums). Validation cells under observed
   coarse cells and under hidden ones (either kind) are required: fit on patterns that hide some
   cells and observe others."""
+  spread, interval, floor = _fit_groups(scores, n_samples, rule, levels)
+  if "fine_observed" not in spread or not {"fine_hidden", "fine_unseen"} & set(spread):
+    raise ValueError("calibration: no validation cells under observed or under hidden coarse "
+                     "cells (fit on patterns that hide some coarse cells and observe others)")
+  return spread, interval, floor
+
+
+def _pooled(parts: list) -> tuple:
+  """The (abs_err, std, CRPS sums) of several patterns' `_GroupScores.arrays` as one."""
+  return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+          sum(p[2] for p in parts))
+
+
+def _fit_groups(scores: dict, n_samples: int, rule: str, levels: tuple = LEVELS) -> tuple:
+  """`fit_from_scores` for whichever groups `scores` has cells of (no group is required)."""
   if rule not in SPREAD_RULES:
     raise ValueError(f"calibration.spread_rule must be one of {SPREAD_RULES}, got {rule!r}")
   spread, interval, floor = {}, {}, {}
@@ -328,9 +370,6 @@ def fit_from_scores(scores: dict, n_samples: int, levels: tuple = LEVELS,
       spread[group] = SPREAD_GRID[best]
     ratio = abs_err / np.maximum(std, floor[group])
     interval[group] = [conformal_quantile(ratio, a) for a in levels]
-  if "fine_observed" not in spread or not {"fine_hidden", "fine_unseen"} & set(spread):
-    raise ValueError("calibration: no validation cells under observed or under hidden coarse "
-                     "cells (fit on patterns that hide some coarse cells and observe others)")
   return spread, interval, floor
 
 
@@ -345,10 +384,11 @@ def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
   start = time.perf_counter()
   slices, _ = evaluate_lib.evaluation_slices(task, split, max_slices)
   pieces = evaluate_lib.contiguous_pieces(slices)
-  groups = {g: _GroupScores() for g in GROUPS}
+  per_pattern = {}
   saved, method.calibration = getattr(method, "calibration", None), None
   try:
     for spec in pattern_specs:
+      groups = per_pattern.setdefault(spec, {g: _GroupScores() for g in GROUPS})
       pattern = patterns_lib.parse_pattern(spec)
       mask, _ = evaluate_lib.eval_mask(task, pattern, seed)
       view = evaluate_lib.observe(task, mask)
@@ -372,9 +412,19 @@ def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
                                       np.isfinite(c_truth) & c_hidden)
   finally:
     method.calibration = saved
-  scores = {g: s.arrays() for g, s in groups.items()}
   n_samples = int(len(rec["samples"]))
+  own = {spec: {g: sc.arrays() for g, sc in groups.items()} for spec, groups in
+         per_pattern.items()}
+  scores = {g: _pooled([own[spec][g] for spec in own]) for g in GROUPS}
   spread, interval, floor = fit_from_scores(scores, n_samples, rule=rule)
+  by_pattern = {}
+  for spec, sc in own.items():
+    kept = {g: v for g, v in sc.items() if v[0].size}
+    if not kept:
+      continue
+    p_spread, p_interval, p_floor = _fit_groups(kept, n_samples, rule)
+    by_pattern[spec] = {"spread_scale": p_spread, "interval_scale": p_interval,
+                        "std_floor": p_floor}
   # The other rule's scales, for the record (calibration.json): how far they differ.
   other = fit_from_scores(scores, n_samples, rule=[r for r in SPREAD_RULES if r != rule][0])[0]
   lo, hi = task.split.range("train")
@@ -387,7 +437,8 @@ def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
                  "max_slices": int(max_slices), "mask_seed_base": int(seed), "version": VERSION,
                  "spread_rule": rule, "spread_scale_other_rule": other,
                  "cells": {g: int(scores[g][0].size) for g in GROUPS},
-                 "seconds": round(time.perf_counter() - start, 1)})
+                 "seconds": round(time.perf_counter() - start, 1)},
+      by_pattern=by_pattern)
   logging.info("calibration fitted on %s (%d slices x %d patterns, %.0f s): spread scales %s, "
                "90%% interval scales %s", split, len(slices), len(pattern_specs),
                cal.fitted_on["seconds"], {g: round(v, 3) for g, v in spread.items()},

@@ -34,6 +34,7 @@ import numpy as np
 
 from diffrecon_jax import diffusion
 from diffrecon_jax import prior as prior_lib
+from diffrecon_jax.baselines import climatology_choice
 
 Array = jax.Array
 # Training phases in order (Sec. IV-E): pre-train each stage, then train both jointly.
@@ -166,7 +167,8 @@ def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
       task, per_cell=per_cell, local=bool(d.get("guess_local_level", False)),
       local_sigma=float(d.get("guess_local_sigma", 0.0)),
       local_shrink=float(d.get("guess_local_shrink", 1.0)),
-      slot_sigma_minutes=float(d.get("prior_slot_sigma_minutes", 0.0))
+      slot_sigma_minutes=float(d.get("prior_slot_sigma_minutes", 0.0)),
+      table=climatology_choice.resolve_table(config, task)["table"]
   ) if uses_prior(config) else None
   return build_models(config, task.scale, task.stats, task.series.aggregation, prior)
 

@@ -184,7 +184,8 @@ class DiffReconMethod:
       slices = np.asarray(slices)
       rec = self.calibration.apply(
           rec, view.mask[slices], view.scale, view.aggregation,
-          unseen=calibration_lib.unseen_cells(view.mask, slices, view.history))
+          unseen=calibration_lib.unseen_cells(view.mask, slices, view.history),
+          pattern=getattr(view, "pattern", ""))
     return rec
 
   def _start(self, view, slices) -> tuple:

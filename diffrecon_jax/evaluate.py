@@ -54,6 +54,8 @@ class ObservedTask:
     train_fine: (split.val_start, N*I, N*J, C) float32 physical fine truth of the train split
       only (NaN = unobserved).
     train_coarse: (split.val_start, I, J, C) float32 physical pooled truth of the train split only.
+    pattern: the evaluation pattern `mask` was drawn from ("fixed:0.8"; "" when unknown, as for
+      a user's file): a method may keep settings per pattern (`calibration.by_pattern`).
   """
   name: str
   coarse_obs: np.ndarray
@@ -69,6 +71,7 @@ class ObservedTask:
   fine_norm: pipeline.Normalizer
   train_fine: np.ndarray
   train_coarse: np.ndarray
+  pattern: str = ""
 
   @property
   def coarse_shape(self) -> tuple:
@@ -108,8 +111,9 @@ def hide(task, mask: np.ndarray) -> np.ndarray:
   return np.where(mask[..., None] > 0, task.coarse_phys, np.nan).astype(np.float32)
 
 
-def observe(task, mask: np.ndarray) -> ObservedTask:
-  """The `ObservedTask` of `task` (pipeline.TaskData) under `mask` (T, I, J), 1 = observed.
+def observe(task, mask: np.ndarray, pattern: str = "") -> ObservedTask:
+  """The `ObservedTask` of `task` (pipeline.TaskData) under `mask` (T, I, J), 1 = observed,
+  drawn from evaluation pattern `pattern` (a spec; "" = unknown).
 
   Cells that are NaN in the data (`task.coarse_valid` == 0) are hidden whatever the mask says.
   """
@@ -125,7 +129,8 @@ def observe(task, mask: np.ndarray) -> ObservedTask:
       interval_minutes=int(series.interval_minutes), scale=int(task.scale),
       aggregation=series.aggregation, history=int(task.history), split=task.split,
       coarse_norm=task.coarse_norm, fine_norm=task.fine_norm,
-      train_fine=_readonly(task.fine_phys[lo:hi]), train_coarse=_readonly(task.coarse_phys[lo:hi]))
+      train_fine=_readonly(task.fine_phys[lo:hi]), train_coarse=_readonly(task.coarse_phys[lo:hi]),
+      pattern=str(pattern))
 
 
 def evaluation_slices(task, split: str, max_slices: int = 0, skip_slices: int = 0) -> tuple:
@@ -214,7 +219,7 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
       mdir.mkdir(parents=True, exist_ok=True)
       np.savez_compressed(mdir / f"{file_label(pattern.label)}.npz", mask=mask.astype(np.uint8),
                           seed=mseed)
-    view = observe(task, mask)
+    view = observe(task, mask, spec)
     fine_m, comp_m = metrics_lib.PooledMetrics(), metrics_lib.PooledMetrics()
     fine_raw = metrics_lib.PooledMetrics()  # the raw ensemble, when the method recalibrates
     start = time.perf_counter()
@@ -318,6 +323,9 @@ def results_document(task, method, results: list, seed: int, extra: dict = None)
       "seed": seed,
       "results": results,
   }
+  table = getattr(method, "calendar_table", None)
+  if table:  # the climatology's calendar table and how it was chosen (climatology_choice.py)
+    doc["calendar_table"] = dict(table)
   cal = getattr(method, "calibration", None)
   if cal is not None:  # recalibration fitted on the validation split (calibration.py)
     doc["calibration"] = cal.to_json()
@@ -341,8 +349,11 @@ def results_markdown(docs: list) -> str:
   for d in docs:
     s = d.get("sampler")
     desc = "deterministic" if not s else ", ".join(f"{k}={v}" for k, v in s.items())
+    table = d.get("calendar_table")
     lines.append(f"- `{d['method']}`: {desc}; mask seed base {d['seed']}"
-                 + (f"; trained on {d['trained_on']}" if d.get("trained_on") else ""))
+                 + (f"; trained on {d['trained_on']}" if d.get("trained_on") else "")
+                 + (f"; calendar table `{table['table']}` ({table.get('chosen_by', '')})"
+                    if table else ""))
   lines += ["", "| pattern | missing | metric | " + " | ".join(d["method"] for d in docs) + " |",
             "|---|---|---|" + "---|" * len(docs)]
   metrics = [("MAE", "mae"), ("RMSE", "rmse"), ("completion MAE", "completion_mae"),

@@ -27,7 +27,7 @@ checkpoints of those phases (`ablations.SHARED_PHASES`) instead of training them
 Methods (`--methods`, comma-separated names or groups):
   references  interp, climatology
   baselines   srcnn, srresnet, urbanfm, fode, stcf, urbansta, diffuflow (those installed)
-  diffrecon   DiffRecon
+  diffrecon   DiffRecon, and prior (its climatology prior alone, no network)
   ablations   diffrecon and diffrecon-noPre, diffrecon-noJoint, diffrecon-noSTPointFormer,
               diffrecon-noTPatternNet, diffc-<net> for the paper's noFG networks
   all         every one of the above
@@ -58,6 +58,7 @@ from diffrecon_jax import run as run_lib
 from diffrecon_jax.baselines import supervised
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
+from diffrecon_jax.prior_method import PriorMethod
 
 REFERENCES = ("interp", "climatology")
 # The paper's seven baselines (Sec. V-A.4) in its column order; those this install has.
@@ -65,6 +66,9 @@ PAPER_BASELINES = ("srcnn", "srresnet", "urbanfm", "fode", "stcf", "urbansta", "
 # noFG replaces Diffusion-F by these (paper Fig. 9).
 NOFG_NETWORKS = ("srcnn", "urbanfm", "fode", "stcf")
 MAIN = "diffrecon"
+# DiffRecon's prior alone (prior_method.py), from the trained DiffRecon's own prior.npz: the
+# networks' contribution is the column difference.
+PRIOR = "prior"
 
 
 def baselines() -> tuple:
@@ -79,9 +83,9 @@ def ablation_methods() -> tuple:
 
 
 def groups() -> dict:
-  return {"references": REFERENCES, "baselines": baselines(), "diffrecon": (MAIN,),
+  return {"references": REFERENCES, "baselines": baselines(), "diffrecon": (MAIN, PRIOR),
           "ablations": (MAIN,) + ablation_methods(),  # compared with DiffRecon, reuse its phases
-          "all": REFERENCES + baselines() + (MAIN,) + ablation_methods()}
+          "all": REFERENCES + baselines() + (MAIN, PRIOR) + ablation_methods()}
 
 
 def parse_methods(spec: str) -> list:
@@ -200,6 +204,9 @@ def _evaluate(config, method_obj, task, out: pathlib.Path, seed: int) -> dict:
 def _trained_method(config, workdir: pathlib.Path, method: str, task, tag: str = "") -> tuple:
   """(task, method object) of `method` under `config`, trained first when it is a diffusion
   method (resuming its checkpoints; `tag`: its training-layout folder)."""
+  if config.method == PRIOR:  # DiffRecon's prior: trains (or reuses) DiffRecon itself
+    task_m, main = _trained_method(method_config(config, MAIN), workdir, MAIN, task, tag)
+    return task_m, PriorMethod(main.models.prior, task_m.history)
   if config.method == MAIN:
     tdir = training_dir(workdir, method, tag)
     _copy_shared_phases(workdir, method, tag)

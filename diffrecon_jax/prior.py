@@ -74,6 +74,7 @@ class Prior:
   residual_std_f: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1, np.float32))
   residual_absmax_c: float = 0.0
   residual_absmax_f: float = 0.0
+  table: str = ""  # the calendar table fitted (`climatology.TABLES`; "" in files from before it)
 
   def slots(self, timestamps: np.ndarray) -> np.ndarray:
     """(T,) datetime64 -> (T,) int32 climatology slot of each slice (from the calendar)."""
@@ -89,7 +90,8 @@ class Prior:
              scale=self.scale, level_decay=self.level_decay, ratio_clip=np.asarray(self.ratio_clip),
              local=self.local, local_sigma=self.local_sigma, local_shrink=self.local_shrink,
              residual_std_c=self.residual_std_c, residual_std_f=self.residual_std_f,
-             residual_absmax_c=self.residual_absmax_c, residual_absmax_f=self.residual_absmax_f)
+             residual_absmax_c=self.residual_absmax_c, residual_absmax_f=self.residual_absmax_f,
+             table=self.table)
 
   @classmethod
   def load(cls, path, stats: dict) -> "Prior":
@@ -104,7 +106,8 @@ class Prior:
                                                              "local_shrink") if k in z},
                  residual_std_c=z["residual_std_c"], residual_std_f=z["residual_std_f"],
                  residual_absmax_c=float(z["residual_absmax_c"]),
-                 residual_absmax_f=float(z["residual_absmax_f"]))
+                 residual_absmax_f=float(z["residual_absmax_f"]),
+                 table=str(z["table"]) if "table" in z else "")
 
 
 PRIOR_FILE = "prior.npz"
@@ -130,22 +133,24 @@ def smooth_over_slots(table: np.ndarray, interval_minutes: int, sigma_minutes: f
 
 def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: bool = False,
               local_sigma: float = 0.0, local_shrink: float = 1.0,
-              slot_sigma_minutes: float = 0.0) -> Prior:
+              slot_sigma_minutes: float = 0.0, table: str = "auto") -> Prior:
   """The climatology of `task`'s training split (pipeline.TaskData), as the baseline fits it
-  (then smoothed over neighbouring slots with `slot_sigma_minutes` > 0: `smooth_over_slots`),
-  with the statistics of the residuals it leaves (`residual_stats`, per cell if `per_cell`);
-  `local`, `local_sigma`, `local_shrink`: the `Prior` fields of the stage-1 guess's level."""
+  with calendar `table` (`climatology.fit_climatology`; the evaluation's `climatology`
+  reference uses the same table: `climatology_choice.resolve_table`), then smoothed over
+  neighbouring slots with `slot_sigma_minutes` > 0 (`smooth_over_slots`), with the statistics of
+  the residuals it leaves (`residual_stats`, per cell if `per_cell`); `local`, `local_sigma`,
+  `local_shrink`: the `Prior` fields of the stage-1 guess's level."""
   n_train = int(task.split.val_start)
   fine, period = clim_lib.fit_climatology(task.fine_phys[:n_train],
                                           task.series.timestamps[:n_train],
-                                          task.time_axis.interval_minutes)
+                                          task.time_axis.interval_minutes, table)
   fine = smooth_over_slots(fine, int(task.time_axis.interval_minutes), slot_sigma_minutes)
   coarse = coarsen_lib.coarsen(fine, int(task.scale), task.series.aggregation)
   prior = Prior(fine=fine.astype(np.float32), coarse=coarse.astype(np.float32), period=period,
                 interval_minutes=int(task.time_axis.interval_minutes),
                 aggregation=task.series.aggregation, scale=int(task.scale), stats=task.stats,
                 level_decay=float(level_decay), local=bool(local), local_sigma=float(local_sigma),
-                local_shrink=float(local_shrink))
+                local_shrink=float(local_shrink), table=str(table))
   return dataclasses.replace(prior, **residual_stats(prior, task, per_cell=per_cell))
 
 

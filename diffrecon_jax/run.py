@@ -30,10 +30,11 @@ from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import parallel
 from diffrecon_jax import train as train_lib
 from diffrecon_jax import user_reconstruct
-from diffrecon_jax.baselines import climatology, interp, supervised
+from diffrecon_jax.baselines import climatology, climatology_choice, interp, supervised
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.diffrecon_method import DiffReconMethod
+from diffrecon_jax.prior_method import PriorMethod
 
 MODES = ("train", "evaluate", "train_and_evaluate", "reconstruct")
 BASELINES = {"interp": interp.InterpBaseline, "climatology": climatology.ClimatologyBaseline}
@@ -91,6 +92,7 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
   `figures`, the main method's figures go to workdir/figures."""
   docs = []
   for m in methods:
+    climatology_choice.prepare_reference(m, config, task)  # its calendar table, chosen on val
     res = evaluate_lib.evaluate_method(
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
@@ -142,8 +144,17 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   if mode == "reconstruct":
     return [reconstruct_to_files(saved_config, workdir, task, method)]
   extra = {"trained_on": list(saved_config.patterns.train)}
-  references = [BASELINES[name]() for name in REFERENCES]
-  return evaluate_methods(saved_config, workdir, task, [method] + references, extra)
+  return evaluate_methods(saved_config, workdir, task, [method] + references_for(method, task),
+                          extra)
+
+
+def references_for(method, task) -> list:
+  """The deterministic references scored beside a trained DiffRecon `method`: its own prior
+  without the networks (`prior`, when the model has one: the networks' contribution is the
+  column difference), then `REFERENCES`."""
+  prior = getattr(getattr(method, "models", None), "prior", None)
+  own = [PriorMethod(prior, task.history)] if prior is not None else []
+  return own + [BASELINES[name]() for name in REFERENCES]
 
 
 def _evaluated_elsewhere() -> list:
@@ -155,7 +166,7 @@ def _evaluated_elsewhere() -> list:
 # Chosen at evaluate time: these replace the checkpoint's saved values whole (the noFG
 # ablation's fine network is trained when evaluated, like the supervised baselines).
 EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baselines",
-                        "ablation_fine_network")
+                        "ablation_fine_network", "climatology")
 
 
 def load_method(config, workdir: str) -> tuple:

@@ -4,6 +4,7 @@ evaluates beside `interp`, and a second command reconstructs from the workdir al
 Tiny models and a few steps: this checks the wiring, not the accuracy (the README's table does).
 """
 import json
+import re
 import os
 import subprocess
 import sys
@@ -64,12 +65,14 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
     for key in ("coverage_50", "coverage_90", "coverage_90_hidden", "coverage_90_raw"):
       assert 0.0 <= r[key] <= 1.0, (key, r)
     assert sum(r["rank_histogram"]) > 0 and len(r["rank_histogram"]) == 3
-  for name in ("climatology", "interp"):  # the references, on the same masks
+  for name in ("prior", "climatology", "interp"):  # the references, on the same masks
     ref = json.loads((wd / f"results_{name}.json").read_text())
     assert ref["method"] == name and len(ref["results"]) == 2 and ref["sampler"] is None
     assert all(r["crps"] == r["mae"] for r in ref["results"])  # point forecasts
   md = (wd / "results.md").read_text()
-  assert "| diffrecon | climatology | interp |" in md and "CRPS" in md
+  assert "| diffrecon | prior | climatology | interp |" in md and "CRPS" in md
+  # The calendar table ("auto": chosen on the validation split) is named in results.md.
+  assert re.search(r"`climatology`: .*calendar table `(day|week|blend:[0-9.]+)` \(validation MAE\)", md)
 
   # --mode=reconstruct needs nothing but the workdir's checkpoints (and the data).
   _main(tmp_path, "--mode=reconstruct")

@@ -150,6 +150,25 @@ def test_apply_scales_spread_per_group_and_keeps_exact_pooling():
   assert np.mean(c_hi[~observed] > c_lo[~observed]) > 0.5
 
 
+def test_a_pattern_gets_its_own_scales_and_others_the_pooled_ones():
+  task, _, mask, slices, rec = _reconstruct(_members_config(n_samples=4))
+  cal = _toy_calibration()
+  cal.by_pattern = {"fixed:0.8": {"spread_scale": {"fine_hidden": 4.0},
+                                  "interval_scale": {}, "std_floor": {}}}
+  own = cal.for_pattern("fixed:0.8")
+  assert own.spread_scale == {"fine_hidden": 4.0, "fine_observed": 0.5}  # observed: pooled
+  assert cal.for_pattern("random:0.8") is cal and cal.for_pattern("") is cal
+  hidden = np.broadcast_to(metrics.hidden_fine_cells(mask[slices], task.scale),
+                           rec["fine"].shape)
+  raw = rec["samples"]
+  big = raw.std(axis=0) > 1e-2
+  for pattern, k in (("fixed:0.8", 4.0), ("random:0.8", 2.0), (None, 2.0)):
+    members = cal.apply(rec, mask[slices], task.scale, "sum", pattern=pattern)["samples"]
+    ratio = members.std(axis=0) / np.maximum(raw.std(axis=0), 1e-9)
+    np.testing.assert_allclose(ratio[hidden & big], k, rtol=1e-3)
+    np.testing.assert_allclose(ratio[~hidden & big], 0.5, rtol=1e-3)
+
+
 def _test_values_changed(task):
   """A copy of `task` whose test split (fine and coarse truth) holds other values."""
   lo, hi = task.split.range("test")
@@ -177,6 +196,9 @@ def test_calibration_is_fitted_on_the_validation_split_only():
       calibration.GROUPS)
   assert all(v > 0 for v in a.spread_scale.values())
   assert a.fitted_on["cells"]["fine_hidden"] > 0
+  assert set(a.by_pattern) == set(specs)  # and each pattern alone, on the same cells
+  assert a.by_pattern["fixed:0.4"]["spread_scale"]["fine_observed"] > 0
+  assert a.by_pattern["random:0.4"]["spread_scale"] != a.by_pattern["fixed:0.4"]["spread_scale"]
   with pytest.raises(ValueError, match="validation split only"):
     calibration.fit(method, task, specs, seed=1, split="test", max_slices=6)
 

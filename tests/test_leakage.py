@@ -22,8 +22,21 @@ from tests import _train_helpers as helpers
 METHOD_FACTORIES = [
     ("interp", lambda task: interp.InterpBaseline()),
     ("climatology", lambda task: climatology.ClimatologyBaseline()),
-    ("diffrecon", lambda task: helpers.tiny_diffrecon(task=task)),  # tiny, freshly initialised
+    ("diffrecon", lambda task: helpers.tiny_diffrecon(config=_fixed_table_config(), task=task)),
 ]
+
+
+def _fixed_table_config():
+  """The tiny DiffRecon config (3 DDIM steps, batches of 8) with its prior's calendar table
+  fixed. With "auto" the table is chosen on the validation split when the model is built for
+  training (tests/test_climatology_choice.py: never on the test split) and saved with the prior,
+  so a trained model's table is fixed before any evaluation; here the model is rebuilt from the
+  poisoned task, which a trained one never is."""
+  config = helpers.tiny_config()
+  config.sampling.steps = 3
+  config.eval.batch_size = 8
+  config.climatology.table = "week"
+  return config
 PATTERNS = ("random:0.4", "large_scale:0.25")
 N_SLICES = 8  # test slices per evaluation (DiffRecon completes these and their history)
 
@@ -107,7 +120,7 @@ class _Zeros:
 
 VIEW_FIELDS = {"name", "coarse_obs", "mask", "external", "timestamps", "interval_minutes",
                "scale", "aggregation", "history", "split", "coarse_norm", "fine_norm",
-               "train_fine", "train_coarse"}
+               "train_fine", "train_coarse", "pattern"}  # pattern: the spec, e.g. "random:0.4"
 
 
 def test_the_view_holds_only_what_the_contract_shows():
@@ -120,6 +133,7 @@ def test_the_view_holds_only_what_the_contract_shows():
   for spec, view in zip(PATTERNS, method.views):
     assert isinstance(view, evaluate.ObservedTask)
     assert {f.name for f in dataclasses.fields(view)} == VIEW_FIELDS
+    assert view.pattern == spec  # what per-pattern calibration keys on
     mask, _ = evaluate.eval_mask(task, evaluate.patterns_lib.parse_pattern(spec), 0)
     np.testing.assert_array_equal(view.mask, mask)
     hidden = np.broadcast_to((mask == 0)[..., None], view.coarse_obs.shape)

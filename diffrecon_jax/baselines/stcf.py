@@ -1,5 +1,6 @@
-"""STCF (Qu, Liu, Yu, Wang, Liu et al.: "Forecasting Fine-Grained Urban Flows via
-Spatio-Temporal Contrastive Self-Supervision", IEEE TKDE 2022) as a deterministic baseline.
+"""STCF (X. Xu, Z. Wang, Q. Gao, T. Zhong, B. Hui, F. Zhou, G. Trajcevski: "Spatial-temporal
+contrasting for fine-grained urban flow inference", IEEE Transactions on Big Data 2023; the
+DiffRecon paper's reference [23]) as a deterministic baseline.
 
 STCF pre-trains two encoders of the coarse maps without labels, by contrast, then fine-tunes a
 network that integrates their features into fine-grained inference:

@@ -1,5 +1,7 @@
-"""UrbanSTA (Xu et al.: "Spatio-temporal attention for fine-grained urban flow inference with
-missing data") as a deterministic baseline: a completion network (STA), then a fine-grained
+"""UrbanSTA (R. Wang, Y. Liu, Y. Gong, W. Liu, M. Chen, Y. Yin, Y. Zheng: "Fine-grained urban
+flow inference with unobservable data via spacetime attraction learning", IEEE ICDM 2023; the
+DiffRecon paper's reference [13]) as a deterministic baseline, as the DiffRecon paper describes
+it: a completion network (STA) with a spatiotemporal attention encoder, then a fine-grained
 inference network (FIN), trained separately and then jointly.
 
 STA: the window of `history + 1` coarse maps ending at the current slice, hidden cells zero-filled
