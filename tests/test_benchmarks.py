@@ -84,3 +84,47 @@ def test_tiny_benchmark_run_writes_every_section(tmp_path):
                 "## Default config", "## Default config: train step",
                 "## Default config: sampling", "## Default config: whole test split"):
     assert title in md, title
+
+
+def test_eval_time_copies_the_checkpoints_without_results_and_refuses_an_untrained_workdir(
+    tmp_path):
+  import pytest
+  from benchmarks import eval_time
+  src = tmp_path / "wd"
+  for name in ("joint/1/x", "stage_c/1/x", "prior.npz", "config.json", "results.json",
+               "results_prior.json", "results.md", "calibration.json", "masks/a.npz",
+               "figures/f.png"):
+    (src / name).parent.mkdir(parents=True, exist_ok=True)
+    (src / name).write_text("x")
+  eval_time.copy_workdir(src, tmp_path / "copy")
+  kept = sorted(str(p.relative_to(tmp_path / "copy")) for p in (tmp_path / "copy").rglob("*")
+                if p.is_file())
+  # The checkpoints, prior and config travel; nothing an evaluation writes is read back.
+  assert kept == ["config.json", "joint/1/x", "prior.npz", "stage_c/1/x"]
+  with pytest.raises(SystemExit, match="no joint/ checkpoints"):
+    eval_time.main([f"--workdir={tmp_path / 'copy' / 'stage_c'}", "--config=configs/nytaxi.py",
+                    f"--out={tmp_path / 'out'}"])
+
+
+def test_stage2_split_error_ignores_the_level_and_scores_the_split():
+  import numpy as np
+  from benchmarks import stage2_inputs
+  from diffrecon_jax.data import coarsen
+  rng = np.random.default_rng(0)
+  truth = rng.gamma(2.0, 3.0, size=(3, 4, 4, 2)).astype(np.float32)
+  truth_c = coarsen.coarsen(truth, 2, "sum")
+  # The right shares at twice the level: the split error is zero, the fine error is not.
+  hidden = np.zeros((3, 4, 4, 1), bool)
+  hidden[:, :2, :2] = True
+  s = stage2_inputs.score(2 * truth, truth, truth_c, hidden, 2, "sum")
+  assert s["split_mae"] < 1e-5 and s["fine_mae"] > 1.0
+  # A block the estimate leaves empty is split evenly, so it still pools to the truth.
+  empty = truth.copy()
+  empty[0, :2, :2] = 0.0
+  rescaled = stage2_inputs.rescaled_to_truth(empty, truth_c, 2, "sum")
+  np.testing.assert_allclose(coarsen.coarsen(rescaled, 2, "sum"), truth_c, rtol=1e-5)
+  np.testing.assert_allclose(rescaled[0, :2, :2], np.broadcast_to(truth_c[0, 0, 0] / 4, (2, 2, 2)),
+                             rtol=1e-5)
+  # Wrong shares are charged, under the hidden blocks too.
+  swapped = truth[:, ::-1]
+  assert stage2_inputs.score(swapped, truth, truth_c, hidden, 2, "sum")["split_mae_hidden"] > 0.1
