@@ -5,13 +5,14 @@
   python -m diffrecon_jax.data.example_grid observed.nc --coarsen 2 --last 48 --nan-fraction 0.3
 
 The file holds the embedded NYC Citi Bike flows (Lin et al., KDD 2020; Aug-Oct 2016, 30 min,
-14 x 8 cells, inflow and outflow) as a variable `flow` (time, y, x, channel) with a CF time
-coordinate, the layout most users' exports have. `--drop-every K` removes every K-th slice
+14 x 8 cells, inflow and outflow; `--dataset nytaxi`: the embedded NYC taxi flows, Jan-Mar 2016,
+16 x 12 cells) as a variable `flow` (time, y, x, channel) with a CF time coordinate, the layout
+most users' exports have. `--drop-every K` removes every K-th slice
 (sensor outages: holes in the time axis) and `--nan-fraction F` sets a fraction F of the cells
 of every slice to NaN (unobserved), so the gap and missing-value paths can be tried on real
 values. `--coarsen N` writes the coarse maps instead (N x N blocks summed; NetCDF gets `y` / `x`
 coordinates: the coarse cell centres in fine-grid rows / columns) with the NaN cells drawn on the
-coarse grid, and `--last K` keeps the last K slices: an incomplete coarse file of the kind
+coarse grid, and `--last K` keeps the last K slices (`--first K` the first K): an incomplete coarse file of the kind
 `--mode=reconstruct --config.reconstruct.input=...` reads. Nothing here is read by the training
 code; it only writes files.
 """
@@ -68,13 +69,21 @@ def write_grid(series: SpatioTemporalSeries, path, variable: str = "flow",
   return path
 
 
+DATASETS = {"nybike": nyc_dsan.load_nybike, "nytaxi": nyc_dsan.load_nytaxi}
+
+
 def example_series(drop_every: int = 0, nan_fraction: float = 0.0, seed: int = 0,
-                   coarsen: int = 1, last: int = 0) -> SpatioTemporalSeries:
-  """The embedded nybike series, optionally pooled to coarse maps by `coarsen` = N (sums of
-  N x N blocks), with every `drop_every`-th slice removed, a fraction `nan_fraction` of the
-  cells of each slice set to NaN (seeded; coarse cells when coarsened) and only the `last`
-  slices kept (0: all)."""
-  s = nyc_dsan.load_nybike()
+                   coarsen: int = 1, last: int = 0, first: int = 0,
+                   dataset: str = "nybike") -> SpatioTemporalSeries:
+  """The embedded `dataset` series (nybike or nytaxi), optionally pooled to coarse maps by
+  `coarsen` = N (sums of N x N blocks), with every `drop_every`-th slice removed, a fraction
+  `nan_fraction` of the cells of each slice set to NaN (seeded; coarse cells when coarsened)
+  and only the `last` (or the `first`) slices kept (0: all)."""
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+  if first > 0 and last > 0:
+    raise ValueError("give `first` or `last`, not both")
+  s = DATASETS[dataset]()
   values, stamps = s.values.copy(), s.timestamps
   if coarsen > 1:
     values = coarsen_lib.coarsen(values, coarsen, s.aggregation)
@@ -87,6 +96,8 @@ def example_series(drop_every: int = 0, nan_fraction: float = 0.0, seed: int = 0
     keep[drop_every - 1::drop_every] = False
   if last > 0:
     keep[:-last] = False
+  if first > 0:
+    keep[first:] = False
   return SpatioTemporalSeries(
       name="example", values=values[keep], timestamps=stamps[keep], external=s.external[keep],
       external_names=s.external_names, aggregation=s.aggregation, units=s.units,
@@ -102,13 +113,19 @@ def main(argv=None) -> None:
   p.add_argument("--coarsen", type=int, default=1,
                  help="write coarse maps: sums of N x N blocks (1: the fine grid)")
   p.add_argument("--last", type=int, default=0, help="keep only the last K slices (0: all)")
+  p.add_argument("--first", type=int, default=0, help="keep only the first K slices (0: all)")
+  p.add_argument("--dataset", default="nybike", choices=sorted(DATASETS),
+                 help="the embedded dataset to write")
   args = p.parse_args(argv)
   if not 0.0 <= args.nan_fraction < 1.0:
     p.error(f"--nan-fraction must be in [0, 1), got {args.nan_fraction}")
-  if args.coarsen < 1 or args.last < 0:
-    p.error(f"--coarsen must be >= 1 and --last >= 0, got {args.coarsen} and {args.last}")
+  if args.coarsen < 1 or args.last < 0 or args.first < 0:
+    p.error(f"--coarsen must be >= 1 and --last, --first >= 0, got {args.coarsen}, {args.last} "
+            f"and {args.first}")
+  if args.last and args.first:
+    p.error("give --first or --last, not both")
   series = example_series(args.drop_every, args.nan_fraction, coarsen=args.coarsen,
-                          last=args.last)
+                          last=args.last, first=args.first, dataset=args.dataset)
   n = args.coarsen
   coords = None
   if n > 1:  # coarse cell centres in fine-grid rows / columns: refined by N they are 0, 1, ...
