@@ -124,10 +124,30 @@ def ablation_means(csv_name: str, methods: List[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def datasets_table(stems: List[str]) -> str:
+  """One row per dataset (docs/results/<stem>_*.json): mean MAE of DiffRecon, its prior and the
+  references, the patterns where DiffRecon's MAE / RMSE is below both prior and climatology,
+  and the range of its 90% coverage."""
+  lines = [_row(("dataset", "DiffRecon mean MAE", "prior", "climatology", "interp",
+                 "patterns where DiffRecon's MAE / RMSE is below prior and climatology",
+                 "90% coverage")), _rule(7)]
+  for stem in stems:
+    d, p, c, i = (_results(stem, m) for m in ("diffrecon", "prior", "climatology", "interp"))
+    mean = lambda rows: sum(r["mae"] for r in rows) / len(rows)
+    wins = lambda k: sum(a[k] < min(b[k], e[k]) for a, b, e in zip(d, p, c))
+    cov = [r["coverage_90"] for r in d]
+    name = stem[:-len("_main")] if stem.endswith("_main") else stem
+    lines.append(_row([f"`{name}`", f"{mean(d):.3f}", f"{mean(p):.3f}", f"{mean(c):.3f}",
+                       f"{mean(i):.2f}", f"{wins('mae')} / {wins('rmse')} of {len(d)}",
+                       f"{min(cov):.2f}-{max(cov):.2f}"]))
+  return "\n".join(lines) + "\n"
+
+
 TABLES: Dict[str, Callable[[], str]] = {
     "nytaxi_main": lambda: main_table("nytaxi_main"),
     "nybike_main": lambda: main_table("nybike_main"),
     "nytaxi_interp": lambda: reference_table("nytaxi_main", "interp"),
+    "more_datasets": lambda: datasets_table(["bikenyc14_main"]),
     "nytaxi_comparison": lambda: copied_table("nytaxi_comparison.md"),
     "nybike_comparison": lambda: copied_table("nybike_comparison.md"),
     "nytaxi_ablations": lambda: ablation_means(
