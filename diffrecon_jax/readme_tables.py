@@ -147,7 +147,7 @@ TABLES: Dict[str, Callable[[], str]] = {
     "nytaxi_main": lambda: main_table("nytaxi_main"),
     "nybike_main": lambda: main_table("nybike_main"),
     "nytaxi_interp": lambda: reference_table("nytaxi_main", "interp"),
-    "more_datasets": lambda: datasets_table(["bikenyc14_main"]),
+    "more_datasets": lambda: datasets_table(["bikenyc14_main", "ncep_air_main"]),
     "nytaxi_comparison": lambda: copied_table("nytaxi_comparison.md"),
     "nybike_comparison": lambda: copied_table("nybike_comparison.md"),
     "nytaxi_ablations": lambda: ablation_means(
