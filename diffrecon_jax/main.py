@@ -9,6 +9,8 @@ Several hosts without a cluster manager: the same command on every host, plus
 (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); Cloud TPU pod slices, SLURM
 and Open MPI jobs are detected without them.
 """
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -17,6 +19,7 @@ from ml_collections import config_flags
 
 from diffrecon_jax import console
 from diffrecon_jax import parallel
+from diffrecon_jax import preemption
 from diffrecon_jax import run
 from diffrecon_jax.data.series import DataError
 from diffrecon_jax.train import CheckpointError
@@ -56,6 +59,11 @@ def main(argv):
   log_path = console.setup(workdir, jax.process_index())
   try:
     run.run(_CONFIG.value, workdir, _MODE.value)
+  except preemption.Preempted as e:
+    # Not an error: the machine is being taken back. The checkpoint is written; a scheduler (or
+    # the user) reruns the same command, which resumes from it.
+    logging.warning("diffrecon_jax: %s", e)
+    sys.exit(preemption.EXIT_CODE)
   except (ValueError, FileNotFoundError, CheckpointError) as e:
     # Bad data, a bad setting or a damaged workdir is the user's to fix: one line saying what
     # and how on the console; the traceback goes to the log file for whoever debugs it.

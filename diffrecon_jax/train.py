@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from diffrecon_jax import console
 from diffrecon_jax import diffrecon
 from diffrecon_jax import parallel
+from diffrecon_jax import preemption
 from diffrecon_jax import prior as prior_lib
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
@@ -436,6 +437,7 @@ class _Phase:
   base_meta: dict
   workdir: epath.Path
   copy_state: Callable
+  watcher: preemption.Watcher
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
@@ -478,46 +480,48 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
 
   state: Optional[TrainState] = None
   summary = {}
-  for p_idx, phase in enumerate(PHASES):
-    total = int(tc[_STEPS_FIELD[phase]])
-    optimizer = make_optimizer(phase, tc)
-    start_fn = lambda p, e, k, opt=optimizer: phase_start_state(opt, p, e, k)
-    abstract = _with_sharding(
-        jax.eval_shape(start_fn, abstract_params, abstract_params, base_key), repl)
-    mngr = _manager(workdir, phase, int(tc.keep_checkpoints))
-    try:
-      latest, restored, meta = _restore_for_resume(mngr, phase, abstract, workdir)
-      if latest is not None:
-        if meta.get("config") != base_meta["config"]:
-          logging.warning("[%s] the checkpoint's config differs from the current one; "
-                          "resuming anyway", phase)
-        state = copy_state(restored)  # jit outputs: reliably donatable.
-        if meta.get("finished"):
-          logging.info("[%s] finished earlier (step %d); skipped", phase, latest)
-          summary[phase] = {"start_step": latest, "end_step": latest, "total": total,
-                            "skipped": True, "last": None}
-          continue
-        logging.info("[%s] resuming from step %d/%d", phase, latest, total)
-      else:
-        if state is None:
-          # EMA starts at the initial parameters; a separate buffer since the state is donated.
-          params, ema = jax.jit(
-              lambda k: (lambda p: (p, jax.tree_util.tree_map(jnp.copy, p)))(
-                  diffrecon.init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
-              out_shardings=repl)(jax.random.fold_in(base_key, 0))
+  # SIGTERM (spot VMs, Colab) saves at the step reached and stops (preemption.py).
+  with preemption.Watcher() as watcher:
+    for p_idx, phase in enumerate(PHASES):
+      total = int(tc[_STEPS_FIELD[phase]])
+      optimizer = make_optimizer(phase, tc)
+      start_fn = lambda p, e, k, opt=optimizer: phase_start_state(opt, p, e, k)
+      abstract = _with_sharding(
+          jax.eval_shape(start_fn, abstract_params, abstract_params, base_key), repl)
+      mngr = _manager(workdir, phase, int(tc.keep_checkpoints))
+      try:
+        latest, restored, meta = _restore_for_resume(mngr, phase, abstract, workdir)
+        if latest is not None:
+          if meta.get("config") != base_meta["config"]:
+            logging.warning("[%s] the checkpoint's config differs from the current one; "
+                            "resuming anyway", phase)
+          state = copy_state(restored)  # jit outputs: reliably donatable.
+          if meta.get("finished"):
+            logging.info("[%s] finished earlier (step %d); skipped", phase, latest)
+            summary[phase] = {"start_step": latest, "end_step": latest, "total": total,
+                              "skipped": True, "last": None}
+            continue
+          logging.info("[%s] resuming from step %d/%d", phase, latest, total)
         else:
-          params, ema = state.params, state.ema_params
-        state = jax.jit(start_fn, out_shardings=repl)(
-            params, ema, jax.random.fold_in(base_key, p_idx + 1))
-      ctx = _Phase(name=phase, total=total, models=models, optimizer=optimizer, train_cfg=tc,
-                   spec=spec, joint=joint, mesh=mesh, manager=mngr, base_meta=base_meta,
-                   workdir=workdir, copy_state=copy_state)
-      state, last = _run_phase(ctx, state, arrays)
-      summary[phase] = {"start_step": int(latest or 0), "end_step": total, "total": total,
-                        "skipped": False, "last": last}
-    finally:
-      mngr.wait_until_finished()
-      mngr.close()
+          if state is None:
+            # EMA starts at the initial parameters; a separate buffer since the state is donated.
+            params, ema = jax.jit(
+                lambda k: (lambda p: (p, jax.tree_util.tree_map(jnp.copy, p)))(
+                    diffrecon.init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
+                out_shardings=repl)(jax.random.fold_in(base_key, 0))
+          else:
+            params, ema = state.params, state.ema_params
+          state = jax.jit(start_fn, out_shardings=repl)(
+              params, ema, jax.random.fold_in(base_key, p_idx + 1))
+        ctx = _Phase(name=phase, total=total, models=models, optimizer=optimizer, train_cfg=tc,
+                     spec=spec, joint=joint, mesh=mesh, manager=mngr, base_meta=base_meta,
+                     workdir=workdir, copy_state=copy_state, watcher=watcher)
+        state, last = _run_phase(ctx, state, arrays)
+        summary[phase] = {"start_step": int(latest or 0), "end_step": total, "total": total,
+                          "skipped": False, "last": last}
+      finally:
+        mngr.wait_until_finished()
+        mngr.close()
   return {"state": state, "phases": summary, "workdir": str(workdir)}
 
 
@@ -553,6 +557,15 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
       last = log.flush(step) or last
     if step < total and k_every > 0 and step % k_every == 0:
       save(step, finished=False)
+    if step < total and ctx.watcher.stop_now(step, ctx.manager):
+      # Preempted (spot VM, Colab): keep every step done so far, then stop cleanly.
+      if log.n:
+        log.flush(step)
+      if k_every <= 0 or step % k_every:
+        save(step, finished=False)
+      ctx.manager.wait_until_finished()
+      logging.info("[%s] preempted at step %d/%d: checkpoint saved", phase, step, total)
+      raise preemption.Preempted(phase, step, total)
   if log.n:
     last = log.flush(step) or last
   save(total, finished=True)

@@ -74,6 +74,22 @@ def install_kill(phase: str, step: int, at: str) -> None:
     raise ValueError(f"--kill-at must be one of {KILL_AT}, got {at!r}")
 
 
+def install_sigterm(phase: str, step: int) -> None:
+  """Sends this process SIGTERM (as a spot VM's shutdown does) right after the compiled call
+  that ends at `step` of `phase` has been dispatched: `train.check_finite` runs once per call
+  with the step the call started from, so the signal arrives while training is mid-phase."""
+  from diffrecon_jax import train
+  original = train.check_finite
+
+  def check_finite(p, first_step, metrics):
+    original(p, first_step, metrics)
+    n = len(next(iter(metrics.values())))  # steps in this call
+    if p == phase and first_step + n == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  train.check_finite = check_finite
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("workdir")
@@ -83,6 +99,12 @@ def main() -> None:
   parser.add_argument("--kill-step", type=int, default=-1)
   parser.add_argument("--kill-at", default="before_save", choices=KILL_AT)
   parser.add_argument("--standins", action="store_true", help="stand-in denoisers")
+  parser.add_argument("--sigterm-phase", default="",
+                      help="send this process SIGTERM in this phase (with --sigterm-step)")
+  parser.add_argument("--sigterm-step", type=int, default=-1,
+                      help="... while the compiled call that reaches this step runs")
+  parser.add_argument("--checkpoint-every", type=int, default=2)
+  parser.add_argument("--steps-per-call", type=int, default=2)
   args = parser.parse_args()
 
   import jax
@@ -93,11 +115,20 @@ def main() -> None:
   logging.set_verbosity(logging.INFO)
   if args.kill_phase:
     install_kill(args.kill_phase, args.kill_step, args.kill_at)
+  if args.sigterm_phase:
+    install_sigterm(args.sigterm_phase, args.sigterm_step)
 
-  config = helpers.tiny_config(steps=tuple(int(s) for s in args.steps.split(",")))
+  config = helpers.tiny_config(steps=tuple(int(s) for s in args.steps.split(",")),
+                               steps_per_call=args.steps_per_call,
+                               checkpoint_every=args.checkpoint_every)
   task = helpers.tiny_task()
   models = (helpers.standin_models(config, task.scale) if args.standins else None)
-  out = train.train(config, args.workdir, task=task, models=models)
+  from diffrecon_jax import preemption
+  try:
+    out = train.train(config, args.workdir, task=task, models=models)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    raise SystemExit(preemption.EXIT_CODE) from None
   state = out["state"]
   flat = {}
   for prefix, tree in (("params", state.params), ("ema", state.ema_params)):
