@@ -28,6 +28,7 @@ from diffrecon_jax import calibration
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import parallel
+from diffrecon_jax import provenance
 from diffrecon_jax import train as train_lib
 from diffrecon_jax import user_reconstruct
 from diffrecon_jax.baselines import climatology, climatology_choice, interp, supervised
@@ -87,9 +88,10 @@ def baseline(name: str, config=None):
 
 
 def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
-                     figures: bool = True) -> list:
+                     figures: bool = True, origin: dict = None) -> list:
   """Scores `methods` (the first is the main one) and writes the results files; with
-  `figures`, the main method's figures go to workdir/figures."""
+  `figures`, the main method's figures go to workdir/figures; `origin` (`provenance.collect`)
+  goes into every document as `provenance`."""
   docs = []
   for m in methods:
     climatology_choice.prepare_reference(m, config, task)  # its calendar table, chosen on val
@@ -98,8 +100,11 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
         split=config.eval.split, max_slices=int(config.eval.max_slices),
         chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
         figures_dir=pathlib.Path(workdir) / "figures" if figures and m is methods[0] else None)
-    docs.append(evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
-                                              extra if m is methods[0] else None))
+    doc = evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
+                                        extra if m is methods[0] else None)
+    if origin:
+      doc["provenance"] = origin
+    docs.append(doc)
   evaluate_lib.write_results(workdir, docs)
   logging.info("wrote %s", pathlib.Path(workdir) / "results.md")
   return docs
@@ -114,8 +119,11 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   workdir = resolve_workdir(workdir)
   wd = pathlib.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
+  # What produced this run (versions, devices, commit, command), kept with its results.
+  origin = provenance.collect(mode=mode)
   if parallel.is_main_process():  # several processes: one writes the shared files.
     (wd / "config.json").write_text(config.to_json_best_effort(indent=1))
+    provenance.record(wd, origin)
   if config.method != "diffrecon":
     if mode in ("train", "reconstruct"):
       raise ValueError(f"method {config.method!r} has nothing to train or trains when it is "
@@ -123,7 +131,8 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     if not parallel.is_main_process():
       return _evaluated_elsewhere()
     task = pipeline.prepare_task(config)
-    return evaluate_methods(config, workdir, task, [baseline(config.method, config)])
+    return evaluate_methods(config, workdir, task, [baseline(config.method, config)],
+                            origin=origin)
   setup_compilation_cache(config)
   ablations.check(config)
   if mode in ("train", "train_and_evaluate"):
@@ -145,7 +154,7 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     return [reconstruct_to_files(saved_config, workdir, task, method)]
   extra = {"trained_on": list(saved_config.patterns.train)}
   return evaluate_methods(saved_config, workdir, task, [method] + references_for(method, task),
-                          extra)
+                          extra, origin=origin)
 
 
 def references_for(method, task) -> list:

@@ -69,6 +69,10 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
     ref = json.loads((wd / f"results_{name}.json").read_text())
     assert ref["method"] == name and len(ref["results"]) == 2 and ref["sampler"] is None
     assert all(r["crps"] == r["mae"] for r in ref["results"])  # point forecasts
+  # Every results file says what produced it; provenance.json keeps one entry per command.
+  assert doc["provenance"]["mode"] == "train_and_evaluate"
+  assert doc["provenance"]["packages"]["jax"] and doc["provenance"]["backend"] == "cpu"
+  assert json.loads((wd / "results_interp.json").read_text())["provenance"] == doc["provenance"]
   md = (wd / "results.md").read_text()
   assert "| diffrecon | prior | climatology | interp |" in md and "CRPS" in md
   # The calendar table ("auto": chosen on the validation split) is named in results.md.
@@ -76,6 +80,8 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
 
   # --mode=reconstruct needs nothing but the workdir's checkpoints (and the data).
   _main(tmp_path, "--mode=reconstruct")
+  runs = json.loads((wd / "provenance.json").read_text())["runs"]
+  assert [r["mode"] for r in runs] == ["train_and_evaluate", "reconstruct"]
   rec = np.load(wd / "reconstruction_random_0.4.npz")
   assert rec["fine"].shape == (6, 16, 12, 2) and rec["coarse"].shape == (6, 8, 6, 2)
   assert np.isfinite(rec["fine"]).all()
