@@ -44,7 +44,6 @@ from typing import Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
@@ -52,6 +51,7 @@ from ml_collections import config_flags
 from diffrecon_jax import ablations
 from diffrecon_jax import comparison
 from diffrecon_jax import console
+from diffrecon_jax import parallel
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import figures
 from diffrecon_jax import run as run_lib
@@ -370,7 +370,7 @@ def main(argv):
              else [int(_CONFIG.value.patterns.eval_mask_seed)])
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  log_path = console.setup(workdir, jax.process_index())
+  log_path = console.setup(workdir, parallel.process_index_for_logs())
   logging.info("experiments on %s: %s; mask seeds %s; workdir %s", _CONFIG.value.data.name,
                ", ".join(methods), seeds, workdir)
   try:

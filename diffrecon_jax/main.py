@@ -14,7 +14,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from diffrecon_jax import console
@@ -56,7 +55,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   # Library chatter (Orbax, absl, JAX) to workdir/log.txt; the project's lines on the console.
-  log_path = console.setup(workdir, jax.process_index())
+  log_path = console.setup(workdir, parallel.process_index_for_logs())
   try:
     run.run(_CONFIG.value, workdir, _MODE.value)
   except preemption.Preempted as e:

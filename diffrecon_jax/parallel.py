@@ -125,6 +125,13 @@ def maybe_initialize_distributed(env: Optional[dict] = None, *,
   return True
 
 
+def process_index_for_logs() -> int:
+  """This process's index without starting a JAX backend in a one-process run (0 there), so
+  the console filter (`console.setup`) is in place before JAX probes its backends and logs
+  ("Unable to initialize backend 'tpu'" on a machine without one)."""
+  return jax.process_index() if _initialized else 0
+
+
 def is_main_process() -> bool:
   """True on the one process that writes shared files (results, metrics, masks): process 0."""
   return jax.process_index() == 0

@@ -24,10 +24,10 @@ from typing import Dict, List, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 
 from diffrecon_jax import console
+from diffrecon_jax import parallel
 from diffrecon_jax import run as run_lib
 from diffrecon_jax import smoke
 from diffrecon_jax.data import example_grid
@@ -165,7 +165,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   workdir = run_lib.resolve_workdir(args.workdir)
-  log_path = console.setup(workdir, jax.process_index())
+  log_path = console.setup(workdir, parallel.process_index_for_logs())
   try:
     run_cases(base, workdir, cases, args.days)
   except (ValueError, FileNotFoundError) as e:

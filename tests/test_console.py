@@ -182,3 +182,18 @@ def test_a_long_phase_shows_about_ten_progress_lines_and_records_every_window(tm
   assert len(calls) == 80 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 80
   assert 9 <= len(shown) <= 11 and shown[0] == 100 and shown[-1] == 8000
   assert all(extra == console.FILE_ONLY for step, extra in calls if step not in shown)
+
+
+def test_jax_backend_probing_stays_off_the_console(tmp_path):
+  # Without JAX_PLATFORMS, JAX probes every backend it knows and logs "Unable to initialize
+  # backend 'tpu'" at INFO on a machine without one; the entry point must set the console filter
+  # before anything starts a backend, so that line goes to log.txt only.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = str(REPO_ROOT)
+  proc = subprocess.run([sys.executable, "-m", "diffrecon_jax.main", "--config=configs/nytaxi.py",
+                         f"--workdir={tmp_path / 'wd'}", "--mode=evaluate"], cwd=REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1  # nothing trained there: the one-line error
+  lines = (proc.stdout + proc.stderr).splitlines()
+  assert lines and all(l.startswith("diffrecon_jax: error:") for l in lines), proc.stderr
+  assert "xla_bridge" not in proc.stderr
