@@ -8,9 +8,12 @@ for it to be written and raises `Preempted`. The command line turns that into ex
 `EXIT_CODE` with a one-line message; the same command resumes from that checkpoint exactly (the
 compiled calls are a function of the step alone: `train._chunk`).
 
-Several processes: the processes must stop at the same step, so there the flag is not used;
-JAX's preemption service (started with `jax.distributed`, it receives the SIGTERM) and Orbax's
-`CheckpointManager.reached_preemption(step)` make every process agree on the step to stop at.
+Several processes: they must stop at one step (the save is collective), and a per-process flag
+would stop some and not others, so SIGTERM is not watched there and keeps its default action
+(the periodic checkpoints remain). JAX's preemption service and Orbax's
+`CheckpointManager.reached_preemption` could make every process agree on a step, but JAX's
+protocol needs one increasing counter across the three phases (each restarts at step 0) and
+Orbax's own saves report phase-local steps to it: not done yet.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import signal
 import threading
 from typing import Optional
 
+from absl import logging
 import jax
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, the user is invited to retry.
@@ -38,7 +42,7 @@ class Watcher:
 
   Single process: installs a SIGTERM handler (main thread only: elsewhere Python refuses to set
   one, and nothing is installed) and restores the previous handler on exit. Several processes:
-  installs nothing and asks Orbax (`stop_now`).
+  installs nothing (module docstring).
   """
 
   def __init__(self, signals: tuple = (signal.SIGTERM,)):
@@ -51,7 +55,9 @@ class Watcher:
     self.requested = signum
 
   def __enter__(self) -> "Watcher":
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if jax.process_count() > 1:
+      logging.warning("several processes: SIGTERM is not watched (periodic checkpoints only)")
+    elif threading.current_thread() is threading.main_thread():
       for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -61,11 +67,6 @@ class Watcher:
       signal.signal(sig, previous)
     self._previous.clear()
 
-  def stop_now(self, step: int, manager=None) -> bool:
-    """True when training should save at `step` and stop: a signal arrived (one process), or
-    every process reached Orbax's preemption sync point at `step` (several)."""
-    if self.requested is not None:
-      return True
-    if manager is not None and jax.process_count() > 1:
-      return bool(manager.reached_preemption(step))
-    return False
+  def stop_now(self) -> bool:
+    """True when training should save at the step it has reached and stop."""
+    return self.requested is not None

@@ -557,7 +557,7 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
       last = log.flush(step) or last
     if step < total and k_every > 0 and step % k_every == 0:
       save(step, finished=False)
-    if step < total and ctx.watcher.stop_now(step, ctx.manager):
+    if step < total and ctx.watcher.stop_now():
       # Preempted (spot VM, Colab): keep every step done so far, then stop cleanly.
       if log.n:
         log.flush(step)

@@ -65,7 +65,7 @@ def test_the_rerun_resumes_from_that_step_to_the_uninterrupted_parameters(runs):
 def test_watcher_sets_a_flag_instead_of_dying_and_restores_the_handler():
   before = signal.getsignal(signal.SIGTERM)
   with preemption.Watcher() as watcher:
-    assert not watcher.stop_now(0)
+    assert not watcher.stop_now()
     os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.requested == signal.SIGTERM and watcher.stop_now(1)
+    assert watcher.requested == signal.SIGTERM and watcher.stop_now()
   assert signal.getsignal(signal.SIGTERM) is before
