@@ -61,7 +61,7 @@ LEVELS = metrics_lib.LEVELS
 FINE_GROUPS = ("fine_observed", "fine_hidden", "fine_unseen")
 GROUPS = FINE_GROUPS + ("coarse_hidden",)
 FILE_NAME = "calibration.json"
-VERSION = 3  # of the fit (groups, rules, per-pattern scales): a calibration.json of another version is refitted
+VERSION = 4  # of the fit (groups, rules, per-pattern scales, fine weight): another version is refitted
 
 
 def unseen_cells(mask: np.ndarray, slices: np.ndarray, history: int) -> np.ndarray:
@@ -113,6 +113,10 @@ class Calibration:
   fitted_on: what it was fitted on (split, patterns, slices, cells per group, seconds).
   by_pattern: {pattern spec: {"spread_scale", "interval_scale", "std_floor"}} fitted on that
     evaluation pattern alone (its groups; a group it has no cells of takes the pooled values).
+  point_weights: {"coarse": {"weight", "val_mae", ...}, "fine": {...}}: the weights of
+    Diffusion-C's correction over the prior's first guess and of Diffusion-F's over the prior's
+    split in the point estimate, chosen first (`choose_point_weights`); the scales above are
+    fitted around the point they give.
   """
   spread_scale: dict
   interval_scale: dict
@@ -123,6 +127,8 @@ class Calibration:
   sampler: dict = dataclasses.field(default_factory=dict)
   fitted_on: dict = dataclasses.field(default_factory=dict)
   by_pattern: dict = dataclasses.field(default_factory=dict)
+  point_weights: dict = dataclasses.field(
+      default_factory=lambda: {"coarse": {"weight": 1.0}, "fine": {"weight": 1.0}})
 
   # -- applying -------------------------------------------------------------------------------
   def group(self, name: str) -> str:
@@ -261,11 +267,86 @@ def attach(method, config, workdir, task) -> None:
   if cal is None:
     logging.info("fitting the calibration on the validation split (%s slices, %d patterns)",
                  val_slices or "all", len(config.patterns.eval))
-    cal = fit(method, task() if callable(task) else task, tuple(config.patterns.eval),
-              seed=int(config.patterns.eval_mask_seed) + CALIBRATION_SEED_OFFSET,
-              max_slices=val_slices, rule=rule)
+    task = task() if callable(task) else task
+    specs, seed = tuple(config.patterns.eval), (int(config.patterns.eval_mask_seed)
+                                                + CALIBRATION_SEED_OFFSET)
+    weights = (choose_point_weights(method, task, specs, seed=seed, max_slices=val_slices)
+               if hasattr(method, "point_and_base") else None)
+    cal = fit(method, task, specs, seed=seed, max_slices=val_slices, rule=rule)
+    if weights:
+      cal.point_weights = weights
     logging.info("wrote %s", cal.save(workdir))
+  if hasattr(method, "point_and_base"):
+    method.coarse_weight = float(cal.point_weights["coarse"]["weight"])
+    method.fine_weight = float(cal.point_weights["fine"]["weight"])
   method.calibration = cal
+
+
+# Candidate weights of a network's correction over the prior (0 = the prior's first guess or
+# split, 1 = the network's full correction).
+WEIGHT_GRID = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
+
+
+def _best_weight(what: str, sums: np.ndarray, count: int, grid, start: float) -> dict:
+  """{"weight", "val_mae": {w: MAE}, "seconds"} of the lowest summed error, logged."""
+  mae = sums / max(count, 1)
+  best = int(np.argmin(mae))
+  out = {"weight": float(grid[best]), "val_mae": {str(w): round(float(m), 6)
+                                                  for w, m in zip(grid, mae)},
+         "seconds": round(time.perf_counter() - start, 1)}
+  logging.info("%s: weight %s (validation MAE %.4f there, %.4f at 1, %.4f at 0; %.0f s)", what,
+               out["weight"], mae[best], mae[-1], mae[0], out["seconds"])
+  return out
+
+
+def _weight_sums(method, task, pattern_specs, seed: int, max_slices: int, grid, pairs) -> tuple:
+  """Summed |base + w (estimate - base) - truth| for every w of `grid` over the validation
+  split under `pattern_specs`; pairs(view, slices) -> (estimate, base, truth, cells) arrays."""
+  slices, _ = evaluate_lib.evaluation_slices(task, "val", max_slices)
+  sums, count = np.zeros(len(grid)), 0
+  for spec in pattern_specs:
+    mask, _ = evaluate_lib.eval_mask(task, patterns_lib.parse_pattern(spec), seed)
+    view = evaluate_lib.observe(task, mask, spec)
+    for sl in evaluate_lib.contiguous_pieces(slices):
+      estimate, base, truth, cells = pairs(task, view, mask, sl)
+      keep = np.isfinite(truth) & cells
+      b, d, y = (np.asarray(a, np.float64)[keep] for a in (base, estimate - base, truth))
+      sums += [np.abs(b + w * d - y).sum() for w in grid]
+      count += int(keep.sum())
+  return sums, count
+
+
+def choose_point_weights(method, task, pattern_specs, *, seed: int, max_slices: int = 0,
+                         grid=WEIGHT_GRID) -> dict:
+  """Sets and returns the weights of the networks' corrections in the point estimate, each the
+  one of `grid` with the lowest validation MAE under `pattern_specs`: first Diffusion-C's over
+  the prior's first guess (completion MAE on the hidden coarse cells,
+  `method.completion_and_guess`), then, on completions so weighted, Diffusion-F's over the
+  prior's split (fine MAE, `method.point_and_base`). No members: two network passes per map.
+  On a long series the corrections help (weights 1); on a short one the networks can overfit
+  their few training weeks and do worse than the prior they correct, and smaller weights keep
+  what of their correction still helps. Returns {"coarse": {...}, "fine": {...}} (each
+  `_best_weight`). Only validation values are read."""
+  method.coarse_weight = method.fine_weight = 1.0
+  start = time.perf_counter()
+
+  def completions(task, view, mask, sl):
+    point, guess = method.completion_and_guess(view, sl)
+    return point, guess, task.coarse_phys[sl], (mask[sl] < 0.5)[..., None]
+
+  coarse = _best_weight("Diffusion-C's correction over the first guess", *_weight_sums(
+      method, task, pattern_specs, seed, max_slices, grid, completions), grid, start)
+  method.coarse_weight = coarse["weight"]
+  start = time.perf_counter()
+
+  def fine_maps(task, view, mask, sl):
+    fine, base = method.point_and_base(view, sl)
+    return fine, base, task.fine_phys[sl], True
+
+  fine = _best_weight("Diffusion-F's correction over the prior's split", *_weight_sums(
+      method, task, pattern_specs, seed, max_slices, grid, fine_maps), grid, start)
+  method.fine_weight = fine["weight"]
+  return {"coarse": coarse, "fine": fine}
 
 
 # ---- fitting ------------------------------------------------------------------------------------

@@ -653,11 +653,26 @@ def sample_coarse_members(models: Models, params_c, obs: Array, mask: Array, ext
                 known=(obs[:, -1] - guess) / scale, known_mask=m, share_noise_over_batch=True)
   members = jnp.where(m[None] > 0.5, obs[None, :, -1], out["samples"] * scale + guess)
   if settings.point == "posterior_mean":
-    residual = posterior_mean(models, models.c, params_c, cond, obs[:, -1].shape)
-    point = jnp.where(m > 0.5, obs[:, -1], residual * scale + guess)
+    point = _posterior_completion(models, params_c, cond, guess, obs, m)
   else:
     point = jnp.median(members, axis=0)
   return point, jnp.swapaxes(members, 0, 1)
+
+
+def _posterior_completion(models: Models, params_c, cond: dict, guess: Array, obs: Array,
+                          m: Array) -> Array:
+  """Diffusion-C's one-pass posterior completion (B,I,J,C): observed cells (m (B,I,J,1) = 1)
+  exact, hidden ones the estimate over the first guess."""
+  residual = posterior_mean(models, models.c, params_c, cond, obs[:, -1].shape)
+  return jnp.where(m > 0.5, obs[:, -1], residual * models.residual_scale("c") + guess)
+
+
+def point_coarse(models: Models, params_c, obs: Array, mask: Array, external: Array,
+                 slots: Optional[Array] = None) -> Array:
+  """Stage 1's point alone (`sample_coarse_members`' "posterior_mean" point, no members): obs
+  (B,t,I,J,C) normalised, mask (B,t,I,J), external (B,t,F), slots (B,t) -> (B,I,J,C)."""
+  cond, guess = coarse_condition(models, obs, mask, external, slots)
+  return _posterior_completion(models, params_c, cond, guess, obs, mask[:, -1, ..., None])
 
 
 def point_fine(models: Models, params_f, coarse: Array, external: Array,

@@ -30,6 +30,7 @@ import concurrent.futures
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffrecon_jax import calibration as calibration_lib
@@ -76,10 +77,94 @@ class DiffReconMethod:
     self._stage_f_members = jax.jit(
         lambda p, point_win, member_win, ext, slots, rng: diffrecon.sample_fine_members(
             models, p, point_win, member_win, ext, rng, settings, clip[1], slots[:, -1]))
+    # The point path alone (no members): Diffusion-C's one-pass completion, then Diffusion-F's
+    # one-pass fine map and the prior's split it corrects (`point_and_base`).
+    self._point_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.point_coarse(
+        models, p, obs, mask, ext, slots))
+    self._point_f = jax.jit(lambda p, win, ext, slots, rng: (
+        diffrecon.point_fine(models, p, win, ext, slots[:, -1], settings.consistent),
+        self._base_of(win, slots)))
+    self._fine_base = jax.jit(self._base_of)
+    self._guess = jax.jit(lambda obs, mask, ext, slots, rng: self._guess_of(obs, mask, ext, slots))
+    # The weight of Diffusion-C's correction over the prior's first guess at hidden coarse
+    # cells, as `fine_weight` for stage 2 (`calibration.choose_point_weights` sets both).
+    self.coarse_weight = 1.0
+    # The weight of Diffusion-F's correction over the prior's split in the point estimate:
+    # fine = base + w (fine - base); 1 = the network's full correction. Chosen on the validation
+    # split with the calibration (`calibration.choose_fine_weight`), which sets it.
+    self.fine_weight = 1.0
     # Optional recalibration fitted on the validation split (calibration.Calibration), applied
     # to every reconstruction: `reconstruct` then also returns the calibrated members and
     # intervals beside the raw ones.
     self.calibration = None
+
+  def _base_of(self, window, slots):
+    """The prior's split of each window's current completed map: window (B,t,I,J,C), slots
+    (B,t) -> (B,NI,NJ,C) normalised (zeros for a model without the climatology base)."""
+    if self.models.fine_base is None:
+      b, _, i, j, c = window.shape
+      n = self.models.f.scale
+      return jnp.zeros((b, n * i, n * j, c), jnp.float32)
+    return self.models.fine_base(window[:, -1], slots[:, -1])
+
+  def _guess_of(self, obs, mask, ext, slots):
+    """The prior's first guess of each window's current map (B,I,J,C) normalised (zeros
+    without the prior)."""
+    _, guess = diffrecon.coarse_condition(self.models, obs, mask, ext, slots)
+    return guess + jnp.zeros(obs[:, -1].shape, jnp.float32)
+
+  def _weighted_c(self, point_c, view, span: np.ndarray, slot) -> np.ndarray:
+    """Completions point_c (len(span),I,J,C) normalised of the slices `span` with Diffusion-C's
+    correction over the first guess weighted by `coarse_weight` at hidden cells."""
+    if self.coarse_weight == 1.0 or not self.models.coarse_residual:
+      return point_c
+    idx = span[:, None] + np.arange(-view.history, 1)[None, :]
+    (guess,) = self._batched("guess", self._guess, [view.coarse_obs_norm[idx], view.mask[idx],
+                                                    view.external[idx], slot[idx]], self._rng)
+    hidden = (view.mask[span] < 0.5)[..., None]
+    return np.where(hidden, guess + self.coarse_weight * (point_c - guess), point_c)
+
+  def _weighted(self, fine, window, slots) -> np.ndarray:
+    """`fine` (n,NI,NJ,C) normalised with Diffusion-F's correction over the prior's split
+    weighted by `fine_weight` (pooling kept: the correction is block-mean-zero)."""
+    if self.fine_weight == 1.0 or self.models.fine_base is None:
+      return fine
+    (base,) = self._batched("base", lambda w, s, rng: self._fine_base(w, s), [window, slots],
+                            self._rng)
+    return base + self.fine_weight * (fine - base)
+
+  def completion_and_guess(self, view, slices: np.ndarray) -> tuple:
+    """Diffusion-C's one-pass completion (`coarse_weight` 1) of `slices` (n,) and the prior's
+    first guess it corrects: (point, guess) physical (n,I,J,C). `coarse_weight` w gives the
+    hidden cells guess + w (point - guess)."""
+    slices, slot = np.asarray(slices), self._slots(view)
+    idx = slices[:, None] + np.arange(-view.history, 1)[None, :]
+    arrays = [view.coarse_obs_norm[idx], view.mask[idx], view.external[idx], slot[idx]]
+    (point_c,) = self._batched("pc", functools.partial(self._point_c, self.params["c"]), arrays,
+                               self._rng)
+    (guess,) = self._batched("guess", self._guess, arrays, self._rng)
+    return view.coarse_norm.inverse(point_c), view.coarse_norm.inverse(guess)
+
+  def point_and_base(self, view, slices: np.ndarray) -> tuple:
+    """The point estimate with `fine_weight` 1 (and the current `coarse_weight`) and the
+    prior's split it corrects, without members (two network passes per map): slices (n,)
+    contiguous -> (fine, base) physical (n,NI,NJ,C). `fine_weight` w gives fine' = base +
+    w (fine - base)."""
+    h, slices = view.history, np.asarray(slices)
+    if slices[0] < 2 * h:
+      raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
+    slot = self._slots(view)
+    span = np.arange(slices[0] - h, slices[-1] + 1)
+    idx = span[:, None] + np.arange(-h, 1)[None, :]
+    (point_c,) = self._batched("pc", functools.partial(self._point_c, self.params["c"]),
+                               [view.coarse_obs_norm[idx], view.mask[idx], view.external[idx],
+                                slot[idx]], self._rng)
+    point_c = self._weighted_c(point_c, view, span, slot)
+    win = np.arange(len(slices))[:, None] + np.arange(0, h + 1)[None, :]
+    idx_f = slices[:, None] + np.arange(-h, 1)[None, :]
+    fine, base = self._batched("pf", functools.partial(self._point_f, self.params["f"]),
+                               [point_c[win], view.external[idx_f], slot[idx_f]], self._rng)
+    return view.fine_norm.inverse(fine), view.fine_norm.inverse(base)
 
   # -- host loop -------------------------------------------------------------------------------
   def _batched(self, stage: str, fn, arrays: list, rng) -> list:
@@ -209,6 +294,7 @@ class DiffReconMethod:
     point_c, members_c = self._batched(
         "cm", stage_c, [view.coarse_obs_norm[idx], view.mask[idx], view.external[idx],
                         slot[idx]], k_c)                     # (n+h, I,J,C), (n+h, S, I,J,C)
+    point_c = self._weighted_c(point_c, view, span, slot)
     if warm_f is not None:
       warm_f[0].result()
       self._compiled.add(("f", warm_f[1]))
@@ -218,6 +304,7 @@ class DiffReconMethod:
     fine, members_f = self._batched(
         "f", functools.partial(self._stage_f_members, self.params["f"]),
         [point_c[win], member_win, view.external[idx_f], slot[idx_f]], k_f)
+    fine = self._weighted(fine, point_c[win], slot[idx_f])
     return {"coarse": view.coarse_norm.inverse(point_c[h:]),
             "coarse_samples": view.coarse_norm.inverse(np.swapaxes(members_c[h:], 0, 1)),
             "fine": view.fine_norm.inverse(fine),
@@ -227,7 +314,8 @@ class DiffReconMethod:
     """`reconstruct` with one completion per slice shared by every sample."""
     h, slices, (k_c, k_f), warm_f, slot = self._start(view, slices)
     # Stage 1 on every slice the stage-2 windows touch, from observed values only (0 = hidden).
-    completed = self._complete_norm(view, np.arange(slices[0] - h, slices[-1] + 1), slot, k_c)
+    span = np.arange(slices[0] - h, slices[-1] + 1)
+    completed = self._weighted_c(self._complete_norm(view, span, slot, k_c), view, span, slot)
     if warm_f is not None:
       warm_f[0].result()
       self._compiled.add(("f", warm_f[1]))
@@ -236,6 +324,7 @@ class DiffReconMethod:
     idx_f = slices[:, None] + np.arange(-h, 1)[None, :]
     fine, samples = self._batched("f", functools.partial(self._stage_f, self.params["f"]),
                                   [completed[win], view.external[idx_f], slot[idx_f]], k_f)
+    fine = self._weighted(fine, completed[win], slot[idx_f])
     return {"coarse": view.coarse_norm.inverse(completed[h:]),
             "fine": view.fine_norm.inverse(fine),
             "samples": view.fine_norm.inverse(np.swapaxes(samples, 0, 1))}
