@@ -34,6 +34,7 @@ from diffrecon_jax import user_reconstruct
 from diffrecon_jax.baselines import climatology, climatology_choice, interp, supervised
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
+from diffrecon_jax.data import registry
 from diffrecon_jax.diffrecon_method import DiffReconMethod
 from diffrecon_jax.prior_method import PriorMethod
 
@@ -53,6 +54,17 @@ def resolve_workdir(workdir) -> str:
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"workdir {path} exists and is not a directory")
   return path
+
+
+def resolve_data_paths(config) -> None:
+  """Makes `config.data.path` and `config.data.tfds_dir` absolute (against the current
+  directory), in place: the config is saved with the checkpoints, and a later evaluate or
+  reconstruct started elsewhere (which may refit the calibration on the training data) must
+  find the same files."""
+  for key in ("path", "tfds_dir"):
+    value = config.data.get(key, "")
+    if value:
+      config.data[key] = registry.absolute_path(value)
 
 
 def setup_compilation_cache(config) -> None:
@@ -117,6 +129,7 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   # Orbax needs absolute paths, and a notebook may change its directory between calls: resolve
   # once, against the directory the run was started from.
   workdir = resolve_workdir(workdir)
+  resolve_data_paths(config)
   wd = pathlib.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   # What produced this run (versions, devices, commit, command), kept with its results.
