@@ -148,7 +148,8 @@ TABLES: Dict[str, Callable[[], str]] = {
     "nybike_main": lambda: main_table("nybike_main"),
     "nytaxi_interp": lambda: reference_table("nytaxi_main", "interp"),
     "more_datasets": lambda: datasets_table(["bikenyc14_main", "ncep_air_main"]),
-    "short_series": lambda: datasets_table(["nybike_last20", "nytaxi_last20", "nybike_first20"]),
+    "short_series": lambda: datasets_table(["nybike_last20", "nytaxi_last20", "nybike_first20",
+                                            "nytaxi_first20"]),
     "nytaxi_comparison": lambda: copied_table("nytaxi_comparison.md"),
     "nybike_comparison": lambda: copied_table("nybike_comparison.md"),
     "nytaxi_ablations": lambda: ablation_means(
