@@ -271,15 +271,22 @@ def attach(method, config, workdir, task) -> None:
     specs, seed = tuple(config.patterns.eval), (int(config.patterns.eval_mask_seed)
                                                 + CALIBRATION_SEED_OFFSET)
     weights = (choose_point_weights(method, task, specs, seed=seed, max_slices=val_slices)
-               if hasattr(method, "point_and_base") else None)
+               if has_point_weights(method) else None)
     cal = fit(method, task, specs, seed=seed, max_slices=val_slices, rule=rule)
     if weights:
       cal.point_weights = weights
     logging.info("wrote %s", cal.save(workdir))
-  if hasattr(method, "point_and_base"):
+  if has_point_weights(method) and cal.point_weights:
     method.coarse_weight = float(cal.point_weights["coarse"]["weight"])
     method.fine_weight = float(cal.point_weights["fine"]["weight"])
   method.calibration = cal
+
+
+def has_point_weights(method) -> bool:
+  """Whether `method`'s point estimate is the one-pass posterior mean whose network corrections
+  `choose_point_weights` weighs (a median of samples, as in the `:paper` variant, has none)."""
+  return (hasattr(method, "point_and_base")
+          and getattr(getattr(method, "settings", None), "point", "") == "posterior_mean")
 
 
 # Candidate weights of a network's correction over the prior (0 = the prior's first guess or

@@ -19,6 +19,8 @@ then writes beside them:
   DIR/<method>/seed_<s>/    each method's results.json, results.md and masks per mask seed
   DIR/<method>/             training checkpoints of the diffusion methods (resumable)
   DIR/timing.json           wall time of every method (training + evaluation)
+  DIR/budgets.json          every method's training budget (steps, batch) and wall time, also
+                            a table in comparison.md
 It resumes: a method whose results exist for every seed is not run again, and an interrupted
 training continues from its last checkpoint. Ablations that train a phase exactly as DiffRecon
 does (noJoint: both pre-training phases, noFG: Diffusion-C's) start from DiffRecon's finished
@@ -27,7 +29,8 @@ checkpoints of those phases (`ablations.SHARED_PHASES`) instead of training them
 Methods (`--methods`, comma-separated names or groups):
   references  interp, climatology
   baselines   srcnn, srresnet, urbanfm, fode, stcf, urbansta, diffuflow (those installed)
-  diffrecon   DiffRecon, and prior (its climatology prior alone, no network)
+  diffrecon   DiffRecon, prior (its climatology prior alone, no network) and diffrecon_paper
+              (the paper's model as published: the `:paper` variant, same steps and masks)
   ablations   diffrecon and diffrecon-noPre, diffrecon-noJoint, diffrecon-noSTPointFormer,
               diffrecon-noTPatternNet, diffc-<net> for the paper's noFG networks
   all         every one of the above
@@ -70,6 +73,13 @@ MAIN = "diffrecon"
 # DiffRecon's prior alone (prior_method.py), from the trained DiffRecon's own prior.npz: the
 # networks' contribution is the column difference.
 PRIOR = "prior"
+# The paper's model as published (configs/default.use_paper_architecture), trained and scored
+# beside DiffRecon with the same steps, patterns and masks.
+PAPER = "diffrecon_paper"
+LABELS = {MAIN: "DiffRecon as built here (with the climatology prior)",
+          PAPER: "the paper's model as published (`:paper`: no prior, eps prediction, median of "
+                 "the samples)",
+          PRIOR: "DiffRecon's prior alone (no network)"}
 
 
 def baselines() -> tuple:
@@ -84,9 +94,15 @@ def ablation_methods() -> tuple:
 
 
 def groups() -> dict:
-  return {"references": REFERENCES, "baselines": baselines(), "diffrecon": (MAIN, PRIOR),
+  own = (MAIN, PRIOR, PAPER)
+  return {"references": REFERENCES, "baselines": baselines(), "diffrecon": own,
           "ablations": (MAIN,) + ablation_methods(),  # compared with DiffRecon, reuse its phases
-          "all": REFERENCES + baselines() + (MAIN, PRIOR) + ablation_methods()}
+          "all": REFERENCES + baselines() + own + ablation_methods()}
+
+
+def is_diffrecon(method: str) -> bool:
+  """Whether `method` trains DiffRecon's networks (itself, the paper's model or an ablation)."""
+  return method in (MAIN, PAPER) or "-" in method
 
 
 def parse_methods(spec: str) -> list:
@@ -112,7 +128,11 @@ def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collecti
   """The config a method runs with: `config` with its method (and ablation) fields set."""
   c = config.copy_and_resolve_references()
   c.ablation = ""
-  if method.startswith("diffrecon-"):
+  if method == PAPER:
+    from configs import default as default_config  # the variant's one definition
+    default_config.use_paper_architecture(c)
+    c.method = MAIN
+  elif method.startswith("diffrecon-"):
     c.method, c.ablation = MAIN, method[len("diffrecon-"):]
   elif method.startswith("diffc-"):
     c.method, c.ablation = MAIN, "noFG"
@@ -176,6 +196,8 @@ def _trained_method(config, workdir: pathlib.Path, method: str, task, tag: str =
     _copy_shared_phases(workdir, method, tag)
     run_lib.run(config, str(tdir), "train")
     _, task_m, method_obj = run_lib.load_method(config, str(tdir))
+    if method == PAPER:  # its config is DiffRecon's with other fields: name it apart
+      method_obj.name = PAPER
     return task_m, method_obj
   task_m = task if task is not None else pipeline.prepare_task(config)
   return task_m, run_lib.baseline(method, config)
@@ -241,9 +263,54 @@ def run_method_on_layouts(config, workdir: pathlib.Path, method: str, seeds: Seq
   return out
 
 
-def write_tables(workdir: pathlib.Path, docs: dict, units: str = "") -> dict:
+def training_budget(config: ml_collections.ConfigDict, method: str) -> dict:
+  """What `method` trains under `config` (`method_config`'s): {"training": words with its
+  steps per phase, "batch": maps per step (None without training)}; every learning method's
+  budget in one place, so the comparison lists them side by side."""
+  c = method_config(config, method)
+  t = c.train
+  if method in REFERENCES:
+    return {"training": "none (statistics of the train split)", "batch": None}
+  if method == PRIOR:
+    return {"training": "none (DiffRecon's prior: train-split statistics)", "batch": None}
+  if method == "urbansta":
+    u = c.urbansta
+    same = lambda v, theirs: int(theirs) if int(v) == -1 else int(v)
+    return {"training": f"STA {same(u.steps_sta, t.steps_c)} + FIN {same(u.steps_fin, t.steps_f)}"
+                        f" + joint {same(u.steps_joint, t.steps_joint)} steps",
+            "batch": same(u.batch_size, t.batch_size)}
+  if method == "diffuflow":
+    d = c.diffuflow
+    steps = int(t.steps_f) if int(d.steps) == -1 else int(d.steps)
+    return {"training": f"{steps} steps; {d.n_samples} samples x DDIM-{d.sampling_steps}, "
+                        f"{d.point}", "batch": int(d.batch_size)}
+  if is_diffrecon(method):
+    phases = {"noPre": f"joint {t.steps_joint}",
+              "noJoint": f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f}",
+              "noFG": f"Diffusion-C {t.steps_c} + joint {t.steps_joint}; "
+                      f"{c.ablation_fine_network} {c.baselines.steps}"}.get(
+                          c.ablation, f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f} + "
+                                      f"joint {t.steps_joint}")
+    return {"training": phases + " steps", "batch": int(t.batch_size)}
+  b = c.baselines
+  pre = f" (+ {b.stcf_pretrain_steps} x 2 contrastive)" if method == "stcf" else ""
+  return {"training": f"{b.steps} steps{pre}", "batch": int(b.batch_size)}
+
+
+def budget_table(budgets: dict) -> str:
+  """Markdown table of {method: {"training", "batch", "wall_s"}}."""
+  lines = ["| method | training | batch | wall time (train + evaluate) |", "|---|---|---|---|"]
+  for m, b in budgets.items():
+    wall = f"{b['wall_s']:.0f} s" if b.get("wall_s") is not None else "not timed (reused)"
+    lines.append(f"| {m} | {b['training']} | {b['batch'] or '-'} | {wall} |")
+  return "\n".join(lines)
+
+
+def write_tables(workdir: pathlib.Path, docs: dict, units: str = "",
+                 budgets: Optional[dict] = None) -> dict:
   """comparison.md/.csv, ablations.md/.csv and the figures from {method: [docs]}; returns
-  {name: path} of what was written."""
+  {name: path} of what was written. `budgets`: {method: `training_budget` + "wall_s"}, listed
+  under the tables."""
   written = {}
   fig_dir = workdir / "figures"
   main_docs = docs.get(MAIN)
@@ -268,6 +335,13 @@ def write_tables(workdir: pathlib.Path, docs: dict, units: str = "") -> dict:
     text += [comparison.markdown(rows, methods, main, others),
              "CRPS of a deterministic method is its MAE (docs/evaluation.md). Bold: best of the "
              "row; underlined: second."]
+    named = [f"- {m}: {LABELS[m]}" for m in methods if m in LABELS]
+    if named:
+      text += ["", "Columns:"] + named
+    if budgets:
+      text += ["", "Budgets (steps of Adam per training phase, maps per step; wall time on this "
+               "machine, from timing.json):", "",
+               budget_table({m: budgets[m] for m in methods if m in budgets})]
     (workdir / f"{name}.md").write_text("\n".join(text) + "\n")
     (workdir / f"{name}.csv").write_text(comparison.csv_text(rows, methods, main, others))
     written[name] = str(workdir / f"{name}.md")
@@ -327,7 +401,7 @@ def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int
                  "results found, not run again" if done else f"running, mask seeds {seeds}",
                  time.time() - start)
     t0 = time.time()
-    if not done and task is None and (train_on_eval_layout or not (m == MAIN or "-" in m)):
+    if not done and task is None and (train_on_eval_layout or not is_diffrecon(m)):
       task = pipeline.prepare_task(config)
     runner = run_method_on_layouts if train_on_eval_layout else run_method
     docs[m] = runner(config, workdir, m, seeds, task)
@@ -339,7 +413,9 @@ def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int
                  m, mae, len(docs[m][0]["results"]), seeds[0],
                  f", {timing.get(m, 0):.0f} s" if m in timing else "")
   units = ""
-  written = write_tables(workdir, docs, units)
+  budgets = {m: dict(training_budget(config, m), wall_s=timing.get(m)) for m in methods}
+  (workdir / "budgets.json").write_text(json.dumps(budgets, indent=1))
+  written = write_tables(workdir, docs, units, budgets)
   for name, path in written.items():
     logging.info("wrote %s", path)
   return {"docs": docs, "written": written, "timing": timing}

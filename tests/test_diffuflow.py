@@ -51,7 +51,8 @@ def test_reconstruct_end_to_end_shapes_and_consistency():
   assert rec["coarse"].shape == (6, i, j, c) and rec["fine"].shape == (6, h, w, c)
   assert rec["samples"].shape == (3, 6, h, w, c)
   assert rec["fine"].dtype == np.float32 and np.isfinite(rec["samples"]).all()
-  np.testing.assert_allclose(rec["fine"], rec["samples"].mean(0), rtol=1e-6)
+  # The point is the median of the samples (`point`, the default).
+  np.testing.assert_allclose(rec["fine"], np.median(rec["samples"], 0), rtol=1e-6)
   obs = view.mask[slices] > 0
   np.testing.assert_array_equal(rec["coarse"][obs], view.coarse_obs[slices][obs])
   # n2_normalize (on by default): every sample pools exactly to the completed coarse map.
@@ -85,7 +86,8 @@ def test_the_condition_matters():
   (i, j), (h, w), c = view.coarse_shape, view.fine_shape, view.channels
   t = view.history + 1
   cond = {"window": jnp.asarray(rs.randn(2, t, i, j, c), jnp.float32),
-          "external": jnp.asarray(view.external[:2], jnp.float32)}
+          "external": jnp.asarray(view.external[:2], jnp.float32),
+          "mask": jnp.asarray(rs.rand(2, t, i, j) > 0.4, jnp.float32)}
   x = jnp.asarray(rs.randn(2, h, w, c), jnp.float32)
   tau = jnp.asarray([3, 7], jnp.int32)
   eps = lambda cd: np.asarray(method.net.apply(method.params, x, tau, cd))
@@ -96,6 +98,28 @@ def test_the_condition_matters():
     assert np.abs(moved - base).max() > 1e-4, name
   moved = eps(dict(cond, external=cond["external"] + 1.0))
   assert np.abs(moved - base).max() > 1e-4, "external"
+  # The missing-data path: which coarse values are observed moves it too.
+  moved = eps(dict(cond, mask=1.0 - cond["mask"]))
+  assert np.abs(moved - base).max() > 1e-4, "mask"
+
+
+def test_mean_point_and_no_mask_path_are_switches():
+  """`point="mean"` returns the samples' mean; `use_mask=False` builds a denoiser without the
+  mask inputs (fewer parameters) that still trains and samples."""
+  c = tiny_config(steps=2)
+  c.diffuflow.point, c.diffuflow.use_mask = "mean", False
+  method = diffuflow.build(c)
+  view = _view(helpers.tiny_task())
+  rec = method.reconstruct(view, _slices(view, 2))
+  np.testing.assert_allclose(rec["fine"], rec["samples"].mean(0), rtol=1e-6)
+  size = lambda p: sum(a.size for a in jax.tree_util.tree_leaves(p))
+  assert size(method.params) < size(_fitted()[0].params)
+
+
+def test_minus_one_steps_take_diffusion_f_steps():
+  c = tiny_config()
+  c.diffuflow.steps, c.train.steps_f = -1, 7
+  assert diffuflow.build(c).steps == 7
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "mean"])
@@ -118,7 +142,8 @@ def test_n2_switch_off_leaves_blocks_free():
   ext = np.asarray(view.external[:2], np.float32)
   try:
     method.n2_normalize = False
-    raw = np.asarray(jax.jit(method._sample_batch)(method.params, win, ext,
+    mask = np.ones(win.shape[:-1], np.float32)
+    raw = np.asarray(jax.jit(method._sample_batch)(method.params, win, ext, mask,
                                                    jax.random.PRNGKey(0)))
   finally:
     method.n2_normalize = True
@@ -128,7 +153,8 @@ def test_n2_switch_off_leaves_blocks_free():
 
 
 @pytest.mark.parametrize("field,value", [("sampling_steps", 0), ("sampling_steps", 11),
-                                         ("n_samples", 0), ("lr", -1.0)])
+                                         ("n_samples", 0), ("lr", -1.0),
+                                         ("point", "mode")])
 def test_bad_config_is_refused(field, value):
   c = tiny_config()
   c.diffuflow[field] = value

@@ -74,6 +74,28 @@ def test_method_config_sets_method_and_ablation():
   m = experiments.method_config(c, "srcnn")
   assert (m.method, m.ablation) == ("srcnn", "")
   assert c.method == "diffrecon" and c.ablation == ""
+  m = experiments.method_config(c, experiments.PAPER)
+  assert (m.method, m.ablation, m.diffusion.prediction, m.sampling.point) == (
+      "diffrecon", "", "eps", "median")
+  assert m.train.steps_c == c.train.steps_c and m.train.steps_joint == c.train.steps_joint
+
+
+def test_budgets_are_equal_terms_and_listed_per_method():
+  c = nytaxi.get_config()
+  t = c.train
+  ours = experiments.training_budget(c, "diffrecon")
+  assert ours == {"training": f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f} + joint "
+                              f"{t.steps_joint} steps", "batch": t.batch_size}
+  assert experiments.training_budget(c, experiments.PAPER) == ours
+  # UrbanSTA's stages and DiffUFlow's steps follow DiffRecon's (the configs' -1).
+  assert experiments.training_budget(c, "urbansta") == {
+      "training": f"STA {t.steps_c} + FIN {t.steps_f} + joint {t.steps_joint} steps",
+      "batch": t.batch_size}
+  assert experiments.training_budget(c, "diffuflow")["training"].startswith(f"{t.steps_f} steps")
+  assert experiments.training_budget(c, "interp")["batch"] is None
+  table = experiments.budget_table({"srcnn": dict(experiments.training_budget(c, "srcnn"),
+                                                  wall_s=12.3)})
+  assert f"| srcnn | {c.baselines.steps} steps | {c.baselines.batch_size} | 12 s |" in table
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +132,12 @@ def test_smoke_scores_every_method_and_writes_tables_and_figures(smoke_run):
     assert (workdir / "figures" / fig).stat().st_size > 10_000
   timing = json.loads((workdir / "timing.json").read_text())
   assert set(timing) == set(methods)
+  # The paper's model and the prior are labelled, and every method's budget is listed.
+  assert "- diffrecon_paper: the paper's model as published" in comp
+  budgets = json.loads((workdir / "budgets.json").read_text())
+  assert set(budgets) == set(methods)
+  for m in experiments.baselines() + ("diffrecon", "diffrecon_paper"):
+    assert f"| {m} | {budgets[m]['training']} |" in comp
 
 
 def test_resume_runs_nothing_again(smoke_run):

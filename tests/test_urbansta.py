@@ -98,13 +98,43 @@ def test_trains_once_per_train_split():
 @pytest.mark.parametrize("field, value, match", [
     ("num_heads", 3, "num_heads .* must divide features"),
     ("features", 0, "features must be positive"),
-    ("steps_sta", -1, "steps_sta must be >= 0"),
+    ("steps_sta", -2, "steps_sta must be >= 0"),
 ])
 def test_bad_config_values_are_refused(field, value, match):
   c = tiny_config()
   c.urbansta[field] = value
   with pytest.raises(ValueError, match=match):
     urbansta.build(c)
+
+
+def test_minus_one_budgets_are_diffrecons():
+  c = tiny_config()
+  c.urbansta.steps_sta = c.urbansta.steps_fin = c.urbansta.steps_joint = -1
+  c.urbansta.batch_size = -1
+  c.train.steps_c, c.train.steps_f, c.train.steps_joint, c.train.batch_size = 5, 6, 7, 4
+  method = urbansta.build(c)
+  assert method.steps == {"sta": 5, "fin": 6, "joint": 7} and method.batch_size == 4
+
+
+def test_training_masks_are_drawn_per_window_like_diffrecons():
+  """Every window gets its own mask from the training patterns (a new layout per window for
+  `fixed`, constant over the window), as Diffusion-C's training draws them."""
+  task = helpers.tiny_task()
+  c = tiny_config()
+  c.patterns.train = ("fixed:0.5",)
+  method = urbansta.build(c)
+  data = method._train_arrays(_view(task))
+  masks = [np.asarray(method._masked_batch(data, jax.random.PRNGKey(k), 2)["mask"])
+           for k in range(2)]
+  cells = task.coarse_shape[0] * task.coarse_shape[1]
+  for m in masks:
+    assert m.shape == (8, 3) + task.coarse_shape
+    np.testing.assert_array_equal(m, np.broadcast_to(m[:, :1], m.shape))  # fixed over the window
+    valid = np.asarray(data["valid"]).min() > 0
+    if valid:
+      np.testing.assert_array_equal(m[:, 0].reshape(8, -1).sum(-1), cells - round(0.5 * cells))
+  layouts = {m[b, 0].tobytes() for m in masks for b in range(8)}
+  assert len(layouts) > 8  # not a handful of fixed layouts reused
 
 
 def test_never_reads_hidden_values():

@@ -16,9 +16,14 @@ the noise from the fine map. Here:
     embedding (`models.unet.UNet`, added to the diffusion-step embedding);
   - denoiser: a small `UNet` on [x_tau, upsampled coarse, spatio-temporal features] predicting
     the noise; training uses `diffusion.eps_loss`, sampling `diffusion.sample_many` (DDIM).
-The fine map comes back as the mean of the samples; the samples are returned for the CRPS.
-Training reads the train split only: its complete coarse maps and one interp completion per
-training pattern (`supervised.training_inputs`), so the inputs look like the scored ones.
+The fine map comes back as the median (`point`; or the mean) of the samples; the samples are
+returned for the CRPS. Training reads the train split only: its complete coarse maps and one
+interp completion per training pattern (`supervised.training_inputs`), so the inputs look like
+the scored ones.
+Missing data (`use_mask`; the paper lists DiffUFlow among the methods that handle it): the
+observation mask of every map of the window enters beside the completed maps, in the
+spatio-temporal features and, upsampled, as an input channel of the denoiser, so the network
+knows which coarse values are observed and which are interp's guesses.
 
 Simplified or guessed (the description gives no sizes for these): STFormer's attention replaced
 by the Dense + convolutions above; ELFetcher's embeddings by the U-Net's two dense layers; the
@@ -70,7 +75,8 @@ class DiffUFlowDenoiser(nn.Module):
   """Noise predictor: (x_tau (B, H, W, C), tau (B,), cond) -> eps_hat (B, H, W, C).
 
   cond: {"window": (B, t, I, J, C) z-scored completed coarse maps, current slice last;
-         "external": (B, F) external features of the current slice}.
+         "external": (B, F) external features of the current slice;
+         "mask" (optional): (B, t, I, J) 1 where the window's coarse cell is observed}.
   """
   scale: int
   features: int = 16
@@ -82,13 +88,18 @@ class DiffUFlowDenoiser(nn.Module):
   @nn.compact
   def __call__(self, x: Array, tau: Array, cond: dict) -> Array:
     window = cond["window"].astype(jnp.float32)
+    current = window[:, -1]
+    if "mask" in cond:  # the missing-data path: which values are observed
+      mask = cond["mask"].astype(jnp.float32)[..., None]
+      window = jnp.concatenate([window, mask], -1)
+      current = jnp.concatenate([current, mask[:, -1]], -1)
     b, t, i, j, c = window.shape
     # Spatio-temporal features of the window: mix each cell's history, then its neighbourhood.
     st = jnp.transpose(window, (0, 2, 3, 1, 4)).reshape(b, i, j, t * c)
     st = nn.silu(nn.Dense(self.features, name="st_time")(st))
     st = nn.silu(nn.Conv(self.features, (3, 3), name="st_conv_0")(st))
     st = nn.Conv(self.features, (3, 3), name="st_conv_1")(st)
-    h = jnp.concatenate([x, upsample(window[:, -1], self.scale), upsample(st, self.scale)], -1)
+    h = jnp.concatenate([x, upsample(current, self.scale), upsample(st, self.scale)], -1)
     unet = UNet(out_channels=x.shape[-1], base_channels=self.base_channels,
                 channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
                 emb_dim=self.emb_dim)
@@ -105,6 +116,8 @@ class DiffUFlowMethod:
     steps, batch_size, lr: Adam training budget.
     sampling_steps, eta, n_samples: DDIM sampler (S <= num_train_steps steps; eta 0 is
       deterministic given the initial noise), samples per map.
+    point: the point estimate from the samples: "median" (per value) or "mean".
+    use_mask: the observation masks of the window enter the condition (the missing-data path).
     residual: diffuse the fine map minus the completed coarse map's uniform upsampling (scaled
       by its train std) instead of the z-scored fine map.
     n2_normalize: rescale every sample's blocks to the completed coarse cells (`block_rescale`).
@@ -122,7 +135,8 @@ class DiffUFlowMethod:
                history: int = -1, num_train_steps: int = 50, schedule: str = "quad",
                beta_start: float = 1e-4, beta_end: float = 0.5, steps: int = 1000,
                batch_size: int = 32, lr: float = 1e-3, sampling_steps: int = 10,
-               eta: float = 1.0, n_samples: int = 4, residual: bool = True,
+               eta: float = 1.0, n_samples: int = 4, point: str = "median",
+               use_mask: bool = True, residual: bool = True,
                n2_normalize: bool = True, x0_clip_factor: float = 1.2,
                train_patterns: tuple = (), time_weight: float = 0.1, eval_batch: int = 64,
                workers: int = 1, seed: int = 0, log_every: int = 0):
@@ -136,6 +150,8 @@ class DiffUFlowMethod:
     if not 1 <= sampling_steps <= num_train_steps:
       raise ValueError(f"diffuflow: sampling_steps must be in [1, num_train_steps="
                        f"{num_train_steps}], got {sampling_steps}")
+    if point not in ("median", "mean"):
+      raise ValueError(f"diffuflow: point must be 'median' or 'mean', got {point!r}")
     if lr <= 0 or eta < 0 or x0_clip_factor < 0 or history < -1 or not channel_mults:
       raise ValueError(f"diffuflow: need lr > 0, eta >= 0, x0_clip_factor >= 0, history >= -1 "
                        f"and channel_mults non-empty, got lr={lr}, eta={eta}, x0_clip_factor="
@@ -147,13 +163,14 @@ class DiffUFlowMethod:
     self.history = int(history)
     self.steps, self.batch_size, self.lr = int(steps), int(batch_size), float(lr)
     self.sampling_steps, self.eta, self.n_samples = int(sampling_steps), float(eta), int(n_samples)
+    self.point, self.use_mask = str(point), bool(use_mask)
     self.residual, self.n2_normalize = bool(residual), bool(n2_normalize)
     self.x0_clip_factor = float(x0_clip_factor)
     self.train_patterns, self.time_weight = tuple(train_patterns), float(time_weight)
     self.eval_batch, self.workers = int(eval_batch), int(workers)
     self.seed, self.log_every = int(seed), int(log_every)
     self.sampler = {"name": "ddim", "steps": self.sampling_steps, "eta": self.eta,
-                    "n_samples": self.n_samples, "point": "mean"}
+                    "n_samples": self.n_samples, "point": self.point}
     self._key = None
     self.params = self.losses = None
 
@@ -193,7 +210,8 @@ class DiffUFlowMethod:
     if v0 < t:
       raise ValueError(f"diffuflow: the train split has {v0} slices, fewer than a window ({t})")
     self._scale, self._aggregation = int(view.scale), view.aggregation
-    coarse = supervised.training_inputs(view, self.train_patterns, self.seed, self.time_weight)
+    coarse, masks = supervised.training_inputs(view, self.train_patterns, self.seed,
+                                               self.time_weight, with_masks=True)
     x, _ = supervised._finite_or_zero(view.coarse_norm.apply(coarse))        # (P+1, T, I, J, C)
     fine, w = supervised._finite_or_zero(np.asarray(view.train_fine, np.float32))
     ext = np.asarray(view.external[:v0], np.float32)
@@ -213,22 +231,24 @@ class DiffUFlowMethod:
     self.net = DiffUFlowDenoiser(scale=self._scale, **self.net_kwargs)
     n_copies, h = x.shape[0], t - 1
     key_init, key_batch = jax.random.split(jax.random.PRNGKey(self.seed))
-    dummy = {"window": jnp.zeros((1, t) + x.shape[2:]), "external": jnp.zeros((1, ext.shape[1]))}
+    dummy = self._cond(jnp.zeros((1, t) + x.shape[2:]), jnp.zeros((1, ext.shape[1])),
+                       jnp.ones((1, t) + x.shape[2:4]))
     params = self.net.init(key_init, jnp.zeros((1,) + fine.shape[1:]), jnp.zeros((1,), jnp.int32),
                            dummy)
     tx = optax.adam(self.lr)
     opt_state = tx.init(params)
-    data = tuple(jnp.asarray(a) for a in (x, fine, w, ext))
+    data = tuple(jnp.asarray(a) for a in (x, masks, fine, w, ext))
     sched, bs = self.schedule, self.batch_size
 
     @jax.jit
     def step(params, opt_state, rng, data):
-      x, fine, w, ext = data
+      x, masks, fine, w, ext = data
       k_copy, k_slice, k_tau, k_noise = jax.random.split(rng, 4)
       p = jax.random.randint(k_copy, (bs,), 0, n_copies)
       s = jax.random.randint(k_slice, (bs,), h, v0)
-      window = x[p[:, None], s[:, None] + jnp.arange(-h, 1)[None, :]]      # (B, t, I, J, C)
-      cond = {"window": window, "external": ext[s]}
+      span = (p[:, None], s[:, None] + jnp.arange(-h, 1)[None, :])
+      window = x[span]                                                   # (B, t, I, J, C)
+      cond = self._cond(window, ext[s], masks[span])
       x0 = self._encode(fine[s], window[:, -1]) * w[s]
       tau = diffusion.sample_tau(k_tau, bs, sched.num_steps)
       noise = jax.random.normal(k_noise, x0.shape)
@@ -251,14 +271,21 @@ class DiffUFlowMethod:
     self._sample = jax.jit(self._sample_batch)
     self._key = key
 
+  def _cond(self, window: Array, external: Array, mask: Array) -> dict:
+    """The denoiser's condition; the mask (B, t, I, J) only with `use_mask`."""
+    cond = {"window": window, "external": external}
+    return dict(cond, mask=mask) if self.use_mask else cond
+
   # -- sampling --------------------------------------------------------------------------------
-  def _sample_batch(self, params, window: Array, external: Array, rng: Array) -> Array:
-    """(B, t, I, J, C) z-scored completed windows, (B, F) -> (S, B, H, W, C) physical samples."""
+  def _sample_batch(self, params, window: Array, external: Array, mask: Array,
+                    rng: Array) -> Array:
+    """(B, t, I, J, C) z-scored completed windows, (B, F), (B, t, I, J) masks -> (S, B, H, W, C)
+    physical samples."""
     b, _, i, j, c = window.shape
     shape = (b, i * self._scale, j * self._scale, c)
     out = diffusion.sample_many(
         lambda x, tau, cond: self.net.apply(params, x, tau, cond),
-        {"window": window, "external": external}, self.schedule, shape, rng,
+        self._cond(window, external, mask), self.schedule, shape, rng,
         n_samples=self.n_samples, method="ddim", num_steps=self.sampling_steps, eta=self.eta,
         return_samples=True, x0_clip=self._clip)
     fine = self._decode(out["samples"], window[:, -1])
@@ -267,9 +294,10 @@ class DiffUFlowMethod:
       fine = jax.vmap(lambda f: block_rescale(f, coarse, self._scale, self._aggregation))(fine)
     return fine
 
-  def sample(self, view, windows: np.ndarray, external: np.ndarray, rng) -> np.ndarray:
-    """Samples for z-scored completed windows (n, t, I, J, C) and external features (n, F):
-    (S, n, H, W, C) float32 physical. Batches of `eval_batch` (the last one padded by repeating
+  def sample(self, view, windows: np.ndarray, external: np.ndarray, masks: np.ndarray,
+             rng) -> np.ndarray:
+    """Samples for z-scored completed windows (n, t, I, J, C), external features (n, F) and the
+    windows' masks (n, t, I, J): (S, n, H, W, C) float32 physical. Batches of `eval_batch` (the last one padded by repeating
     its last map, so one compiled shape), batch k drawn with `fold_in(rng, k)`; trains first."""
     self.fit(view)
     n = windows.shape[0]
@@ -277,7 +305,7 @@ class DiffUFlowMethod:
     starts = list(range(0, n, size))
 
     def one(k: int) -> np.ndarray:
-      part = [a[starts[k]:starts[k] + size] for a in (windows, external)]
+      part = [a[starts[k]:starts[k] + size] for a in (windows, external, masks)]
       real = part[0].shape[0]
       part = [np.concatenate([p, np.repeat(p[-1:], size - real, axis=0)]) for p in part]
       return np.asarray(self._sample(self.params, *part, jax.random.fold_in(rng, k)))[:, :real]
@@ -292,7 +320,8 @@ class DiffUFlowMethod:
 
   def reconstruct(self, view, slices: np.ndarray) -> dict:
     """view: evaluate.ObservedTask; slices (n,) -> dict(coarse (n, I, J, C) interp-completed
-    observed maps, fine (n, N*I, N*J, C) mean of the samples, samples (S, n, N*I, N*J, C)), all
+    observed maps, fine (n, N*I, N*J, C) median (or mean: `point`) of the samples, samples
+    (S, n, N*I, N*J, C)), all
     float32 physical. Deterministic given `seed` and the first slice."""
     self.fit(view)
     slices = np.asarray(slices, np.int64)
@@ -306,13 +335,18 @@ class DiffUFlowMethod:
     pos = np.searchsorted(need, np.maximum(slices[:, None] + np.arange(-h, 1)[None, :], 0))
     norm, _ = supervised._finite_or_zero(view.coarse_norm.apply(completed))
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), int(slices[0]))
-    samples = self.sample(view, norm[pos], np.asarray(view.external, np.float32)[slices], rng)
+    windows = np.maximum(slices[:, None] + np.arange(-h, 1)[None, :], 0)
+    masks = np.asarray(view.mask, np.float32)[windows]
+    samples = self.sample(view, norm[pos], np.asarray(view.external, np.float32)[slices], masks,
+                          rng)
+    point = np.median(samples, axis=0) if self.point == "median" else samples.mean(axis=0)
     return {"coarse": completed[pos[:, -1]].astype(np.float32),
-            "fine": samples.mean(axis=0), "samples": samples}
+            "fine": point.astype(np.float32), "samples": samples}
 
 
 def build(config) -> DiffUFlowMethod:
-  """DiffUFlow with its fields from `config.diffuflow`, seed `config.seed`, training patterns
+  """DiffUFlow with its fields from `config.diffuflow` (steps -1: `config.train.steps_f`), seed
+  `config.seed`, training patterns
   `config.patterns.train` (when `train_masked`) and batches run at once as DiffRecon's sampler
   (`eval.concurrent_batches`)."""
   from diffrecon_jax.diffrecon_method import concurrent_batches
@@ -322,8 +356,9 @@ def build(config) -> DiffUFlowMethod:
       channel_mults=tuple(d.channel_mults), num_res_blocks=int(d.num_res_blocks),
       emb_dim=int(d.emb_dim), history=int(d.history), num_train_steps=int(d.num_train_steps),
       schedule=d.schedule, beta_start=float(d.beta_start), beta_end=float(d.beta_end),
-      steps=d.steps, batch_size=d.batch_size, lr=float(d.lr), sampling_steps=d.sampling_steps,
-      eta=float(d.eta), n_samples=d.n_samples, residual=bool(d.residual),
+      steps=int(config.train.steps_f) if int(d.steps) == -1 else d.steps, batch_size=d.batch_size, lr=float(d.lr), sampling_steps=d.sampling_steps,
+      eta=float(d.eta), n_samples=d.n_samples, point=str(d.point), use_mask=bool(d.use_mask),
+      residual=bool(d.residual),
       n2_normalize=bool(d.n2_normalize), x0_clip_factor=float(d.x0_clip_factor),
       train_patterns=tuple(config.patterns.train) if d.train_masked else (),
       time_weight=float(d.interp_time_weight), eval_batch=d.eval_batch,

@@ -37,7 +37,8 @@ def _finite_or_zero(x: np.ndarray) -> tuple:
   return np.where(ok, x, 0.0).astype(np.float32), ok.astype(np.float32)
 
 
-def training_inputs(view, patterns: tuple, seed: int, time_weight: float) -> np.ndarray:
+def training_inputs(view, patterns: tuple, seed: int, time_weight: float,
+                    with_masks: bool = False):
   """Coarse inputs of the train split: the complete maps, then one interp completion per pattern.
 
   Args:
@@ -45,19 +46,24 @@ def training_inputs(view, patterns: tuple, seed: int, time_weight: float) -> np.
     patterns: training pattern specs ("random:0.4", ...); () = the complete maps only.
     seed: draws each pattern's masks over the train split (`patterns.make_eval_mask`).
     time_weight: interp's time weight.
+    with_masks: also return the observation mask of each copy.
   Returns:
-    (P + 1, T_train, I, J, C) float32 physical coarse maps (NaN where the data has none).
+    (P + 1, T_train, I, J, C) float32 physical coarse maps (NaN where the data has none), and
+    with `with_masks` their (P + 1, T_train, I, J) float32 masks (1 = observed; the complete
+    copy's: 1 where the data has a value).
   """
   coarse = np.asarray(view.train_coarse, np.float32)
   t = coarse.shape[0]
   out = [coarse]
   valid = np.isfinite(coarse).all(axis=-1).astype(np.float32)
+  masks = [valid]
   for k, spec in enumerate(patterns):
     mask = patterns_lib.make_eval_mask(patterns_lib.parse_pattern(spec), t, coarse.shape[1:3],
                                        seed + k) * valid
+    masks.append(mask)
     out.append(interp.nearest_fill(coarse, mask, np.arange(t), view.history, time_weight,
                                    fallback=view.coarse_norm.mean))
-  return np.stack(out)
+  return (np.stack(out), np.stack(masks)) if with_masks else np.stack(out)
 
 
 def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,

@@ -15,9 +15,10 @@ FIN: UrbanFM (`urbanfm.UrbanFM`, with its N^2-Normalization) on the completed co
 current slice's external features, so each N x N block of the fine map pools exactly to its
 completed coarse cell.
 Training ("two stages" in the paper: the networks separately, then together): stage 1 trains STA
-on train-split windows under masks of `config.patterns.train` (one mask series per pattern over
-the train split, `patterns.make_eval_mask`), its loss on the hidden cells (`loss_on_hidden`) or on
-every cell; stage 2 trains FIN on the complete coarse maps of the train split -> their fine maps;
+on train-split windows under masks drawn afresh for every window from `config.patterns.train`
+(`patterns.sample_train_masks`, exactly as Diffusion-C's training draws them: a new random layout
+per window for `fixed`, so the evaluation's layout is as likely as any other), its loss on the
+hidden cells (`loss_on_hidden`) or on every cell; stage 2 trains FIN on the complete coarse maps of the train split -> their fine maps;
 stage 3 fine-tunes both on masked windows with the fine loss plus `completion_weight` times the
 completion loss. Adam, MSE, random batches, a fixed number of steps per stage and a seed.
 
@@ -180,7 +181,7 @@ class UrbanSTAMethod:
   def _train_arrays(self, view) -> dict:
     """The train split as device arrays: coarse (T, I, J, C) normalised with NaN -> 0, valid
     (T, I, J), fine (T, H, W, C) normalised with NaN -> 0 and its weights, external (T, F),
-    masks (P, T, I, J) of the training patterns (times valid)."""
+    and the training patterns encoded for `patterns.sample_train_masks`."""
     v0 = int(view.split.val_start)
     if view.train_fine.shape[0] != v0 or view.train_coarse.shape[0] != v0:
       raise ValueError(f"urbansta: train_fine / train_coarse have {view.train_fine.shape[0]} / "
@@ -190,20 +191,25 @@ class UrbanSTAMethod:
     valid = np.isfinite(raw).all(-1).astype(np.float32)
     fine, fine_w = supervised._finite_or_zero(
         view.fine_norm.apply(np.asarray(view.train_fine, np.float32)))
-    masks = [patterns_lib.make_eval_mask(patterns_lib.parse_pattern(spec), v0,
-                                         view.coarse_shape, self.seed + k) * valid
-             for k, spec in enumerate(self.train_patterns)] or [valid]
+    patterns = [patterns_lib.parse_pattern(spec) for spec in self.train_patterns
+                ] or [patterns_lib.parse_pattern("random:0.0")]
+    kinds, ratios, *layouts = patterns_lib.encode_train_patterns(patterns, view.coarse_shape)
     arrays = dict(coarse=coarse, valid=valid, fine=fine, fine_w=fine_w,
-                  external=np.asarray(view.external[:v0], np.float32), masks=np.stack(masks))
-    return {k: jnp.asarray(v) for k, v in arrays.items()}
+                  external=np.asarray(view.external[:v0], np.float32), kinds=kinds,
+                  ratios=ratios, layouts=layouts[0] if layouts else None)
+    return {k: None if v is None else jnp.asarray(v) for k, v in arrays.items()}
 
   def _masked_batch(self, data, key, history: int) -> dict:
-    """A random batch of train windows under a random training pattern's mask."""
+    """A random batch of train windows, each under a mask drawn from a random training
+    pattern (`patterns.sample_train_masks`; cells NaN in the data count as hidden)."""
     k_t, k_p = jax.random.split(key)
-    n, p = data["coarse"].shape[0], data["masks"].shape[0]
+    n = data["coarse"].shape[0]
     t = jax.random.randint(k_t, (self.batch_size,), 0, n)
     win = jnp.maximum(t[:, None] + jnp.arange(-history, 1)[None, :], 0)  # (B, W)
-    mask = data["masks"][jax.random.randint(k_p, (self.batch_size,), 0, p)[:, None], win]
+    drawn = patterns_lib.sample_train_masks(k_p, self.batch_size, history + 1,
+                                            data["coarse"].shape[1:3], data["kinds"],
+                                            data["ratios"], data["layouts"])
+    mask = drawn * data["valid"][win]
     return dict(obs=data["coarse"][win], mask=mask, external=data["external"][win],
                 ext_now=data["external"][t], target=data["coarse"][t],
                 valid=data["valid"][t], fine=data["fine"][t], fine_w=data["fine_w"][t])
@@ -314,14 +320,18 @@ class UrbanSTAMethod:
 
 
 def build(config) -> UrbanSTAMethod:
-  """UrbanSTA with its hyperparameters from `config.urbansta`, its seed from `config.seed` and its
+  """UrbanSTA with its hyperparameters from `config.urbansta` (a step count or batch size of -1:
+  DiffRecon's counterpart in `config.train`, for equal terms), its seed from `config.seed` and its
   training masks from `config.patterns.train`."""
   u = config.urbansta
+  same = lambda value, theirs: int(theirs) if int(value) == -1 else int(value)
   return UrbanSTAMethod(
       features=int(u.features), num_heads=int(u.num_heads), num_layers=int(u.num_layers),
       ff_dim=int(u.ff_dim), fin_features=int(u.fin_features), fin_blocks=int(u.fin_blocks),
-      steps_sta=int(u.steps_sta), steps_fin=int(u.steps_fin), steps_joint=int(u.steps_joint),
-      batch_size=int(u.batch_size), lr=float(u.lr), lr_joint=float(u.lr_joint),
+      steps_sta=same(u.steps_sta, config.train.steps_c),
+      steps_fin=same(u.steps_fin, config.train.steps_f),
+      steps_joint=same(u.steps_joint, config.train.steps_joint),
+      batch_size=same(u.batch_size, config.train.batch_size), lr=float(u.lr), lr_joint=float(u.lr_joint),
       loss_on_hidden=bool(u.loss_on_hidden), completion_weight=float(u.completion_weight),
       train_patterns=tuple(config.patterns.train), seed=int(config.seed),
       eval_batch=int(u.eval_batch), log_every=int(u.log_every))
