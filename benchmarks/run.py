@@ -49,7 +49,7 @@ from benchmarks import cases as cases_lib
 from benchmarks import report
 from benchmarks import sections
 from benchmarks.timing import load_average, log, machine_info
-from configs import nytaxi as nytaxi_config
+from diffrecon_jax.configs import nytaxi as nytaxi_config
 from diffrecon_jax import diffrecon
 from diffrecon_jax.data import pipeline
 

@@ -45,7 +45,7 @@ def nfe_per_map(ensemble: str, n_samples: int, steps: int) -> dict:
 
 def study(workdir: str, settings: tuple, patterns: tuple, slices: int) -> list:
   from diffrecon_jax import calibration, evaluate, run
-  from configs import default
+  from diffrecon_jax.configs import default
   rows = []
   for text in settings:
     ensemble, n_samples, steps = parse_setting(text)

@@ -55,7 +55,7 @@ def score(estimate: np.ndarray, truth: np.ndarray, truth_coarse: np.ndarray, hid
 
 def study(workdir: str, patterns: tuple, n_slices: int, seed: int) -> dict:
   import jax
-  from configs import default
+  from diffrecon_jax.configs import default
   from diffrecon_jax import diffrecon, evaluate, metrics, run
   from diffrecon_jax.data import patterns as patterns_lib
   config = default.get_config()

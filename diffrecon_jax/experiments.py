@@ -129,7 +129,7 @@ def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collecti
   c = config.copy_and_resolve_references()
   c.ablation = ""
   if method == PAPER:
-    from configs import default as default_config  # the variant's one definition
+    from diffrecon_jax.configs import default as default_config  # the variant's one definition
     default_config.use_paper_architecture(c)
     c.method = MAIN
   elif method.startswith("diffrecon-"):

@@ -29,7 +29,8 @@ BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /tab
 # How the README names the methods of the experiments' tables (results files use the registry's).
 DISPLAY = {"srcnn": "SRCNN", "srresnet": "SRResNet", "urbanfm": "UrbanFM", "fode": "FODE",
            "stcf": "STCF", "urbansta": "UrbanSTA", "diffuflow": "DiffUFlow",
-           "diffrecon": "DiffRecon", "diffrecon vs best other": "DiffRecon vs best other"}
+           "diffrecon": "DiffRecon", "diffrecon vs best other": "DiffRecon vs best other",
+           "diffrecon_paper": "DiffRecon (paper)", "prior": "prior"}
 ABLATION_DISPLAY = {"diffrecon": "DiffRecon", "diffrecon-noPre": "noPre",
                     "diffrecon-noJoint": "noJoint",
                     "diffrecon-noSTPointFormer": "noSTPointFormer",
@@ -102,12 +103,27 @@ def reference_table(stem: str, method: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def copied_table(md_name: str) -> str:
-  """The table of a committed experiments file (docs/results/<md_name>), methods named as in
-  the README."""
-  rows = [line for line in (RESULTS / md_name).read_text().splitlines() if line.startswith("|")]
+def table_blocks(text: str) -> List[List[str]]:
+  """The Markdown tables of `text`: each a run of consecutive lines starting with "|"."""
+  blocks, current = [], []
+  for line in text.splitlines() + [""]:
+    if line.startswith("|"):
+      current.append(line)
+    elif current:
+      blocks.append(current)
+      current = []
+  return blocks
+
+
+def copied_table(md_name: str, index: int = 0) -> str:
+  """The `index`-th table of a committed experiments file (docs/results/<md_name>: 0 the
+  comparison, 1 the budgets when the run listed them), methods named as in the README."""
+  rows = list(table_blocks((RESULTS / md_name).read_text())[index])
   header = [cell.strip() for cell in rows[0].strip("|").split("|")]
   rows[0] = _row([DISPLAY.get(h, h) for h in header])
+  if index:  # the budget table names its methods in its first column
+    rows[2:] = [_row([DISPLAY.get(c.strip(), c.strip()) if k == 0 else c.strip()
+                      for k, c in enumerate(r.strip("|").split("|"))]) for r in rows[2:]]
   return "\n".join(rows) + "\n"
 
 

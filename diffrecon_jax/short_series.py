@@ -150,7 +150,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from configs import custom  # the README's custom-grid config
+  from diffrecon_jax.configs import custom  # the README's custom-grid config
   args = flags.FLAGS
   base = custom.get_config()
   if args.smoke:

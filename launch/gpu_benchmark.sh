@@ -3,20 +3,21 @@
 #
 #   bash launch/gpu_benchmark.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results_gpu)
 #
-# Needs a CUDA 12 machine with Python >= 3.10. Installs jax[cuda12] and the package with its
-# `bench` extra (PyTorch), then runs the suite twice on the :gpu config (peer-sized models):
+# Needs a CUDA 12 machine with Python >= 3.10. Installs this checkout with its `bench` (PyTorch)
+# and `cuda12` (jax[cuda12]) extras into the virtual environment $VENV (default .venv), then runs
+# the suite twice on the :gpu config (peer-sized models):
 # once with XLA attention, once with the fused cuDNN attention (bf16 q/k/v) in ST-PointFormer,
 # and prints both markdown tables. Skips the 9-pattern split timing (a CPU target); the scaling
 # section runs paper scale (8x8 -> 32x32) and UrbanFM scale (32x32 -> 128x128) at batch 16.
 # Set BENCH_QUICK=1 for the joint step + DDIM sampling only (about two minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/lib.sh
 OUT="${1:-benchmarks/results_gpu}"
-PY="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
 
-"$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$PY" -m pip install -q "jax[cuda12]" || echo "jax[cuda12] install failed; using the installed jax"
-"$PY" -m pip install -q -e ".[bench]"
+install_into_venv "$VENV" bench,cuda12
+PY="$VENV/bin/python"
 "$PY" - <<'EOF'
 import jax
 print("jax", jax.__version__, jax.devices())

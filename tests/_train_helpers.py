@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def tiny_config(steps=(4, 4, 4), batch_size: int = 8, steps_per_call: int = 2,

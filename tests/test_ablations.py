@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from diffrecon_jax.configs import default
 from diffrecon_jax import ablations, diffrecon, evaluate
 from diffrecon_jax.baselines import supervised
 from tests import _train_helpers as helpers

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from diffrecon_jax.configs import default
 from diffrecon_jax import diffrecon, diffusion
 from diffrecon_jax.data import coarsen, nyc_dsan, pipeline
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import default, tapbj
+from diffrecon_jax.configs import default, tapbj
 from diffrecon_jax import evaluate, run
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.data.series import DataError, SpatioTemporalSeries

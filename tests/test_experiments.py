@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import nytaxi
+from diffrecon_jax.configs import nytaxi
 from diffrecon_jax import comparison, experiments, run, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

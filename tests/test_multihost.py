@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -288,27 +287,3 @@ def test_the_entry_point_names_a_missing_multi_host_flag(tmp_path):
   assert proc.returncode != 0
   assert "missing: --coordinator_address (JAX_COORDINATOR_ADDRESS)" in proc.stderr, proc.stderr
   assert not any(tmp_path.iterdir())  # stopped before any work
-
-
-def test_tpu_vm_dry_run_prints_what_every_worker_runs(tmp_path):
-  flags = ["--config.train.steps_c=2", "--config.patterns.eval=('random:0.4',)"]
-  # A python that does not exist: a dry run must not run (or install) anything.
-  env = dict(os.environ, PYTHON=str(tmp_path / "no-python"))
-  proc = subprocess.run(
-      ["bash", str(REPO / "launch" / "tpu_vm.sh"), "--dry-run", "configs/nytaxi.py:gpu",
-       "gs://bucket/runs/nytaxi", *flags], cwd=tmp_path, env=env, capture_output=True,
-      text=True, timeout=60)
-  assert proc.returncode == 0, proc.stderr
-  lines = proc.stdout.splitlines()
-  assert lines[0] == f"# every worker of the slice runs, from {REPO}:", lines
-  commands = [shlex.split(l) for l in lines[1:]]
-  py = env["PYTHON"]
-  assert commands[0][:4] == [py, "-m", "pip", "install"] and "jax[tpu]" in commands[0]
-  assert commands[1] == [py, "-m", "pip", "install", "-q", "-e", "."]
-  # The entry point's command, each flag one argument as given (quoting survives the print).
-  assert commands[2] == [py, "-m", "diffrecon_jax.main", "--config=configs/nytaxi.py:gpu",
-                         "--workdir=gs://bucket/runs/nytaxi", *flags]
-  assert len(commands) == 3
-  usage = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "--dry-run", "c.py"],
-                         env=env, capture_output=True, text=True, timeout=60)
-  assert usage.returncode != 0 and "usage: launch/tpu_vm.sh [--dry-run]" in usage.stderr

@@ -169,7 +169,7 @@ def test_own_cell_level_leaves_never_observed_cells_at_the_maps_level(task):
 
 
 def test_build_models_asks_for_the_prior_when_the_config_uses_it():
-  from configs import default
+  from diffrecon_jax.configs import default
   config = default.get_config()
   assert diffrecon.uses_prior(config)
   with pytest.raises(ValueError, match="climatology prior"):
@@ -265,7 +265,7 @@ def test_clip_bounds_from_the_prior_equal_the_train_splits_largest_residual(task
   """The default model's sampler bounds come from what `residual_stats` measured, without the
   train split; they must be what reading the train split again gives."""
   prior = prior_lib.fit_prior(task, per_cell=True)
-  from configs import default
+  from diffrecon_jax.configs import default
   config = default.get_config()
   models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation, prior)
   assert not diffrecon.clip_bounds_need_train_split(models)

@@ -46,3 +46,18 @@ def test_main_table_reads_the_files(tmp_path, monkeypatch):
 def test_unknown_table_name_is_an_error():
   with pytest.raises(ValueError, match="no renderer"):
     readme_tables.marked("<!-- table:nope -->\n| a |\n\n<!-- /table -->")
+
+
+def test_copied_table_takes_one_table_of_an_experiments_file(tmp_path, monkeypatch):
+  """comparison.md holds the comparison, then the budgets: each is copied alone, methods named
+  as in the README."""
+  monkeypatch.setattr(readme_tables, "RESULTS", tmp_path)
+  (tmp_path / "c.md").write_text(
+      "# comparison\n\n| pattern | srcnn | diffrecon |\n|---|---|---|\n| fixed | 2 | 1 |\n\n"
+      "Budgets:\n\n| method | training | batch | wall time |\n|---|---|---|---|\n"
+      "| srcnn | 10 steps | 32 | 5 s |\n| diffrecon_paper | 3 steps | 16 | 9 s |\n")
+  assert readme_tables.copied_table("c.md") == (
+      "| pattern | SRCNN | DiffRecon |\n|---|---|---|\n| fixed | 2 | 1 |\n")
+  budgets = readme_tables.copied_table("c.md", 1).splitlines()
+  assert budgets[2:] == ["| SRCNN | 10 steps | 32 | 5 s |",
+                         "| DiffRecon (paper) | 3 steps | 16 | 9 s |"]

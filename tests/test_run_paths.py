@@ -1,7 +1,7 @@
 """A relative data path is saved absolute, so a later command started elsewhere finds the data."""
 import os
 
-from configs import custom
+from diffrecon_jax.configs import custom
 from diffrecon_jax import run
 
 

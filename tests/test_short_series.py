@@ -49,7 +49,7 @@ def test_summary_counts_wins_over_both_references_and_the_margin():
 
 
 def test_a_tiny_case_runs_end_to_end_and_resumes_from_its_results(tmp_path):
-  from configs import custom
+  from diffrecon_jax.configs import custom
   from diffrecon_jax import smoke
   base = smoke.smoke_config(custom.get_config())
   base.patterns.eval = ("random:0.4", "large_scale:0.25")

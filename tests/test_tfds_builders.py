@@ -57,7 +57,7 @@ def test_sliced_series(tmp_path):
 
 
 def test_a_run_reads_its_series_through_a_tfds_copy(tmp_path):
-  from configs import nybike
+  from diffrecon_jax.configs import nybike
   from diffrecon_jax.data import pipeline
   config = nybike.get_config()
   config.data.tfds_dir = str(tmp_path / "tfds")

@@ -10,7 +10,7 @@ import netCDF4
 import numpy as np
 import pytest
 
-from configs import custom as custom_config
+from diffrecon_jax.configs import custom as custom_config
 from diffrecon_jax import user_reconstruct
 from diffrecon_jax.data import coarsen, example_grid
 from diffrecon_jax.data.errors import DataError

@@ -2,7 +2,7 @@
 
 Variants: `cpu` (default) and `gpu` (full size), as configs/nytaxi.py.
 """
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def get_config(arg: str = "cpu"):

@@ -8,7 +8,7 @@ Everything the loader (`diffrecon_jax.data.custom.load_array`) needs is a field 
 training and evaluation sections are the CPU defaults of `configs/default.py` (`:gpu` for the
 full-size variant). Relative paths are taken from the directory the command is started in.
 """
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def get_config(arg: str = "cpu"):

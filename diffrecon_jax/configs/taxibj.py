@@ -4,7 +4,7 @@ The data is not redistributable here: download the ST-ResNet release (BJ13_M32x3
 BJ_Meteorology.h5, BJ_Holiday.txt) and pass its folder with `--config.data.path=DIR`; the files'
 sha256 are checked against the official fingerprints.
 """
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def get_config(arg: str = "cpu"):

@@ -3,7 +3,7 @@
 The h5 file is not embedded: `--config.data.path=/path/to/NYC14_M16x8_T60_NewEnd.h5` (or its
 folder). The default points at this project's shared data folder beside the checkout.
 """
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def get_config(arg: str = "cpu"):

@@ -3,7 +3,7 @@
   --config=configs/nytaxi.py       the CPU variant (default; fits a 2-core laptop)
   --config=configs/nytaxi.py:gpu   the full-size variant meant for an accelerator
 """
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def get_config(arg: str = "cpu"):

@@ -5,7 +5,7 @@ grids to NetCDF, Zarr or .npy with shape (T, H, W), then
   --config.data.path=/path/to/tap_beijing.nc --config.data.variable=pm25
 Without a path the run stops with these instructions.
 """
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def get_config(arg: str = "cpu"):

@@ -4,7 +4,7 @@
 `--config.data.path` is the `air_temperature.zarr` folder; the default points at this project's
 shared data folder beside the checkout.
 """
-from configs import default
+from diffrecon_jax.configs import default
 
 
 def get_config(arg: str = "cpu"):
