@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import time
 from typing import Optional
@@ -52,6 +51,7 @@ from absl import logging
 
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import metrics as metrics_lib
+from diffrecon_jax import paths
 from diffrecon_jax.data import coarsen as coarsen_lib
 from diffrecon_jax.data import patterns as patterns_lib
 
@@ -206,10 +206,8 @@ class Calibration:
     return d
 
   def save(self, workdir) -> pathlib.Path:
-    path = pathlib.Path(workdir) / FILE_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(self.to_json(), indent=1))
-    os.replace(tmp, path)
+    path = paths.as_path(workdir) / FILE_NAME
+    paths.write_text_atomic(path, json.dumps(self.to_json(), indent=1))
     return path
 
 
@@ -217,7 +215,7 @@ def load(workdir, sampler: dict, val_slices: Optional[int] = None,
          rule: Optional[str] = None) -> Optional[Calibration]:
   """The workdir's calibration if it was fitted for `sampler` (`SamplingSettings.describe`)
   and, when given, on `val_slices` slices; else None (another sampler, or none fitted yet)."""
-  path = pathlib.Path(workdir) / FILE_NAME
+  path = paths.as_path(workdir) / FILE_NAME
   if not path.exists():
     return None
   try:

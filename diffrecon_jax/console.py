@@ -20,13 +20,17 @@ too, the first `_MAX_UNRAISABLE` of them.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pathlib
 import sys
+import tempfile
 import time
 
 from absl import logging as absl_logging
+
+from diffrecon_jax import paths
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Libraries held to a higher console level: (logger-name prefix, path fragment, lowest level
@@ -101,6 +105,51 @@ class _StderrHandler(logging.StreamHandler):
     super().emit(record)
 
 
+# Remote log files (a bucket workdir) and the local spool files the handler writes them from.
+_SPOOLS = {}
+
+
+def _spool_for(path) -> str:
+  """The local file the log handler appends to: `path` itself when local; for a remote `path`,
+  a local spool file (seeded with the remote log, so a resumed run appends to it) that `sync`
+  copies to `path`."""
+  if paths.is_local(path):
+    return str(path)
+  folder = tempfile.mkdtemp(prefix="diffrecon_jax_log_")
+  local = os.path.join(folder, path.name)
+  if path.exists():
+    pathlib.Path(local).write_bytes(path.read_bytes())
+  if not _SPOOLS:
+    atexit.register(sync)
+  _SPOOLS[str(path)] = local
+  return local
+
+
+def sync() -> None:
+  """Copies every remote log file's spool to the workdir (at exit, and after each mode of a
+  run); local log files are written in place and need nothing."""
+  for h in logging.getLogger().handlers:
+    if getattr(h, "_diffrecon_console", False):
+      h.flush()
+  for remote, local in _SPOOLS.items():
+    try:
+      paths.as_path(remote).write_bytes(pathlib.Path(local).read_bytes())
+    except OSError as err:  # a log that cannot be copied must not end the run
+      sys.stderr.write(f"could not copy the log to {remote}: {err}\n")
+
+
+def close() -> None:
+  """Copies the remote logs (`sync`) and removes the handlers `setup` added (a notebook or a
+  test that is done with a workdir)."""
+  sync()
+  _SPOOLS.clear()
+  root = logging.getLogger()
+  for h in list(root.handlers):
+    if getattr(h, "_diffrecon_console", False):
+      root.removeHandler(h)
+      h.close()
+
+
 def setup(workdir, process_index: int = 0) -> pathlib.Path:
   """Routes log records: project lines (and warnings) to stderr, everything to the log file.
 
@@ -109,9 +158,12 @@ def setup(workdir, process_index: int = 0) -> pathlib.Path:
   lines). Returns the log
   file's path.
   """
-  wd = pathlib.Path(workdir)
+  sync()  # an earlier setup's remote log is complete: copy it before its handler goes
+  _SPOOLS.clear()
+  wd = paths.as_path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   path = wd / (LOG_NAME if process_index == 0 else f"log.{process_index}.txt")
+  local = _spool_for(path)  # the file the handler appends to (a bucket has no append)
   root = logging.getLogger()
   consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
   for h in list(root.handlers):
@@ -125,7 +177,7 @@ def setup(workdir, process_index: int = 0) -> pathlib.Path:
   console = _StderrHandler(sys.stderr)
   console.addFilter(ConsoleFilter())
   console.setFormatter(_ConsoleFormatter())
-  log_file = logging.FileHandler(path, mode="a", encoding="utf-8")
+  log_file = logging.FileHandler(local, mode="a", encoding="utf-8")
   log_file.setLevel(logging.INFO)
   log_file.setFormatter(absl_logging.PythonFormatter())
   for h in (console, log_file):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import pathlib
 import time
 import zlib
 
@@ -24,6 +22,7 @@ from absl import logging
 
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import metrics as metrics_lib
+from diffrecon_jax import paths
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.data import time_axis
@@ -215,10 +214,10 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
     pattern = patterns_lib.parse_pattern(spec)
     mask, mseed = eval_mask(task, pattern, seed)
     if workdir is not None:
-      mdir = pathlib.Path(workdir) / "masks"
+      mdir = paths.as_path(workdir) / "masks"
       mdir.mkdir(parents=True, exist_ok=True)
-      np.savez_compressed(mdir / f"{file_label(pattern.label)}.npz", mask=mask.astype(np.uint8),
-                          seed=mseed)
+      paths.save_npz(mdir / f"{file_label(pattern.label)}.npz", mask=mask.astype(np.uint8),
+                     seed=mseed)
     view = observe(task, mask, spec)
     fine_m, comp_m = metrics_lib.PooledMetrics(), metrics_lib.PooledMetrics()
     fine_raw = metrics_lib.PooledMetrics()  # the raw ensemble, when the method recalibrates
@@ -283,7 +282,7 @@ def calibration_figures(figures_dir, method, dataset: str, split: str, results: 
   n = (getattr(method, "sampler", None) or {}).get("n_samples")
   labels = [f"{e['pattern']}:{e['missing_ratio']:g}" for e in results]
   about = f"{method.name} on {dataset} ({split})" + (f", {n} members per map" if n else "")
-  folder = pathlib.Path(figures_dir)
+  folder = paths.as_path(figures_dir)
   figures_lib.write_safely(figures_lib.coverage_bars, labels, [e["coverage_90"] for e in results],
                            path=folder / f"{method.name}_coverage_90.png",
                            title=f"{about}: 90% interval coverage")
@@ -403,12 +402,10 @@ def calibration_markdown(docs: list) -> list:
 
 def write_results(workdir, docs: list) -> None:
   """results.json (main method), results_<method>.json (every method), results.md (all)."""
-  wd = pathlib.Path(workdir)
+  wd = paths.as_path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   for i, d in enumerate(docs):
     names = [f"results_{d['method']}.json"] + (["results.json"] if i == 0 else [])
     for n in names:
-      tmp = wd / (n + ".tmp")
-      tmp.write_text(json.dumps(d, indent=1))
-      os.replace(tmp, wd / n)
+      paths.write_text_atomic(wd / n, json.dumps(d, indent=1))
   (wd / "results.md").write_text(results_markdown(docs))

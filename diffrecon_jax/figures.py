@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from diffrecon_jax import metrics as metrics_lib
+from diffrecon_jax import paths
 
 # Small figures: a few tenths of a second each, so an evaluation's figures take a few seconds.
 _DPI = 90
@@ -43,9 +44,9 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path) -> pathlib.Path:
-  path = pathlib.Path(path)
+  path = paths.as_path(path)  # a workdir may be a bucket
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=_DPI)
+  paths.save_figure(fig, path, dpi=_DPI)
   return path
 
 
@@ -212,6 +213,34 @@ def rank_histograms(hists: Sequence[tuple], path, title: str) -> pathlib.Path:
   return _save(fig, path)
 
 
+# Keys of a metrics.jsonl record that are not curves.
+_NOT_CURVES = ("phase", "step", "total", "steps_per_sec", "eta_sec", "time")
+
+
+def training_curves(records: Sequence[dict], path, title: str) -> pathlib.Path:
+  """The losses (and gradient norm) of metrics.jsonl records against the step, one panel per
+  training phase in the order trained, log scale; a resumed phase's records join its curve."""
+  phases = list(dict.fromkeys(r["phase"] for r in records))
+  fig = _figure(4.2 * max(1, len(phases)), 3.6)
+  for k, phase in enumerate(phases):
+    ax = fig.add_subplot(1, len(phases), k + 1)
+    rows = sorted((r for r in records if r["phase"] == phase), key=lambda r: r["step"])
+    keys = sorted({key for r in rows for key in r if key not in _NOT_CURVES})
+    for key in keys:
+      pts = [(r["step"], r[key]) for r in rows if key in r and np.isfinite(r[key]) and r[key] > 0]
+      if pts:
+        ax.plot(*zip(*pts), label=key, linewidth=1.2,
+                linestyle="--" if key == "grad_norm" else "-")
+    ax.set_yscale("log")
+    ax.set_title(phase, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+  fig.suptitle(title, fontsize=11)
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.82, wspace=0.3)
+  return _save(fig, path)
+
+
 def write_safely(fn: Callable, *args, **kwargs) -> Optional[pathlib.Path]:
   """`fn(*args, **kwargs)`, or None with a warning naming the figure and the error when drawing
   fails (matplotlib missing, a broken font cache, a full disk): figures never stop a run."""
@@ -232,7 +261,7 @@ def evaluation_figures(folder, method: str, label: str, truth: np.ndarray, fine:
   truth, fine: (NI, NJ, C); samples: (S, NI, NJ, C) or None; observed: (I, J), 1 = observed;
   when: the slice's timestamp, for the titles. Returns the paths written.
   """
-  folder = pathlib.Path(folder)
+  folder = paths.as_path(folder)
   name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in f"{method}_{label}")
   what = f"{method}, {label}, {when}" + (f", {channel}" if channel else "")
   t, f = np.asarray(truth)[..., 0], np.asarray(fine)[..., 0]

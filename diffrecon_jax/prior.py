@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrecon_jax import paths
 from diffrecon_jax.baselines import climatology as clim_lib
 from diffrecon_jax.data import coarsen as coarsen_lib
 
@@ -85,29 +86,30 @@ class Prior:
     return (jnp.asarray(s["mean"], jnp.float32), jnp.asarray(s["std"], jnp.float32))
 
   def save(self, path) -> None:
-    np.savez(path, fine=self.fine, coarse=self.coarse, period=self.period,
-             interval_minutes=self.interval_minutes, aggregation=self.aggregation,
-             scale=self.scale, level_decay=self.level_decay, ratio_clip=np.asarray(self.ratio_clip),
-             local=self.local, local_sigma=self.local_sigma, local_shrink=self.local_shrink,
-             residual_std_c=self.residual_std_c, residual_std_f=self.residual_std_f,
-             residual_absmax_c=self.residual_absmax_c, residual_absmax_f=self.residual_absmax_f,
-             table=self.table)
+    paths.save_npz(path, compressed=False, fine=self.fine, coarse=self.coarse, period=self.period,
+                   interval_minutes=self.interval_minutes, aggregation=self.aggregation,
+                   scale=self.scale, level_decay=self.level_decay,
+                   ratio_clip=np.asarray(self.ratio_clip), local=self.local,
+                   local_sigma=self.local_sigma, local_shrink=self.local_shrink,
+                   residual_std_c=self.residual_std_c, residual_std_f=self.residual_std_f,
+                   residual_absmax_c=self.residual_absmax_c,
+                   residual_absmax_f=self.residual_absmax_f, table=self.table)
 
   @classmethod
   def load(cls, path, stats: dict) -> "Prior":
-    with np.load(path) as z:
-      return cls(fine=z["fine"], coarse=z["coarse"], period=int(z["period"]),
-                 interval_minutes=int(z["interval_minutes"]), aggregation=str(z["aggregation"]),
-                 scale=int(z["scale"]), stats=stats, level_decay=float(z["level_decay"]),
-                 ratio_clip=tuple(float(v) for v in z["ratio_clip"]),
-                 # Files written before the local level existed used the map's level: the
-                 # fields' defaults.
-                 **{k: type(getattr(cls, k))(z[k]) for k in ("local", "local_sigma",
-                                                             "local_shrink") if k in z},
-                 residual_std_c=z["residual_std_c"], residual_std_f=z["residual_std_f"],
-                 residual_absmax_c=float(z["residual_absmax_c"]),
-                 residual_absmax_f=float(z["residual_absmax_f"]),
-                 table=str(z["table"]) if "table" in z else "")
+    z = paths.load_npz(path)
+    return cls(fine=z["fine"], coarse=z["coarse"], period=int(z["period"]),
+               interval_minutes=int(z["interval_minutes"]), aggregation=str(z["aggregation"]),
+               scale=int(z["scale"]), stats=stats, level_decay=float(z["level_decay"]),
+               ratio_clip=tuple(float(v) for v in z["ratio_clip"]),
+               # Files written before the local level existed used the map's level: the
+               # fields' defaults.
+               **{k: type(getattr(cls, k))(z[k]) for k in ("local", "local_sigma",
+                                                           "local_shrink") if k in z},
+               residual_std_c=z["residual_std_c"], residual_std_f=z["residual_std_f"],
+               residual_absmax_c=float(z["residual_absmax_c"]),
+               residual_absmax_f=float(z["residual_absmax_f"]),
+               table=str(z["table"]) if "table" in z else "")
 
 
 PRIOR_FILE = "prior.npz"
@@ -202,7 +204,7 @@ def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0,
 
 
 def prior_path(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir) / PRIOR_FILE
+  return paths.as_path(workdir) / PRIOR_FILE
 
 
 def coarse_guess(prior: Prior, obs: Array, mask: Array, slots: Array) -> Array:

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from diffrecon_jax import paths
+
 FILE_NAME = "provenance.json"
 # Distributions whose versions decide the numbers (the design card's stack and what it reads).
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy",
@@ -80,7 +82,7 @@ def collect(argv: Optional[list] = None, mode: str = "") -> dict:
 
 def record(workdir, info: dict) -> pathlib.Path:
   """Appends `info` to workdir/provenance.json; returns its path."""
-  path = pathlib.Path(workdir) / FILE_NAME
+  path = paths.as_path(workdir) / FILE_NAME
   runs = []
   if path.is_file():
     try:
@@ -93,7 +95,7 @@ def record(workdir, info: dict) -> pathlib.Path:
 
 def latest(path) -> dict:
   """The newest provenance of a workdir (its provenance.json) or of a results.json file."""
-  path = pathlib.Path(path)
+  path = paths.as_path(path)
   if path.is_dir():
     path = path / FILE_NAME
   if not path.is_file():

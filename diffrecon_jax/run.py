@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pathlib
 import time
 
 import jax
@@ -28,6 +27,7 @@ from diffrecon_jax import calibration
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import parallel
+from diffrecon_jax import paths
 from diffrecon_jax import provenance
 from diffrecon_jax import train as train_lib
 from diffrecon_jax import user_reconstruct
@@ -46,14 +46,15 @@ REFERENCES = ("climatology", "interp")
 
 
 def resolve_workdir(workdir) -> str:
-  """`workdir` as an absolute path ("~" expanded); a relative path is taken from the current
-  directory. Raises ValueError for an empty path or one that exists as a file."""
+  """`workdir` as an absolute path ("~" expanded; a relative path is taken from the current
+  directory) or a URI as given (`gs://BUCKET/...`: every file goes through `paths`). Raises
+  ValueError for an empty path or one that exists as a file."""
   if workdir is None or str(workdir).strip() == "":
     raise ValueError("workdir is empty: pass --workdir=DIR (created if missing)")
-  path = os.path.abspath(os.path.expanduser(str(workdir)))
-  if os.path.exists(path) and not os.path.isdir(path):
+  path = paths.resolve(str(workdir))
+  if path.exists() and not path.is_dir():
     raise ValueError(f"workdir {path} exists and is not a directory")
-  return path
+  return str(path)
 
 
 def resolve_data_paths(config) -> None:
@@ -111,14 +112,14 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
         chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
-        figures_dir=pathlib.Path(workdir) / "figures" if figures and m is methods[0] else None)
+        figures_dir=paths.as_path(workdir) / "figures" if figures and m is methods[0] else None)
     doc = evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
                                         extra if m is methods[0] else None)
     if origin:
       doc["provenance"] = origin
     docs.append(doc)
   evaluate_lib.write_results(workdir, docs)
-  logging.info("wrote %s", pathlib.Path(workdir) / "results.md")
+  logging.info("wrote %s", paths.as_path(workdir) / "results.md")
   return docs
 
 
@@ -130,7 +131,7 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   # once, against the directory the run was started from.
   workdir = resolve_workdir(workdir)
   resolve_data_paths(config)
-  wd = pathlib.Path(workdir)
+  wd = paths.as_path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   # What produced this run (versions, devices, commit, command), kept with its results.
   origin = provenance.collect(mode=mode)
@@ -245,9 +246,9 @@ def reconstruct_to_files(config, workdir, task, method) -> dict:
     # Calibrated 90% intervals when the method has a calibration; a deterministic fine stage
     # (the noFG ablation) has no spread: its interval is the map itself.
     rec = user_reconstruct.interval_outputs(parts)
-    path = pathlib.Path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
-    np.savez_compressed(path, **rec, mask=mask[slices], slices=slices,
-                        timestamps=task.series.timestamps[slices], mask_seed=seed)
+    path = paths.as_path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
+    paths.save_npz(path, **rec, mask=mask[slices], slices=slices,
+                   timestamps=task.series.timestamps[slices], mask_seed=seed)
     logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
     written[p.label] = str(path)
   return written

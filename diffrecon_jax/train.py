@@ -22,6 +22,7 @@ step, a run resumed from a checkpoint reaches the same parameters as an uninterr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -38,8 +39,10 @@ import optax
 import orbax.checkpoint as ocp
 
 from diffrecon_jax import console
+from diffrecon_jax import curves
 from diffrecon_jax import diffrecon
 from diffrecon_jax import parallel
+from diffrecon_jax import paths
 from diffrecon_jax import preemption
 from diffrecon_jax import prior as prior_lib
 from diffrecon_jax.data import patterns as patterns_lib
@@ -364,8 +367,10 @@ class _MetricsLog:
   """workdir/metrics.jsonl and log.txt: one record per log window; the console: about
   `_CONSOLE_LINES_PER_PHASE` of them per phase, and the last."""
 
-  def __init__(self, workdir: epath.Path, phase: str, total: int, start_step: int):
-    self.path = workdir / "metrics.jsonl"
+  def __init__(self, workdir: epath.Path, phase: str, total: int, start_step: int,
+               board: Optional[curves.TensorBoard] = None):
+    self.path = workdir / curves.METRICS_FILE
+    self.board = board  # TensorBoard events of the same records (`train.tensorboard`)
     self.phase, self.total = phase, total
     self.console_every = max(1, total // _CONSOLE_LINES_PER_PHASE)
     self.next_console = start_step + 1
@@ -395,8 +400,9 @@ class _MetricsLog:
     logging.info("[%s] step %d/%d %s | %.2f steps/s | ETA %.0fs", self.phase, step, self.total,
                  losses, rate, eta, extra=None if shown else console.FILE_ONLY)
     if jax.process_index() == 0:
-      with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      paths.append_text(self.path, json.dumps(record) + "\n")  # a bucket has no append
+      if self.board is not None:
+        self.board.add(record)
     self.sums, self.n, self.t0, self.step0 = {}, 0, now, step
     return record
 
@@ -438,6 +444,7 @@ class _Phase:
   workdir: epath.Path
   copy_state: Callable
   watcher: preemption.Watcher
+  board: Optional[curves.TensorBoard] = None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
@@ -480,8 +487,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
 
   state: Optional[TrainState] = None
   summary = {}
+  board = (curves.TensorBoard(workdir) if bool(tc.tensorboard) and jax.process_index() == 0
+           else None)
   # SIGTERM (spot VMs, Colab) saves at the step reached and stops (preemption.py).
-  with preemption.Watcher() as watcher:
+  with preemption.Watcher() as watcher, _finally(board, workdir):
     for p_idx, phase in enumerate(PHASES):
       total = int(tc[_STEPS_FIELD[phase]])
       optimizer = make_optimizer(phase, tc)
@@ -515,7 +524,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
               params, ema, jax.random.fold_in(base_key, p_idx + 1))
         ctx = _Phase(name=phase, total=total, models=models, optimizer=optimizer, train_cfg=tc,
                      spec=spec, joint=joint, mesh=mesh, manager=mngr, base_meta=base_meta,
-                     workdir=workdir, copy_state=copy_state, watcher=watcher)
+                     workdir=workdir, copy_state=copy_state, watcher=watcher, board=board)
         state, last = _run_phase(ctx, state, arrays)
         summary[phase] = {"start_step": int(latest or 0), "end_step": total, "total": total,
                           "skipped": False, "last": last}
@@ -523,6 +532,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
         mngr.wait_until_finished()
         mngr.close()
   return {"state": state, "phases": summary, "workdir": str(workdir)}
+
+
+@contextlib.contextmanager
+def _finally(board: Optional[curves.TensorBoard], workdir):
+  """After training (finished, preempted or failed): the TensorBoard events closed and, on
+  process 0, the loss figure drawn from metrics.jsonl."""
+  try:
+    yield
+  finally:
+    if board is not None:
+      board.close()
+    if jax.process_index() == 0:
+      curves.write_figure(workdir)
 
 
 def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
@@ -533,7 +555,7 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
   steps_per_call = max(1, int(tc.steps_per_call))
   step = int(parallel.to_host(state.step))
   fns: dict = {}
-  log = _MetricsLog(ctx.workdir, phase, total, step)
+  log = _MetricsLog(ctx.workdir, phase, total, step, ctx.board)
   last = None
 
   def save(step_now: int, finished: bool):

@@ -39,6 +39,7 @@ from diffrecon_jax import calibration as calibration_lib
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import metrics as metrics_lib
+from diffrecon_jax import paths
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import train as train_lib
 from diffrecon_jax.data import custom, files, pipeline, registry, time_axis
@@ -277,15 +278,15 @@ def reconstruct_file(config, workdir: str) -> dict:
   out.update(observed=view.mask[slices].astype(np.uint8), time=obs.timestamps[slices])
   if rc.save_samples:
     out["samples"] = np.concatenate([p["samples"] for p in parts], axis=1).astype(np.float32)
-  stem = pathlib.Path(registry.absolute_path(rc.output) or
-                      pathlib.Path(workdir) / "reconstruction" / pathlib.Path(path).stem)
+  stem = (paths.resolve(rc.output) if rc.output else
+          paths.as_path(workdir) / "reconstruction" / pathlib.Path(path).stem)
   stem.parent.mkdir(parents=True, exist_ok=True)
   npz = stem.with_name(stem.name + ".npz")
-  np.savez_compressed(npz, **out)
+  paths.save_npz(npz, **out)
   nc = write_netcdf(stem.with_name(stem.name + ".nc"), out, obs, int(meta["scale"]),
                     attrs={"source": obs.source, "workdir": str(workdir),
                            "sampler": str(method.sampler), "history": history})
-  figs = reconstruction_figures(pathlib.Path(workdir) / "figures", pathlib.Path(path).stem, out,
+  figs = reconstruction_figures(paths.as_path(workdir) / "figures", pathlib.Path(path).stem, out,
                                 obs.units)
   logging.info("reconstructed %d slices of %s in %.1f s (90%% interval: %s): wrote %s and %s",
                len(slices), path, seconds,
@@ -320,11 +321,12 @@ def write_netcdf(path, out: dict, obs: CoarseInput, scale: int, attrs: dict) -> 
   <row>_coarse, <column>_coarse (coarse); the input's coordinates refined by N on the fine dims
   (cell indices when the input has none), the input's on the coarse ones."""
   import netCDF4
-  path = pathlib.Path(path)
+  path = paths.as_path(path)
   n, ni, nj, c = out["fine"].shape
   i, j = out["coarse"].shape[1:3]
   row, col = obs.dims
-  with netCDF4.Dataset(path, "w") as ds:
+  # netCDF4 writes local files only: a bucket path gets a local file copied there at the end.
+  with paths.local_copy(path) as local, netCDF4.Dataset(local, "w") as ds:
     for name, size in (("time", n), (row, ni), (col, nj), ("channel", c),
                        (f"{row}_coarse", i), (f"{col}_coarse", j)):
       ds.createDimension(name, size)
@@ -378,13 +380,14 @@ def reconstruction_figures(folder, name: str, out: dict, units: str) -> list:
   when = str(out["time"][k])
   point, lo, hi = out["fine"][k, ..., 0], out["fine_q05"][k, ..., 0], out["fine_q95"][k, ..., 0]
   title = f"{name}: reconstruction of {when} (channel 0)"
-  paths = [figures_lib.write_safely(figures_lib.uncertainty_maps, point, lo, hi,
-                                    out["observed"][k], path=pathlib.Path(folder)
-                                    / f"reconstruction_{name}_maps.png", title=title,
-                                    units=units),
-           figures_lib.write_safely(figures_lib.surfaces_3d,
-                                    [("reconstruction", point, True),
-                                     ("90% interval width", hi - lo, False)],
-                                    path=pathlib.Path(folder) / f"reconstruction_{name}_3d.png",
-                                    title=title, units=units)]
-  return [p for p in paths if p is not None]
+  folder = paths.as_path(folder)
+  written = [figures_lib.write_safely(figures_lib.uncertainty_maps, point, lo, hi,
+                                      out["observed"][k],
+                                      path=folder / f"reconstruction_{name}_maps.png",
+                                      title=title, units=units),
+             figures_lib.write_safely(figures_lib.surfaces_3d,
+                                      [("reconstruction", point, True),
+                                       ("90% interval width", hi - lo, False)],
+                                      path=folder / f"reconstruction_{name}_3d.png",
+                                      title=title, units=units)]
+  return [p for p in written if p is not None]

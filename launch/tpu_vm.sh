@@ -16,11 +16,10 @@
 #      slice `parallel.maybe_initialize_distributed` joins the workers and the batch is split
 #      over every chip; process 0 evaluates and writes the results.
 # Rerunning the same command resumes training from the checkpoints in WORKDIR.
-# WORKDIR is resolved on the workers (relative to ~/diffrecon_jax). On a one-host slice a path
-# on its disk works; fetch the results with
+# WORKDIR: a bucket, gs://BUCKET/runs/NAME (every file of the run goes through etils.epath;
+# needed on multi-host slices, whose workers share no disk), or on a one-host slice a path on
+# its disk (relative to ~/diffrecon_jax), fetched with
 #   gcloud compute tpus tpu-vm scp --recurse --zone=ZONE NAME:diffrecon_jax/WORKDIR .
-# Only the checkpoints go through etils.epath so far: a gs:// WORKDIR (needed on multi-host
-# slices, whose workers share no disk) stores the checkpoints but not yet the logs and results.
 # The `:tpu` config variant sets the batch per chip for an 8-chip slice; `:tpu,chips=N` another.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -41,12 +41,15 @@ def _main(tmp_path, *flags):
 
 def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
   (tmp_path / "tiny.py").write_text(CONFIG)
-  _main(tmp_path)  # default mode: train_and_evaluate
+  _main(tmp_path, "--config.train.tensorboard=True")  # default mode: train_and_evaluate
   wd = tmp_path / "wd"
   for phase in ("stage_c", "stage_f", "joint"):
     assert (wd / phase).is_dir()
   logged = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
   assert {r["phase"] for r in logged} == {"stage_c", "stage_f", "joint"}
+  # The curves: a figure from metrics.jsonl, TensorBoard events of the same records.
+  assert (wd / "figures" / "training_curves.png").stat().st_size > 10_000
+  assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
   doc = json.loads((wd / "results.json").read_text())
   assert doc["method"] == "diffrecon" and doc["dataset"] == "nytaxi"
   assert doc["sampler"] == {"name": "ddim", "steps": 2, "n_samples": 2, "eta": 1.0,

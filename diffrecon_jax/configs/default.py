@@ -172,6 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps_per_call = 1        # measured: XLA:CPU runs the step ~10x slower inside
                                     # lax.scan, so CPU calls one step at a time; `gpu`: 50 (vdm).
   c.train.log_every = 100           # console + metrics.jsonl cadence (in steps).
+  c.train.tensorboard = False       # ours: also write TensorBoard events of the same records
+                                    # (workdir/tensorboard; needs tensorboardX, the `tb` extra).
   c.train.checkpoint_every = 500    # Orbax save cadence (in steps); work lost on a kill <= this.
   c.train.keep_checkpoints = 2      # Orbax max_to_keep per stage.
   c.train.joint_x0_clip_factor = 1.2  # ours: bound Diffusion-C's one-step estimate in the
