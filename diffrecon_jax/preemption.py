@@ -9,11 +9,14 @@ for it to be written and raises `Preempted`. The command line turns that into ex
 compiled calls are a function of the step alone: `train._chunk`).
 
 Several processes: they must stop at one step (the save is collective), and a per-process flag
-would stop some and not others, so SIGTERM is not watched there and keeps its default action
-(the periodic checkpoints remain). JAX's preemption service and Orbax's
-`CheckpointManager.reached_preemption` could make every process agree on a step, but JAX's
-protocol needs one increasing counter across the three phases (each restarts at step 0) and
-Orbax's own saves report phase-local steps to it: not done yet.
+would stop some and not others. There JAX's preemption service does it: `jax.distributed`
+catches SIGTERM on the process that gets it and tells every process, and
+`multihost_utils.reached_preemption_sync_point` becomes True on all of them at the same call
+(the first call after every process has heard of it), so the processes save one step together.
+Its counter is the Watcher's own, one per check of the training loop (the same sequence on every
+process, increasing across the three phases); Orbax's checkpoint managers report their
+phase-local steps to the same service, so train.py's managers leave preemption to the Watcher
+(`train._Manager`).
 """
 from __future__ import annotations
 
@@ -42,22 +45,24 @@ class Watcher:
 
   Single process: installs a SIGTERM handler (main thread only: elsewhere Python refuses to set
   one, and nothing is installed) and restores the previous handler on exit. Several processes:
-  installs nothing (module docstring).
+  installs nothing (JAX's preemption service holds SIGTERM) and asks the service at every check
+  (module docstring).
   """
 
   def __init__(self, signals: tuple = (signal.SIGTERM,)):
     self._signals = signals
     self._previous: dict = {}
     self.requested: Optional[int] = None  # the signal received, if any
+    self._several = False
+    self._checks = 0  # the sync counter of JAX's preemption service (several processes)
 
   def _handle(self, signum, frame) -> None:
     del frame
     self.requested = signum
 
   def __enter__(self) -> "Watcher":
-    if jax.process_count() > 1:
-      logging.warning("several processes: SIGTERM is not watched (periodic checkpoints only)")
-    elif threading.current_thread() is threading.main_thread():
+    self._several = jax.process_count() > 1
+    if not self._several and threading.current_thread() is threading.main_thread():
       for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -68,5 +73,13 @@ class Watcher:
     self._previous.clear()
 
   def stop_now(self) -> bool:
-    """True when training should save at the step it has reached and stop."""
-    return self.requested is not None
+    """True when training should save at the step it has reached and stop. Several processes:
+    call it once per loop iteration on every process (it is a sync point of JAX's service)."""
+    if not self._several:
+      return self.requested is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    self._checks += 1
+    try:
+      return bool(multihost_utils.reached_preemption_sync_point(self._checks))
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+      return False

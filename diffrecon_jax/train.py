@@ -229,10 +229,19 @@ def _chunk(step: int, total: int, steps_per_call: int, *everies: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, preemption left to `preemption.Watcher`: Orbax would report each phase's
+  own steps to JAX's preemption service, whose counter must increase over the whole run."""
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 def _manager(workdir: epath.Path, phase: str, keep: int, read_only: bool = False):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None,
                                          create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(workdir / phase, options=options, item_names=_ITEMS)
+  return _Manager(workdir / phase, options=options, item_names=_ITEMS)
 
 
 def _with_sharding(abstract: Any, sharding) -> Any:

@@ -1,7 +1,7 @@
 """One process of a (multi-process) run of the real entry point (used by test_multihost.py).
 
   python -m tests._multihost_subprocess OUT_DIR [--standins] [--kill-phase P --kill-step K
-      --kill-process I] -- MAIN_FLAGS...
+      --kill-process I] [--term-phase P --term-step K --term-process I] -- MAIN_FLAGS...
 
 Runs `diffrecon_jax.main` with MAIN_FLAGS (--config, --workdir, --mode and, for one of several
 processes, --coordinator_address / --num_processes / --process_id) and writes, for this
@@ -14,7 +14,8 @@ process i = jax.process_index():
                             array (a cross-process collective), and how many methods this
                             process evaluated (`evaluate.evaluate_method` calls).
 With --kill-phase the process with id I SIGKILLs itself just before phase P saves step K (the
-earlier saves finished): a host lost mid-phase. With --standins the stand-in denoisers of
+earlier saves finished): a host lost mid-phase. With --term-phase it sends itself SIGTERM just
+after saving step K of phase P: a preemption notice. With --standins the stand-in denoisers of
 _train_helpers replace the real ones (the multi-process logic is model-agnostic). Logs at INFO
 level to stderr (the tests read "resuming from step").
 """
@@ -51,6 +52,23 @@ def _install_kill(phase: str, step: int, process: int) -> None:
   ocp.CheckpointManager.save = save
 
 
+def _install_term(phase: str, step: int, process: int) -> None:
+  """Process `process` sends itself SIGTERM (a spot VM's preemption notice) right after saving
+  phase `phase`'s step `step`; JAX's preemption service tells the other process."""
+  import jax
+  import orbax.checkpoint as ocp
+  original_save = ocp.CheckpointManager.save
+
+  def save(self, s, *a, **kw):
+    out = original_save(self, s, *a, **kw)
+    if (jax.process_index() == process and os.path.basename(str(self.directory)) == phase
+        and s == step):
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  ocp.CheckpointManager.save = save
+
+
 def _local_batch(config, task, models) -> tuple:
   """({"batch/<key>": this process's rows of one training batch, drawn as the train step draws
   it}, the sum of the whole batch's mask computed across processes)."""
@@ -82,6 +100,9 @@ def main() -> None:
   parser.add_argument("--kill-phase", default="")
   parser.add_argument("--kill-step", type=int, default=-1)
   parser.add_argument("--kill-process", type=int, default=1)
+  parser.add_argument("--term-phase", default="")
+  parser.add_argument("--term-step", type=int, default=-1)
+  parser.add_argument("--term-process", type=int, default=1)
   argv = sys.argv[1:]
   if "--" not in argv:
     parser.error("give the entry point's flags after --")
@@ -102,6 +123,8 @@ def main() -> None:
 
   if args.kill_phase:
     _install_kill(args.kill_phase, args.kill_step, args.kill_process)
+  if args.term_phase:
+    _install_term(args.term_phase, args.term_step, args.term_process)
   record = {"evaluated": 0}
   flat = {}
 

@@ -40,6 +40,7 @@ PHASES = ("stage_c", "stage_f", "joint")
 TMP = ".orbax-checkpoint-tmp"
 TIMEOUT_S = 240  # per launch; a hung collective fails the test instead of stalling the suite
 KILL = ("joint", 4, 1)  # (phase, step, process): process 1 dies just before joint saves step 4
+TERM = ("stage_f", 2, 1)  # process 1 gets SIGTERM just after stage_f saved step 2
 # The tiny models of the README test; stage_c 4, stage_f 4, joint 6 steps; checkpoints and logs
 # every 2 steps, 2 kept; a global batch of 8 (4 per process); two evaluation patterns.
 _OVERRIDES = dict(f.split("=", 1) for f in test_readme.SMOKE_OVERRIDES)
@@ -65,7 +66,7 @@ def _free_port() -> int:
 
 
 def _launch(root: pathlib.Path, name: str, workdir: pathlib.Path, processes: int, port: int = 0,
-            kill: tuple = ()) -> list:
+            kill: tuple = (), term: tuple = ()) -> list:
   """Starts `processes` processes of the entry point on `workdir`, outputs under root/<name>;
   returns [(Popen, log path)]. With several processes they meet at 127.0.0.1:`port`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=helpers.FAST_COMPILE_XLA_FLAGS,
@@ -77,6 +78,9 @@ def _launch(root: pathlib.Path, name: str, workdir: pathlib.Path, processes: int
   if kill:
     helper += ["--kill-phase", kill[0], "--kill-step", str(kill[1]), "--kill-process",
                str(kill[2])]
+  if term:
+    helper += ["--term-phase", term[0], "--term-step", str(term[1]), "--term-process",
+               str(term[2])]
   procs = []
   for i in range(processes):
     dist = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
@@ -98,20 +102,20 @@ def _kill_all(procs: list) -> None:
     p.wait()
 
 
-def _wait(procs: list) -> list:
-  """Waits for every process to exit 0; on a failure or the deadline kills the rest and fails
-  with the failed process's log. Returns the logs' texts."""
+def _wait(procs: list, rc: int = 0) -> list:
+  """Waits for every process to exit with `rc`; on another exit or the deadline kills the rest
+  and fails with the failed process's log. Returns the logs' texts."""
   deadline = time.monotonic() + TIMEOUT_S
   try:
     while any(p.poll() is None for p, _ in procs):
-      bad = [(p, log) for p, log in procs if p.poll() not in (None, 0)]
+      bad = [(p, log) for p, log in procs if p.poll() not in (None, rc)]
       if bad or time.monotonic() > deadline:
         p, log = bad[0] if bad else procs[0]
         pytest.fail(f"{'rc ' + str(p.returncode) if bad else 'timed out'}: {log}\n"
                     f"{log.read_text()[-4000:]}")
       time.sleep(0.2)
     for p, log in procs:
-      assert p.returncode == 0, f"rc {p.returncode}: {log}\n{log.read_text()[-4000:]}"
+      assert p.returncode == rc, f"rc {p.returncode}: {log}\n{log.read_text()[-4000:]}"
   finally:
     _kill_all(procs)
   return [log.read_text() for _, log in procs]
@@ -276,6 +280,27 @@ def test_a_killed_host_and_a_restart_resume_from_the_last_committed_checkpoint(r
     np.testing.assert_allclose(resumed[k], uninterrupted[k], rtol=1e-5, atol=1e-6, err_msg=k)
   assert _steps(root / "wd_crash" / "joint") == [4, 6]
   assert all(_tmp_dirs(root / "wd_crash" / p) == [] for p in PHASES)
+
+
+def test_a_preempted_job_stops_at_one_step_on_every_host_and_resumes_exactly(runs):
+  """SIGTERM on one host (a spot VM's notice): JAX's preemption service tells the other, both
+  save the same step, exit with the preemption status, and the same command resumes there;
+  the final state equals the uninterrupted run's."""
+  from diffrecon_jax import preemption
+  root, _, _ = runs
+  port = _free_port()
+  logs = _wait(_launch(root, "unused_term", root / "wd_term", 2, port, term=TERM),
+               rc=preemption.EXIT_CODE)
+  stops = [re.findall(r"preempted at step (\d+)/\d+ of phase (\w+)", log) for log in logs]
+  assert stops[0] and stops[0] == stops[1], stops  # one step, on both hosts
+  step, phase = int(stops[0][0][0]), stops[0][0][1]
+  assert step in _steps(root / "wd_term" / phase)  # saved there, though no periodic save was due
+  resumed = _wait(_launch(root, "term_resumed", root / "wd_term", 2, port))
+  for log in resumed:
+    assert f"[{phase}] resuming from step {step}/" in log, log[-3000:]
+  again, uninterrupted = _out(root, "term_resumed", 0)[0], _out(root, "two", 0)[0]
+  for k in _state_keys(uninterrupted):
+    np.testing.assert_allclose(again[k], uninterrupted[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_the_entry_point_names_a_missing_multi_host_flag(tmp_path):
