@@ -75,8 +75,9 @@ def test_method_config_sets_method_and_ablation():
   assert (m.method, m.ablation) == ("srcnn", "")
   assert c.method == "diffrecon" and c.ablation == ""
   m = experiments.method_config(c, experiments.PAPER)
-  assert (m.method, m.ablation, m.diffusion.prediction, m.sampling.point) == (
-      "diffrecon", "", "eps", "median")
+  assert (m.method, m.ablation, m.diffusion.prediction, m.sampling.point, m.sampling.sampler) == (
+      "diffrecon", "", "eps", "median", "ddpm")
+  assert m.calibration.val_slices == 270  # a quarter of nytaxi's validation slices
   assert m.train.steps_c == c.train.steps_c and m.train.steps_joint == c.train.steps_joint
 
 
