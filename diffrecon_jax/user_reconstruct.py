@@ -22,8 +22,8 @@ evaluation, `diffrecon_method`), stage 2 infers the fine map. Written to `recons
   coarse_q05, coarse_q95     the 90% interval of the completed coarse cells (observed: exact)
   observed (n, I, J)         1 where the coarse cell was observed (every channel finite)
   time (n,)                  the slices' timestamps
-The NetCDF file carries the input's spatial coordinates refined by N (`refine_coordinates`) and
-the input coordinates on the coarse dimensions. Figures of the last slice go to
+The NetCDF file holds the same arrays in CF-1.10 form, named after the input's variable, with
+the input's coordinates refined by N (`refine_coordinates`) and their bounds (`cf_output`). Figures of the last slice go to
 `workdir/figures/`. Bad input is a `DataError` naming the file and the value to fix.
 """
 from __future__ import annotations
@@ -35,7 +35,9 @@ import time
 import numpy as np
 from absl import logging
 
+import diffrecon_jax
 from diffrecon_jax import calibration as calibration_lib
+from diffrecon_jax import cf_output
 from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import metrics as metrics_lib
@@ -43,13 +45,13 @@ from diffrecon_jax import paths
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import train as train_lib
 from diffrecon_jax.data import custom, files, pipeline, registry, time_axis
+from diffrecon_jax.cf_output import refine_coordinates  # noqa: F401 (public here too)
 from diffrecon_jax.data.errors import DataError
 from diffrecon_jax.diffrecon_method import DiffReconMethod
 
 # `start` handed to the loader: a file without a time axis gets timestamps from this year, which no
 # real series has, so its absence can be told apart from a file that has one.
 _NO_TIME = np.datetime64("0001-01-01T00:00", "m")
-_EPOCH = np.datetime64("1970-01-01T00:00", "m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,9 @@ class CoarseInput:
     features of the timestamps, as the loader makes them for a training grid).
   dims: (row dimension, column dimension) names; coords: {dim: (I,) or (J,) float64} for the
     dims that have a 1-D coordinate in the file; units: the variable's units ("" if none).
-  source: the file's path.
+  source: the file's path. variable: the values' variable name (npz / npy: its key, or "values");
+  coord_attrs: {dim: the coordinate's attributes (units, standard_name, ...)}; history: the
+  file's global `history` attribute ("" if none).
   """
   values: np.ndarray
   timestamps: np.ndarray
@@ -73,6 +77,9 @@ class CoarseInput:
   coords: dict
   units: str
   source: str
+  variable: str = "values"
+  coord_attrs: dict = dataclasses.field(default_factory=dict)
+  history: str = ""
 
 
 def read_coarse_file(path, variable: str = "", layout: str = "THWC", timestamps_key: str = "",
@@ -96,10 +103,10 @@ def read_coarse_file(path, variable: str = "", layout: str = "THWC", timestamps_
     raise DataError(f"{path}: no time axis; the model needs each slice's time (calendar "
                     f"features, climatology slot): add a CF time coordinate (NetCDF/Zarr) or a "
                     f"`time` array (npz), or name it with --config.reconstruct.timestamps_key")
-  dims, coords, units = _labels(path, variable, layout)
+  labels = _labels(path, variable, layout)
   return CoarseInput(values=series.values, timestamps=series.timestamps,
                      interval_minutes=int(series.interval_minutes), external=series.external,
-                     dims=dims, coords=coords, units=units, source=str(path))
+                     source=str(path), **labels)
 
 
 class _readable:
@@ -119,11 +126,14 @@ class _readable:
                     f"Zarr, .npz or .npy ({type(err).__name__}: {err})") from err
 
 
-def _labels(path: pathlib.Path, variable: str, layout: str) -> tuple:
-  """(row / column dimension names, {dim: 1-D coordinate}, units) of the values' variable in a
-  NetCDF file or Zarr store; ("y", "x"), {}, "" for npz / npy, which have no dimension names."""
+def _labels(path: pathlib.Path, variable: str, layout: str) -> dict:
+  """CoarseInput's labels of the values' variable: dims (row / column dimension names), coords
+  ({dim: 1-D coordinate}), coord_attrs, units, variable (its name) and history (the file's
+  global attribute), from a NetCDF file or Zarr store; npz / npy have no names: ("y", "x"), no
+  coordinates, the array's key (or "values")."""
   layout = layout.upper() if len(layout) == 4 else "THW"
-  default = (("y", "x"), {}, "")
+  default = dict(dims=("y", "x"), coords={}, coord_attrs={}, units="",
+                 variable=variable or _npz_key(path) or "values", history="")
   try:
     if path.suffix.lower() in (".nc", ".nc4", ".netcdf", ".cdf"):
       import netCDF4
@@ -132,20 +142,26 @@ def _labels(path: pathlib.Path, variable: str, layout: str) -> tuple:
         v = ds.variables[var]
         layout = layout if v.ndim == 4 else "THW"
         dims = (v.dimensions[layout.index("H")], v.dimensions[layout.index("W")])
-        coords = {d: np.asarray(ds.variables[d][...], np.float64) for d in dims
-                  if d in ds.variables and ds.variables[d].ndim == 1}
-        return dims, coords, str(getattr(v, "units", ""))
+        has = [d for d in dims if d in ds.variables and ds.variables[d].ndim == 1]
+        return dict(dims=dims, variable=var, units=str(getattr(v, "units", "")),
+                    coords={d: np.asarray(ds.variables[d][...], np.float64) for d in has},
+                    coord_attrs={d: {a: str(ds.variables[d].getncattr(a))
+                                     for a in ds.variables[d].ncattrs()} for d in has},
+                    history=str(getattr(ds, "history", "")))
     if path.is_dir():
       arrays = files.zarr_arrays(path)
       var = variable or next(k for k in arrays if len(files.read_zarr_shape(path, k)) >= 3)
       names = arrays[var].get("_ARRAY_DIMENSIONS") or []
       if len(names) < 3:
-        return default
+        return dict(default, variable=var)
       layout = layout if len(names) == 4 else "THW"
       dims = (names[layout.index("H")], names[layout.index("W")])
-      coords = {d: files.cf_decode(files.read_zarr(path, d)[0], arrays[d]) for d in dims
-                if d in arrays and len(files.read_zarr_shape(path, d)) == 1}
-      return dims, coords, str(arrays[var].get("units", ""))
+      has = [d for d in dims if d in arrays and len(files.read_zarr_shape(path, d)) == 1]
+      return dict(dims=dims, variable=var, units=str(arrays[var].get("units", "")),
+                  coords={d: files.cf_decode(files.read_zarr(path, d)[0], arrays[d])
+                          for d in has},
+                  coord_attrs={d: {k: str(a) for k, a in arrays[d].items()
+                                   if not k.startswith("_")} for d in has}, history="")
   except (StopIteration, KeyError, ValueError, OSError) as e:
     # The values were read; only their labels are missing: write index coordinates instead.
     logging.warning("%s: no coordinates read (%s: %s); writing cell indices", path,
@@ -153,14 +169,15 @@ def _labels(path: pathlib.Path, variable: str, layout: str) -> tuple:
   return default
 
 
-def refine_coordinates(coarse: np.ndarray, scale: int) -> np.ndarray:
-  """(I,) coarse cell-centre coordinates -> (N*I,) fine cell centres: cell i of spacing d_i
-  (the local step, `np.gradient`) splits into N cells centred at c_i + d_i * ((m + 0.5) / N - 0.5),
-  m = 0 .. N-1. A single coarse cell has no spacing: its fine cells get the centre +- index."""
-  c = np.asarray(coarse, np.float64)
-  d = np.gradient(c) if c.size > 1 else np.ones_like(c)
-  offsets = (np.arange(scale) + 0.5) / scale - 0.5                         # (N,)
-  return (c[:, None] + d[:, None] * offsets[None, :]).reshape(-1)
+def _npz_key(path: pathlib.Path) -> str:
+  """The key of the first array of 3+ dimensions in an .npz ("" for anything else)."""
+  if path.suffix.lower() != ".npz":
+    return ""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return next((k for k in z.files if z[k].ndim >= 3), "")
+  except (OSError, ValueError):
+    return ""
 
 
 def _check_against_model(obs: CoarseInput, meta: dict, models, workdir) -> None:
@@ -283,9 +300,12 @@ def reconstruct_file(config, workdir: str) -> dict:
   stem.parent.mkdir(parents=True, exist_ok=True)
   npz = stem.with_name(stem.name + ".npz")
   paths.save_npz(npz, **out)
-  nc = write_netcdf(stem.with_name(stem.name + ".nc"), out, obs, int(meta["scale"]),
-                    attrs={"source": obs.source, "workdir": str(workdir),
-                           "sampler": str(method.sampler), "history": history})
+  nc = cf_output.write(
+      stem.with_name(stem.name + ".nc"), out, variable=obs.variable, units=obs.units,
+      dims=obs.dims, coords=obs.coords, coord_attrs=obs.coord_attrs, scale=int(meta["scale"]),
+      attrs={"source": obs.source, "history": obs.history, "workdir": str(workdir),
+             "sampler": cf_output.sampler_text(method.sampler),
+             "history_slices": history, "diffrecon_jax_version": diffrecon_jax.__version__})
   figs = reconstruction_figures(paths.as_path(workdir) / "figures", pathlib.Path(path).stem, out,
                                 obs.units)
   logging.info("reconstructed %d slices of %s in %.1f s (90%% interval: %s): wrote %s and %s",
@@ -314,64 +334,6 @@ def interval_outputs(parts: list) -> dict:
       lo = hi = out[name]
     out[f"{name}_q05"], out[f"{name}_q95"] = (np.asarray(a, np.float32) for a in (lo, hi))
   return out
-
-
-def write_netcdf(path, out: dict, obs: CoarseInput, scale: int, attrs: dict) -> pathlib.Path:
-  """The reconstruction as CF NetCDF: dims time, <row>, <column>, channel (fine) and
-  <row>_coarse, <column>_coarse (coarse); the input's coordinates refined by N on the fine dims
-  (cell indices when the input has none), the input's on the coarse ones."""
-  import netCDF4
-  path = paths.as_path(path)
-  n, ni, nj, c = out["fine"].shape
-  i, j = out["coarse"].shape[1:3]
-  row, col = obs.dims
-  # netCDF4 writes local files only: a bucket path gets a local file copied there at the end.
-  with paths.local_copy(path) as local, netCDF4.Dataset(local, "w") as ds:
-    for name, size in (("time", n), (row, ni), (col, nj), ("channel", c),
-                       (f"{row}_coarse", i), (f"{col}_coarse", j)):
-      ds.createDimension(name, size)
-    tv = ds.createVariable("time", "i8", ("time",))
-    tv.units, tv.calendar = "minutes since 1970-01-01 00:00:00", "standard"
-    tv[:] = (out["time"].astype("datetime64[m]") - _EPOCH).astype(np.int64)
-    for dim, size in ((row, i), (col, j)):
-      coarse = obs.coords.get(dim)
-      for name, values in (
-          (dim, refine_coordinates(coarse, scale) if coarse is not None
-           else np.arange(size * scale, dtype=np.float64)),
-          (f"{dim}_coarse", coarse if coarse is not None else np.arange(size, dtype=np.float64))):
-        v = ds.createVariable(name, "f8", (name,))
-        v[:] = values
-        v.long_name = (f"{dim} of the cell centre" if coarse is not None
-                       else f"{dim} index of the cell")
-    fine_dims = ("time", row, col, "channel")
-    for key, long_name in (("fine", "fine map, point estimate"),
-                           ("fine_q05", "fine map, lower end of the 90% interval"),
-                           ("fine_q95", "fine map, upper end of the 90% interval")):
-      v = ds.createVariable(key, "f4", fine_dims, zlib=True)
-      v[:] = out[key]
-      v.long_name, v.units = long_name, obs.units
-    if "samples" in out:
-      ds.createDimension("sample", out["samples"].shape[0])
-      v = ds.createVariable("samples", "f4", ("sample",) + fine_dims, zlib=True)
-      v[:] = out["samples"]
-      v.long_name, v.units = "fine map samples", obs.units
-    v = ds.createVariable("coarse", "f4", ("time", f"{row}_coarse", f"{col}_coarse", "channel"),
-                          zlib=True)
-    v[:] = out["coarse"]
-    v.long_name, v.units = "completed coarse map (observed cells keep their values)", obs.units
-    for key, long_name in (("coarse_q05", "completed coarse map, lower end of the 90% interval"),
-                           ("coarse_q95", "completed coarse map, upper end of the 90% interval")):
-      v = ds.createVariable(key, "f4", ("time", f"{row}_coarse", f"{col}_coarse", "channel"),
-                            zlib=True)
-      v[:] = out[key]
-      v.long_name, v.units = long_name, obs.units
-    v = ds.createVariable("observed", "i1", ("time", f"{row}_coarse", f"{col}_coarse"))
-    v[:] = out["observed"].astype(np.int8)
-    v.long_name = "1 where the coarse cell was observed"
-    for key, value in attrs.items():
-      setattr(ds, key, value)
-    ds.scale_factor_N = int(scale)
-  return path
 
 
 def reconstruction_figures(folder, name: str, out: dict, units: str) -> list:

@@ -111,7 +111,7 @@ def test_train_evaluate_reconstruct_with_a_bucket_workdir(bucket, tmp_path, monk
     assert (wd / phase).is_dir(), phase
   assert "[joint] step 2/2" in (wd / "log.txt").read_text()
   with netCDF4.Dataset(wd / "reconstruction" / "observed.nc") as ds:
-    assert ds.variables["fine"].shape[0] == 24 - 2 * 2
+    assert ds.variables["flow"].shape[0] == 24 - 2 * 2
   # Nothing was written beside the run: no `gs:` folder (or anything else) under the cwd.
   assert not any(cwd.iterdir()), list(cwd.iterdir())
 

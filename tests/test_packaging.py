@@ -13,9 +13,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-  """The wheel of this checkout, built offline with the installed setuptools."""
-  out = tmp_path_factory.mktemp("wheel")
-  subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+  """The wheel of this checkout, built offline with the installed setuptools from a copy of
+  its files (git's list, as launch/tpu_vm.sh packs them: setuptools leaves build/ behind)."""
+  out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
+  subprocess.run(f"git ls-files -z --cached --others --exclude-standard | tar cf - --null -T - "
+                 f"| tar xf - -C {src}", shell=True, check=True, cwd=REPO)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
                   "--no-build-isolation", "-q", "-w", str(out)], check=True, cwd=out)
   (path,) = out.glob("diffrecon_jax-*.whl")
   return zipfile.ZipFile(path)

@@ -53,7 +53,7 @@ def test_reconstructs_a_user_file_with_gaps(trained):
   _main(trained, "--mode=reconstruct", "--config.reconstruct.input=observed.nc",
         "--config.reconstruct.save_samples=True")
   obs = _read(trained / "observed.nc")
-  nc = _read(trained / "wd" / "reconstruction" / "observed.nc")
+  nc = _cf_as_arrays(_read(trained / "wd" / "reconstruction" / "observed.nc"), "flow")
   z = np.load(trained / "wd" / "reconstruction" / "observed.npz")
   history = 2  # the smoke overrides' data.history: 2 * 2 past slices before the first one
   n = 24 - 2 * history
@@ -93,6 +93,40 @@ def test_reconstructs_a_user_file_with_gaps(trained):
   figures = sorted(p.name for p in (trained / "wd" / "figures").glob("reconstruction_*"))
   assert figures == ["reconstruction_observed_3d.png", "reconstruction_observed_maps.png"]
   assert all((trained / "wd" / "figures" / f).stat().st_size > 5000 for f in figures)
+
+
+def _cf_as_arrays(nc: dict, var: str) -> dict:
+  """The CF file's variables (named after the input's `var`) under the npz's names."""
+  out = dict(nc, fine=nc[var], coarse=nc[f"{var}_coarse"])
+  out["fine_q05"], out["fine_q95"] = nc[f"{var}_interval"]
+  out["coarse_q05"], out["coarse_q95"] = nc[f"{var}_coarse_interval"]
+  if f"{var}_members" in nc:
+    out["samples"] = nc[f"{var}_members"]
+  return out
+
+
+def test_the_written_netcdf_is_cf_for_xarray_and_cf_xarray(trained):
+  """The reconstruction opens in xarray with its CF axes, bounds, units and flags (cf_xarray
+  reads them as analysts' tools do); the input's variable name, units and history travel."""
+  import cf_xarray  # noqa: F401  (registers the .cf accessor)
+  import xarray as xr
+  path = trained / "wd" / "reconstruction" / "observed.nc"
+  if not path.exists():
+    _main(trained, "--mode=reconstruct", "--config.reconstruct.input=observed.nc")
+  with xr.open_dataset(path) as ds, xr.open_dataset(trained / "observed.nc") as given:
+    assert ds.attrs["Conventions"] == "CF-1.10"
+    assert ds.attrs["history"].splitlines()[-1].endswith("(diffrecon_jax reconstruct)")
+    assert json.loads(ds.attrs["sampler"])["n_samples"] >= 2
+    assert ds["flow"].attrs.get("units", "") == given["flow"].attrs.get("units", "")
+    assert ds["flow"].dims == ("time", "y", "x", "channel")
+    assert ds["flow_interval"].dims[0] == "quantile" and ds["quantile"].values.tolist() == [0.05,
+                                                                                          0.95]
+    axes = ds.cf.axes
+    assert axes["T"] == ["time"] and "y" in axes["Y"] and "x" in axes["X"]
+    assert ds.cf.bounds["y"] == ["y_bnds"] and ds["y_bnds"].shape == (14, 2)
+    np.testing.assert_allclose(ds["y_bnds"].values[:, 1] - ds["y_bnds"].values[:, 0], 1.0)
+    assert ds["observed"].attrs["flag_meanings"] == "hidden observed"
+    assert ds["time"].dtype.kind == "M"  # decoded: CF units and calendar
 
 
 def test_refined_coordinates_are_the_fine_cell_centres():
@@ -180,3 +214,32 @@ def test_a_zarr_store_gives_values_times_coordinates_and_units(tmp_path):
   np.testing.assert_allclose(obs.coords["lat"], [40.0, 40.5, 41.0])
   np.testing.assert_allclose(user_reconstruct.refine_coordinates(obs.coords["lon"], 2),
                              [-74.125, -73.875, -73.625, -73.375])
+
+
+def test_cf_layout_for_a_lat_lon_input_with_members():
+  """cf_output on a latitude / longitude grid: the geographic axes are recognised, the fine
+  bounds refine the coarse ones by N, the members carry a realization dimension."""
+  import cf_xarray  # noqa: F401
+  from diffrecon_jax import cf_output
+  n, i, j, c, s = 3, 2, 3, 1, 4
+  rs = np.random.RandomState(0)
+  fine = rs.rand(n, 2 * i, 2 * j, c).astype(np.float32)
+  coarse = coarsen.coarsen(fine, 2, "mean")
+  out = dict(fine=fine, fine_q05=fine - 1, fine_q95=fine + 1, coarse=coarse,
+             coarse_q05=coarse - 1, coarse_q95=coarse + 1, samples=np.stack([fine] * s),
+             observed=np.ones((n, i, j), np.uint8),
+             time=np.datetime64("2020-01-01T00:00") + np.arange(n) * np.timedelta64(6, "h"))
+  ds = cf_output.build(out, variable="air", units="K", dims=("lat", "lon"),
+                       coords={"lat": np.array([50.0, 47.5]), "lon": np.array([0.0, 2.5, 5.0])},
+                       coord_attrs={"lat": {"units": "degrees_north"}}, scale=2,
+                       attrs={"history": "ncks earlier"})
+  assert ds.cf.axes["Y"] == ["lat", "lat_coarse"] or set(ds.cf.axes["Y"]) == {"lat",
+                                                                              "lat_coarse"}
+  assert set(ds.cf.coordinates["latitude"]) == {"lat", "lat_coarse"}
+  assert set(ds.cf.coordinates["longitude"]) == {"lon", "lon_coarse"}
+  assert ds["lon"].attrs["units"] == "degrees_east" and ds["air"].attrs["units"] == "K"
+  np.testing.assert_allclose(ds["lat"].values, [50.625, 49.375, 48.125, 46.875])
+  # the two fine cells of a coarse cell share its bounds between them
+  np.testing.assert_allclose(ds["lat_bnds"].values[[0, 1], [0, 1]], ds["lat_coarse_bnds"][0])
+  assert ds["air_members"].dims[0] == "realization" and ds["realization"].size == s
+  assert ds.attrs["history"].startswith("ncks earlier\n")
