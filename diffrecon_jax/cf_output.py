@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax import paths
 
 CONVENTIONS = "CF-1.10"
@@ -40,6 +41,26 @@ def refine_coordinates(coarse: np.ndarray, scale: int) -> np.ndarray:
   d = np.gradient(c) if c.size > 1 else np.ones_like(c)
   offsets = (np.arange(scale) + 0.5) / scale - 0.5                         # (N,)
   return (c[:, None] + d[:, None] * offsets[None, :]).reshape(-1)
+
+
+def interval_outputs(parts: list) -> dict:
+  """The arrays written for a list of `DiffReconMethod.reconstruct` outputs (contiguous pieces):
+  fine, coarse, and the 90% intervals fine_q05 / fine_q95 / coarse_q05 / coarse_q95 (float32).
+  Calibrated intervals when the method had a calibration; else the members' central 90%
+  interval at Weibull positions (`metrics.ensemble_interval`; the members' completions for the
+  coarse cells, the point completion when there are none)."""
+  cat = lambda key, axis=0: np.concatenate([p[key] for p in parts], axis=axis)
+  out = {"fine": cat("fine").astype(np.float32), "coarse": cat("coarse").astype(np.float32)}
+  for name, rec_key, samples_key in (("fine", "intervals", "samples"),
+                                     ("coarse", "coarse_intervals", "coarse_samples")):
+    if parts[0].get(rec_key) is not None:
+      lo, hi = (np.concatenate([p[rec_key][0.9][i] for p in parts]) for i in (0, 1))
+    elif parts[0].get(samples_key) is not None:
+      lo, hi = metrics_lib.ensemble_interval(cat(samples_key, axis=1), 0.9)
+    else:
+      lo = hi = out[name]
+    out[f"{name}_q05"], out[f"{name}_q95"] = (np.asarray(a, np.float32) for a in (lo, hi))
+  return out
 
 
 def cell_bounds(centres: np.ndarray) -> np.ndarray:
@@ -75,8 +96,9 @@ def history_line(previous: str = "") -> str:
   return f"{previous.rstrip()}\n{line}" if previous.strip() else line
 
 
-def build(out: dict, *, variable: str, units: str, dims: tuple, coords: dict,
-          coord_attrs: dict, scale: int, attrs: dict):
+def build(out: dict, *, variable: str, units: str, dims: tuple = ("y", "x"),
+          coords: Optional[dict] = None, coord_attrs: Optional[dict] = None, scale: int,
+          attrs: dict):
   """The xarray Dataset of a reconstruction (module docstring).
 
   out: `user_reconstruct` arrays: fine / fine_q05 / fine_q95 (n, N*I, N*J, C), coarse /
@@ -87,6 +109,7 @@ def build(out: dict, *, variable: str, units: str, dims: tuple, coords: dict,
     {dim: the input coordinate's attributes}; attrs: global attributes (history appended to).
   """
   import xarray as xr  # pylint: disable=g-import-not-at-top
+  coords, coord_attrs = coords or {}, coord_attrs or {}
   n, ni, nj, c = out["fine"].shape
   i, j = out["coarse"].shape[1:3]
   row, col = dims
@@ -131,6 +154,9 @@ def build(out: dict, *, variable: str, units: str, dims: tuple, coords: dict,
                                   "flag_meanings": "hidden observed"}),
       **bounds,
   }
+  if "truth" in out:  # evaluation predictions: the scored truth beside them
+    data[f"{variable}_truth"] = xr.Variable(fine_dims, out["truth"], dict(
+        long_name=f"{variable}, fine grid, the true values scored", **unit))
   if "samples" in out:
     coord_vars["realization"] = xr.Variable(
         ("realization",), np.arange(out["samples"].shape[0], dtype=np.int32),

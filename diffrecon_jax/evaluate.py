@@ -16,10 +16,12 @@ import functools
 import json
 import time
 import zlib
+from typing import Optional
 
 import numpy as np
 from absl import logging
 
+from diffrecon_jax import cf_output
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax import paths
@@ -188,9 +190,42 @@ def eval_mask(task, pattern: patterns_lib.Pattern, base_seed: int) -> tuple:
   return mask * task.coarse_valid, seed
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictionsSpec:
+  """Where `evaluate_method` saves what it scored (`eval.save_predictions`): folder, and whether
+  the members go too (`eval.save_members`)."""
+  folder: object
+  members: bool = False
+
+  @classmethod
+  def from_config(cls, config, workdir) -> Optional["PredictionsSpec"]:
+    if not bool(config.eval.save_predictions):
+      return None
+    return cls(paths.as_path(workdir) / "predictions", bool(config.eval.save_members))
+
+
+def save_predictions(spec: PredictionsSpec, task, method, pattern, parts: list,
+                     slices: np.ndarray, mask: np.ndarray, split: str) -> object:
+  """One pattern's scored slices as CF NetCDF (`cf_output`: the truth, the point, the 90%
+  interval, the members with `spec.members`, observed coarse cells) in
+  spec.folder/<method>_<pattern>.nc, for rescoring offline (xskillscore, scoringrules)."""
+  out = cf_output.interval_outputs(parts)
+  out.update(truth=np.asarray(task.fine_phys[slices], np.float32),
+             observed=(mask[slices] > 0).astype(np.uint8), time=task.series.timestamps[slices])
+  if spec.members and parts[0].get("samples") is not None:
+    out["samples"] = np.concatenate([p["samples"] for p in parts], axis=1).astype(np.float32)
+  spec.folder.mkdir(parents=True, exist_ok=True)
+  path = spec.folder / f"{file_label(method.name)}_{file_label(pattern.label)}.nc"
+  return cf_output.write(path, out, variable=task.series.name, units=task.series.units,
+                         scale=int(task.scale), attrs={
+                             "source": f"evaluation of {method.name} on {task.series.name}",
+                             "pattern": pattern.label, "split": split,
+                             "sampler": cf_output.sampler_text(getattr(method, "sampler", None))})
+
+
 def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "test",
                     max_slices: int = 0, chunk: int = 0, workdir=None, skip_slices: int = 0,
-                    figures_dir=None) -> list:
+                    figures_dir=None, predictions: Optional[PredictionsSpec] = None) -> list:
   """Scores `method` on every pattern; returns the contract's `results` entries.
 
   The method gets the scored slices in contiguous runs (a hole in the time axis starts a new
@@ -200,6 +235,7 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
   fine metrics on every finite fine cell. The train split is refused (`evaluation_slices`).
   With `figures_dir`, the first scored slice of each pattern is drawn there, and the 90%
   interval's coverage per pattern (`figures.py`; a figure that fails only logs a warning).
+  With `predictions`, what was scored is saved per pattern (`save_predictions`).
   """
   slices_all, gaps = evaluation_slices(task, split, max_slices, skip_slices)
   pieces = contiguous_pieces(slices_all, chunk)
@@ -223,8 +259,11 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
     fine_raw = metrics_lib.PooledMetrics()  # the raw ensemble, when the method recalibrates
     start = time.perf_counter()
     shown = None  # (slice index, its reconstruction): the slice the figures draw
+    kept = []  # the reconstructions, when they are saved
     for sl in pieces:
       rec = method.reconstruct(view, sl)
+      if predictions is not None:
+        kept.append(rec)
       if shown is None:
         shown = (int(sl[0]), rec)
       truth = task.fine_phys[sl]
@@ -258,6 +297,9 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
       entry.update({f"{k}_raw": v for k, v in fine_raw.calibration_entry().items()})
     if pattern.kind == "file":
       entry["mask_file"] = pattern.path
+    if predictions is not None:
+      entry["predictions_file"] = str(save_predictions(
+          predictions, task, method, pattern, kept, np.concatenate(pieces), mask, split))
     logging.info("%s %s: MAE %.4f RMSE %.4f completion MAE %s (%.1f s)", method.name,
                  pattern.label, entry["mae"], entry["rmse"],
                  f"{entry['completion_mae']:.4f}" if entry["completion_mae"] is not None else "-",

@@ -112,7 +112,8 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
         chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
-        figures_dir=paths.as_path(workdir) / "figures" if figures and m is methods[0] else None)
+        figures_dir=paths.as_path(workdir) / "figures" if figures and m is methods[0] else None,
+        predictions=evaluate_lib.PredictionsSpec.from_config(config, workdir))
     doc = evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
                                         extra if m is methods[0] else None)
     if origin:

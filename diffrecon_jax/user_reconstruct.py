@@ -45,7 +45,7 @@ from diffrecon_jax import paths
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import train as train_lib
 from diffrecon_jax.data import custom, files, pipeline, registry, time_axis
-from diffrecon_jax.cf_output import refine_coordinates  # noqa: F401 (public here too)
+from diffrecon_jax.cf_output import interval_outputs, refine_coordinates  # noqa: F401
 from diffrecon_jax.data.errors import DataError
 from diffrecon_jax.diffrecon_method import DiffReconMethod
 
@@ -314,26 +314,6 @@ def reconstruct_file(config, workdir: str) -> dict:
                else "raw ensemble quantiles, no calibration in the workdir", nc, npz)
   return {"netcdf": str(nc), "npz": str(npz), "figures": [str(p) for p in figs],
           "slices": int(len(slices))}
-
-
-def interval_outputs(parts: list) -> dict:
-  """The arrays written for a list of `DiffReconMethod.reconstruct` outputs (contiguous pieces):
-  fine, coarse, and the 90% intervals fine_q05 / fine_q95 / coarse_q05 / coarse_q95 (float32).
-  Calibrated intervals when the method had a calibration; else the members' central 90%
-  interval at Weibull positions (`metrics.ensemble_interval`; the members' completions for the
-  coarse cells, the point completion when there are none)."""
-  cat = lambda key, axis=0: np.concatenate([p[key] for p in parts], axis=axis)
-  out = {"fine": cat("fine").astype(np.float32), "coarse": cat("coarse").astype(np.float32)}
-  for name, rec_key, samples_key in (("fine", "intervals", "samples"),
-                                     ("coarse", "coarse_intervals", "coarse_samples")):
-    if parts[0].get(rec_key) is not None:
-      lo, hi = (np.concatenate([p[rec_key][0.9][i] for p in parts]) for i in (0, 1))
-    elif parts[0].get(samples_key) is not None:
-      lo, hi = metrics_lib.ensemble_interval(cat(samples_key, axis=1), 0.9)
-    else:
-      lo = hi = out[name]
-    out[f"{name}_q05"], out[f"{name}_q95"] = (np.asarray(a, np.float32) for a in (lo, hi))
-  return out
 
 
 def reconstruction_figures(folder, name: str, out: dict, units: str) -> list:

@@ -41,7 +41,8 @@ def _main(tmp_path, *flags):
 
 def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
   (tmp_path / "tiny.py").write_text(CONFIG)
-  _main(tmp_path, "--config.train.tensorboard=True")  # default mode: train_and_evaluate
+  _main(tmp_path, "--config.train.tensorboard=True", "--config.eval.save_predictions=True",
+        "--config.eval.save_members=True")  # default mode: train_and_evaluate
   wd = tmp_path / "wd"
   for phase in ("stage_c", "stage_f", "joint"):
     assert (wd / phase).is_dir()
@@ -68,6 +69,14 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
     for key in ("coverage_50", "coverage_90", "coverage_90_hidden", "coverage_90_raw"):
       assert 0.0 <= r[key] <= 1.0, (key, r)
     assert sum(r["rank_histogram"]) > 0 and len(r["rank_histogram"]) == 3
+  # What was scored, saved for rescoring offline: the file gives the results' MAE again.
+  import xarray as xr
+  for r in doc["results"]:
+    with xr.open_dataset(r["predictions_file"]) as pred:
+      err = np.abs(pred["nytaxi"].values - pred["nytaxi_truth"].values)
+      np.testing.assert_allclose(np.nanmean(err), r["mae"], rtol=1e-5)
+      assert pred["nytaxi_members"].shape[:2] == (2, 6)
+      assert pred["nytaxi_interval"].dims[0] == "quantile"
   for name in ("prior", "climatology", "interp"):  # the references, on the same masks
     ref = json.loads((wd / f"results_{name}.json").read_text())
     assert ref["method"] == name and len(ref["results"]) == 2 and ref["sampler"] is None

@@ -192,6 +192,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.split = "test"             # "test" or "val".
   c.eval.max_slices = 0             # 0 = whole split; >0 evaluates the first n slices (smoke runs).
   c.eval.chunk_slices = 0           # 0 = the split in one piece; >0 bounds memory on big grids.
+  c.eval.save_predictions = False   # ours: also save per pattern the truth, the point estimate
+                                    # and the 90% interval as CF NetCDF (workdir/predictions/),
+                                    # for rescoring offline without rerunning.
+  c.eval.save_members = False       # ours: with save_predictions, the ensemble members too.
   c.eval.concurrent_batches = 0     # sampler batches run at once; 0 = automatic: 2 on CPU
                                     # (measured: one XLA:CPU program keeps ~1 of 2 cores busy;
                                     # two at once halve the time per batch), 1 on accelerators.
