@@ -360,6 +360,8 @@ def results_document(task, method, results: list, seed: int, extra: dict = None)
       "fine_shape": list(task.fine_shape),
       "channels": task.channels,
       "aggregation": task.series.aggregation,
+      "units": task.series.units,  # of every error (MAE, RMSE, CRPS): the data's
+      "channel_names": list(task.series.channel_names),
       "sampler": method.sampler,
       "seed": seed,
       "results": results,
@@ -386,7 +388,8 @@ def results_markdown(docs: list) -> str:
   lines = [f"# {d0['dataset']}: {d0['coarse_shape'][0]}x{d0['coarse_shape'][1]} -> "
            f"{d0['fine_shape'][0]}x{d0['fine_shape'][1]} (N={d0['scale_factor']}, "
            f"{d0['aggregation']}), {d0['results'][0]['n_test_slices']} "
-           f"{d0['results'][0].get('split', 'test')} slices", ""]
+           f"{d0['results'][0].get('split', 'test')} slices"
+           + (f"; errors in {d0['units']}" if d0.get("units") else ""), ""]
   for d in docs:
     s = d.get("sampler")
     desc = "deterministic" if not s else ", ".join(f"{k}={v}" for k, v in s.items())

@@ -44,7 +44,7 @@ from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax import paths
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import train as train_lib
-from diffrecon_jax.data import custom, files, pipeline, registry, time_axis
+from diffrecon_jax.data import custom, gridded, pipeline, registry, time_axis
 from diffrecon_jax.cf_output import interval_outputs, refine_coordinates  # noqa: F401
 from diffrecon_jax.data.errors import DataError
 from diffrecon_jax.diffrecon_method import DiffReconMethod
@@ -135,34 +135,11 @@ def _labels(path: pathlib.Path, variable: str, layout: str) -> dict:
   default = dict(dims=("y", "x"), coords={}, coord_attrs={}, units="",
                  variable=variable or _npz_key(path) or "values", history="")
   try:
-    if path.suffix.lower() in (".nc", ".nc4", ".netcdf", ".cdf"):
-      import netCDF4
-      with netCDF4.Dataset(path) as ds:
-        var = variable or next(k for k, v in ds.variables.items() if v.ndim >= 3)
-        v = ds.variables[var]
-        layout = layout if v.ndim == 4 else "THW"
-        dims = (v.dimensions[layout.index("H")], v.dimensions[layout.index("W")])
-        has = [d for d in dims if d in ds.variables and ds.variables[d].ndim == 1]
-        return dict(dims=dims, variable=var, units=str(getattr(v, "units", "")),
-                    coords={d: np.asarray(ds.variables[d][...], np.float64) for d in has},
-                    coord_attrs={d: {a: str(ds.variables[d].getncattr(a))
-                                     for a in ds.variables[d].ncattrs()} for d in has},
-                    history=str(getattr(ds, "history", "")))
-    if path.is_dir():
-      arrays = files.zarr_arrays(path)
-      var = variable or next(k for k in arrays if len(files.read_zarr_shape(path, k)) >= 3)
-      names = arrays[var].get("_ARRAY_DIMENSIONS") or []
-      if len(names) < 3:
-        return dict(default, variable=var)
-      layout = layout if len(names) == 4 else "THW"
-      dims = (names[layout.index("H")], names[layout.index("W")])
-      has = [d for d in dims if d in arrays and len(files.read_zarr_shape(path, d)) == 1]
-      return dict(dims=dims, variable=var, units=str(arrays[var].get("units", "")),
-                  coords={d: files.cf_decode(files.read_zarr(path, d)[0], arrays[d])
-                          for d in has},
-                  coord_attrs={d: {k: str(a) for k, a in arrays[d].items()
-                                   if not k.startswith("_")} for d in has}, history="")
-  except (StopIteration, KeyError, ValueError, OSError) as e:
+    if gridded.is_gridded(path):  # NetCDF / Zarr through xarray, as the loader read them
+      ds = gridded.open_dataset(path)
+      var = variable or next(k for k, v in ds.data_vars.items() if v.ndim >= 3)
+      return dataclasses.asdict(gridded.labels_of(ds, var, layout))
+  except (StopIteration, KeyError, ValueError, OSError, DataError) as e:
     # The values were read; only their labels are missing: write index coordinates instead.
     logging.warning("%s: no coordinates read (%s: %s); writing cell indices", path,
                     type(e).__name__, e)

@@ -1,14 +1,15 @@
 """Generic loader for a user's gridded series (the file helpers live in `data/files.py`).
 
-`load_array` reads one (T, H, W) or (T, H, W, C) array from .npy / .npz / NetCDF (.nc) / Zarr
-(v2 directory stores are decoded directly with numcodecs; v3 stores through the `zarr` package)
-and returns a `SpatioTemporalSeries`. NaN in the values means "not observed" and is kept; Inf is
+`load_array` reads one (T, H, W) or (T, H, W, C) array from .npy / .npz, or through xarray
+(`data/gridded.py`) from NetCDF (one file, a folder of files or a glob such as `DIR/*.nc`, joined
+along time; any cftime calendar but 360_day) or Zarr, and returns a `SpatioTemporalSeries` with
+the variable's units. NaN in the values means "not observed" and is kept; Inf is
 an error.
 
 Timestamps, in order of precedence:
   1. from the file: `timestamps_key` (an array of datetime64, ISO strings, or integers read as
-     minutes since 1970-01-01), or a CF time coordinate ("<unit> since <date>") on the variable's
-     first dimension in NetCDF/Zarr; `interval_minutes` is then the most common step of those
+     minutes since 1970-01-01), or a CF time coordinate on the variable's first dimension in
+     NetCDF/Zarr (decoded by xarray / cftime); `interval_minutes` is then the most common step of those
      stamps (`time_axis.infer_interval`);
   2. `start` + k * `interval_minutes`;
   3. nothing given: 1970-01-01 00:00 + k * `interval_minutes` (placeholder steps, so calendar
@@ -30,6 +31,7 @@ from typing import Optional, Union
 import numpy as np
 
 from diffrecon_jax.data import files
+from diffrecon_jax.data import gridded
 from diffrecon_jax.data import time_axis
 from diffrecon_jax.data.series import (AGGREGATIONS, DataError, SpatioTemporalSeries,
                                        calendar_features)
@@ -41,78 +43,28 @@ PathLike = Union[str, pathlib.Path]
 # Generic loader.
 # ---------------------------------------------------------------------------------------------
 
-def _pick(names: list, variable: Optional[str], path: pathlib.Path, what: str) -> str:
-  if variable is not None:
-    if variable not in names:
-      raise DataError(f"{path}: no {what} named {variable!r}; available: {sorted(names)}")
-    return variable
-  if len(names) != 1:
-    raise DataError(f"{path}: {len(names)} candidate {what}s {sorted(names)}; choose one with "
-                    f"variable=... (--config.data.variable=...)")
-  return names[0]
-
-
 def _read_file(path: pathlib.Path, variable, timestamps_key, external_key):
-  """-> (raw values, variable name, timestamps or None, external or None)."""
+  """-> (raw values, variable name, timestamps or None, external or None, units)."""
   suffix = path.suffix.lower()
   times = external = None
   if suffix == ".npy":
-    return np.load(path, allow_pickle=False), variable, None, None
+    return np.load(path, allow_pickle=False), variable, None, None, ""
   if suffix == ".npz":
     with np.load(path, allow_pickle=False) as z:
       keys = [k for k in z.files if k not in (timestamps_key, external_key)]
-      var = _pick(keys, variable, path, "array")
+      var = files.pick_name(keys, variable, path, "array")
       for key in (timestamps_key, external_key):
         if key is not None and key not in z.files:
           raise DataError(f"{path}: no array {key!r}; available: {sorted(z.files)}")
       values = z[var]
       times = z[timestamps_key] if timestamps_key else None
       external = z[external_key] if external_key else None
-    return values, var, times, external
-  if suffix in (".nc", ".nc4", ".netcdf", ".cdf"):
-    import netCDF4
-    with netCDF4.Dataset(path) as ds:
-      ds.set_auto_maskandscale(True)
-      candidates = [k for k, v in ds.variables.items()
-                    if v.ndim >= 3 and k not in (timestamps_key, external_key)]
-      var = _pick(candidates, variable, path, "variable (>= 3-d)")
-      v = ds.variables[var]
-      values = np.ma.filled(np.ma.asarray(v[...]).astype(np.float64), np.nan)
-      tname = timestamps_key or v.dimensions[0]
-      if tname in ds.variables and "since" in str(getattr(ds.variables[tname], "units", "")):
-        tv = ds.variables[tname]
-        tv.set_auto_maskandscale(False)
-        tv.set_auto_mask(True)  # a masked (fill value) time -> NaN -> NaT, refused later.
-        traw = np.ma.filled(np.ma.asarray(tv[...]).astype(np.float64), np.nan)
-        times = files.decode_cf_time(traw, tv.units, getattr(tv, "calendar", None))
-      elif timestamps_key:
-        raise DataError(f"{path}: timestamps variable {timestamps_key!r} missing or has no CF "
-                        f"'<unit> since <date>' units")
-      if external_key:
-        external = np.ma.filled(np.ma.asarray(ds.variables[external_key][...]), np.nan)
-    return values, var, times, external
-  if path.is_dir() and ((path / ".zmetadata").exists() or (path / ".zgroup").exists()
-                        or (path / ".zarray").exists() or (path / "zarr.json").exists()):
-    arrays = files.zarr_arrays(path)
-    candidates = [k for k, a in arrays.items() if k not in (timestamps_key, external_key)]
-    if variable is None:  # only >= 3-d arrays are candidates; coordinates are 1-d.
-      candidates = [k for k in candidates if len(files.read_zarr_shape(path, k)) >= 3]
-    var = _pick(candidates, variable, path, "array")
-    raw, attrs = files.read_zarr(path, var)
-    values = files.cf_decode(raw, attrs) if raw.dtype.kind in "iuf" else raw
-    dims = attrs.get("_ARRAY_DIMENSIONS") or [None]
-    tname = timestamps_key or dims[0]
-    if tname in arrays and "since" in str(arrays[tname].get("units", "")):
-      traw, tattrs = files.read_zarr(path, tname)
-      times = files.decode_cf_time(traw, tattrs["units"], tattrs.get("calendar"))
-    elif timestamps_key in arrays:
-      times = files.read_zarr(path, timestamps_key)[0]
-    elif timestamps_key:
-      raise DataError(f"{path}: no timestamps array {timestamps_key!r}")
-    if external_key:
-      external = files.read_zarr(path, external_key)[0]
-    return values, var or path.stem, times, external
-  raise DataError(f"{path}: unsupported file; use .npy, .npz, .nc or a Zarr directory")
+    return values, var, times, external, ""
+  if gridded.is_gridded(path):  # NetCDF, Zarr, a glob or a folder of files: xarray
+    got = gridded.read(path, variable, timestamps_key, external_key)
+    return got.values, got.labels.variable, got.times, got.external, got.labels.units
+  raise DataError(f"{path}: unsupported file; use .npy, .npz, .nc (one file, a folder of them or a "
+                  f"glob such as 'DIR/*.nc') or a Zarr directory")
 
 
 def _to_thwc(values: np.ndarray, layout: str, source: str) -> np.ndarray:
@@ -158,11 +110,11 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
     external (T, F) float32.
   """
   path = pathlib.Path(path)
-  if not path.exists():
+  if not path.exists() and not gridded.is_gridded(path):  # a glob names files, not itself
     raise DataError(f"{path}: file not found")
   if aggregation not in AGGREGATIONS:
     raise DataError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-  raw, var, times, external = _read_file(path, variable, timestamps_key, external_key)
+  raw, var, times, external, units = _read_file(path, variable, timestamps_key, external_key)
   raw = np.asarray(raw)
   if raw.dtype.kind not in "iufb":
     raise DataError(f"{path}: values dtype {raw.dtype} is not numeric")
@@ -199,5 +151,5 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
       f"{base}_{i}" for i in range(values.shape[3]))
   return SpatioTemporalSeries(
       name=name, values=values, timestamps=timestamps, external=external,
-      external_names=tuple(ext_names), aggregation=aggregation, units="",
+      external_names=tuple(ext_names), aggregation=aggregation, units=units,
       interval_minutes=int(interval_minutes), channel_names=channels, source=str(path))

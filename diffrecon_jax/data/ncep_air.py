@@ -4,6 +4,10 @@ Source: `shared/data/NCEP_air_temperature/air_temperature.zarr`, a Zarr v2 store
 `air` int16 (2920, 25, 53) x scale_factor 0.01 = Kelvin, `time` hours since 1800-01-01,
 `lat` 75..15 N (row 0 northernmost), `lon` 200..330 E. 6-hourly, no gaps, no missing values.
 Kalnay et al. (1996), "NCEP/NCAR Reanalysis data provided by NOAA PSL, Boulder, Colorado, USA".
+The same grid is NOAA PSL's NCEP/NCAR Reanalysis 1 `air.sig995` 4x-daily files (surface, sigma
+0.995; one air.sig995.<year>.nc per year, the 2013 and 2014 ones cropped to this window), which
+xarray's tutorial `air_temperature` dataset holds: the loader reads the store, the downloaded
+file(s) (one, a folder, or a glob such as 'DIR/air.sig995.*.nc'; xarray, `data/gridded.py`).
 
 Temperature is intensive, so aggregation is "mean". The grid (25 x 53) is not cropped here;
 making it divisible by the magnification N is the coarse-graining module's job (`crop` exists
@@ -17,7 +21,8 @@ from typing import Optional, Union
 import numpy as np
 
 from diffrecon_jax.data import time_axis
-from diffrecon_jax.data.files import check_values, decode_cf_time, read_zarr
+from diffrecon_jax.data import gridded
+from diffrecon_jax.data.files import check_values
 from diffrecon_jax.data.series import DataError, SpatioTemporalSeries, calendar_features
 
 
@@ -46,21 +51,20 @@ def load_ncep_air(zarr_path: Union[str, pathlib.Path], daily: bool = False,
     calendar features (4 slots per day, or 1 when daily) + day-of-year sin/cos.
   """
   store = pathlib.Path(zarr_path)
-  if not (store / ".zmetadata").exists() and (store / "air_temperature.zarr").is_dir():
+  if (store.is_dir() and not (store / ".zmetadata").exists()
+      and (store / "air_temperature.zarr").is_dir()):
     store = store / "air_temperature.zarr"
-  if not store.is_dir():
-    raise DataError(f"{store}: NCEP air temperature Zarr store not found (expected the folder "
-                    f"shared/data/NCEP_air_temperature/air_temperature.zarr)")
-  raw, attrs = read_zarr(store, "air")
-  if raw.ndim != 3:
-    raise DataError(f"{store}/air: expected (time, lat, lon), got shape {raw.shape}")
-  scale = float(attrs.get("scale_factor", 1.0))
-  offset = float(attrs.get("add_offset", 0.0))
-  values = check_values(raw.astype(np.float64) * scale + offset, f"{store}/air")[..., None]
-  hours, tattrs = read_zarr(store, "time")
-  timestamps = decode_cf_time(hours, tattrs.get("units", ""), tattrs.get("calendar"))
-  if timestamps.shape[0] != values.shape[0]:
-    raise DataError(f"{store}: {timestamps.shape[0]} times for {values.shape[0]} fields")
+  if not gridded.is_gridded(store):
+    raise DataError(f"{store}: NCEP air temperature not found (expected the Zarr store "
+                    f"shared/data/NCEP_air_temperature/air_temperature.zarr, or NOAA PSL's "
+                    f"air.sig995.<year>.nc files: one, a folder or a glob)")
+  got = gridded.read(store, "air")
+  if got.values.ndim != 3:
+    raise DataError(f"{store}/air: expected (time, lat, lon), got shape {got.values.shape}")
+  values = check_values(got.values, f"{store}/air")[..., None]
+  timestamps = got.times
+  if timestamps is None or timestamps.shape[0] != values.shape[0]:
+    raise DataError(f"{store}: no CF time coordinate for the {values.shape[0]} fields of air")
   interval = time_axis.infer_interval(timestamps, f"{store}/time")
   time_axis.check_timestamps(timestamps, interval, f"{store}/time")
 
