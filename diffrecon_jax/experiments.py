@@ -54,6 +54,7 @@ from ml_collections import config_flags
 from diffrecon_jax import ablations
 from diffrecon_jax import comparison
 from diffrecon_jax import console
+from diffrecon_jax import curves
 from diffrecon_jax import parallel
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import figures
@@ -301,12 +302,27 @@ def training_budget(config: ml_collections.ConfigDict, method: str) -> dict:
   return {"training": f"{b.steps} steps{pre}", "batch": int(b.batch_size)}
 
 
+def training_seconds(folder: pathlib.Path) -> Optional[float]:
+  """Wall time of a diffusion method's training from its metrics.jsonl (per phase: the span of
+  its records plus the steps before the first one at that record's rate); None without one."""
+  records = curves.read_metrics(folder)
+  total = 0.0
+  for phase in dict.fromkeys(r["phase"] for r in records):
+    rows = [r for r in records if r["phase"] == phase]
+    first = rows[0]
+    lead = first["step"] / first["steps_per_sec"] if first.get("steps_per_sec") else 0.0
+    total += max(r["time"] for r in rows) - first["time"] + lead
+  return round(total, 1) if records else None
+
+
 def budget_table(budgets: dict) -> str:
-  """Markdown table of {method: {"training", "batch", "wall_s"}}."""
-  lines = ["| method | training | batch | wall time (train + evaluate) |", "|---|---|---|---|"]
+  """Markdown table of {method: {"training", "batch", "train_s", "wall_s"}}."""
+  lines = ["| method | training | batch | training time | wall time of this run |",
+           "|---|---|---|---|---|"]
+  fmt = lambda v: "-" if v is None else f"{v:.0f} s"
   for m, b in budgets.items():
-    wall = f"{b['wall_s']:.0f} s" if b.get("wall_s") is not None else "not timed (reused)"
-    lines.append(f"| {m} | {b['training']} | {b['batch'] or '-'} | {wall} |")
+    lines.append(f"| {m} | {b['training']} | {b['batch'] or '-'} | {fmt(b.get('train_s'))} | "
+                 f"{fmt(b.get('wall_s'))} |")
   return "\n".join(lines)
 
 
@@ -343,8 +359,10 @@ def write_tables(workdir: pathlib.Path, docs: dict, units: str = "",
     if named:
       text += ["", "Columns:"] + named
     if budgets:
-      text += ["", "Budgets (steps of Adam per training phase, maps per step; wall time on this "
-               "machine, from timing.json):", "",
+      text += ["", "Budgets (steps of Adam per training phase, maps per step; training time of "
+               "the diffusion methods from their metrics.jsonl; wall time of this run from "
+               "timing.json: training and evaluation, or evaluation alone when the training "
+               "was done before):", "",
                budget_table({m: budgets[m] for m in methods if m in budgets})]
     (workdir / f"{name}.md").write_text("\n".join(text) + "\n")
     (workdir / f"{name}.csv").write_text(comparison.csv_text(rows, methods, main, others))
@@ -417,7 +435,11 @@ def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int
                  m, mae, len(docs[m][0]["results"]), seeds[0],
                  f", {timing.get(m, 0):.0f} s" if m in timing else "")
   units = ""
-  budgets = {m: dict(training_budget(config, m), wall_s=timing.get(m)) for m in methods}
+  # Training time: the diffusion methods' from their metrics.jsonl (also when this run only
+  # evaluated them); the other learners train inside their evaluation (wall time).
+  budgets = {m: dict(training_budget(config, m), wall_s=timing.get(m),
+                     train_s=training_seconds(training_dir(workdir, m))
+                     if is_diffrecon(m) else None) for m in methods}
   (workdir / "budgets.json").write_text(json.dumps(budgets, indent=1))
   written = write_tables(workdir, docs, units, budgets)
   for name, path in written.items():

@@ -96,7 +96,16 @@ def test_budgets_are_equal_terms_and_listed_per_method():
   assert experiments.training_budget(c, "interp")["batch"] is None
   table = experiments.budget_table({"srcnn": dict(experiments.training_budget(c, "srcnn"),
                                                   wall_s=12.3)})
-  assert f"| srcnn | {c.baselines.steps} steps | {c.baselines.batch_size} | 12 s |" in table
+  assert f"| srcnn | {c.baselines.steps} steps | {c.baselines.batch_size} | - | 12 s |" in table
+
+
+def test_training_seconds_from_metrics(tmp_path):
+  lines = [{"phase": "stage_c", "step": 10, "steps_per_sec": 5.0, "time": 100.0},
+           {"phase": "stage_c", "step": 20, "steps_per_sec": 5.0, "time": 102.0},
+           {"phase": "joint", "step": 4, "steps_per_sec": 2.0, "time": 200.0}]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+  assert experiments.training_seconds(tmp_path) == 2.0 + 2.0 + 2.0  # spans + lead-ins
+  assert experiments.training_seconds(tmp_path / "none") is None
 
 
 @pytest.fixture(scope="module")
