@@ -216,7 +216,11 @@ def save_predictions(spec: PredictionsSpec, task, method, pattern, parts: list,
     out["samples"] = np.concatenate([p["samples"] for p in parts], axis=1).astype(np.float32)
   spec.folder.mkdir(parents=True, exist_ok=True)
   path = spec.folder / f"{file_label(method.name)}_{file_label(pattern.label)}.nc"
-  return cf_output.write(path, out, variable=task.series.name, units=task.series.units,
+  # Named after the data's variable: its one channel's name (a user's grid: the file's
+  # variable), else the dataset's.
+  names = task.series.channel_names
+  variable = names[0] if len(names) == 1 else task.series.name
+  return cf_output.write(path, out, variable=variable, units=task.series.units,
                          scale=int(task.scale), attrs={
                              "source": f"evaluation of {method.name} on {task.series.name}",
                              "pattern": pattern.label, "split": split,

@@ -70,9 +70,11 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
       assert 0.0 <= r[key] <= 1.0, (key, r)
     assert sum(r["rank_histogram"]) > 0 and len(r["rank_histogram"]) == 3
   # What was scored, saved for rescoring offline: the file gives the results' MAE again.
+  import cf_xarray  # noqa: F401  (the .cf accessor: CF axes as analysts' tools read them)
   import xarray as xr
   for r in doc["results"]:
     with xr.open_dataset(r["predictions_file"]) as pred:
+      assert pred.attrs["Conventions"] == "CF-1.10" and set(pred.cf.axes) >= {"T", "X", "Y"}
       err = np.abs(pred["nytaxi"].values - pred["nytaxi_truth"].values)
       np.testing.assert_allclose(np.nanmean(err), r["mae"], rtol=1e-5)
       assert pred["nytaxi_members"].shape[:2] == (2, 6)
