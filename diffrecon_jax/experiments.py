@@ -78,8 +78,8 @@ PRIOR = "prior"
 # beside DiffRecon with the same steps, patterns and masks.
 PAPER = "diffrecon_paper"
 LABELS = {MAIN: "DiffRecon as built here (with the climatology prior)",
-          PAPER: "the paper's model as published (`:paper`: no prior, eps prediction, median of "
-                 "the samples)",
+          PAPER: "the paper's model as published (`:paper`: no prior, eps prediction, DDPM "
+                 "over all T steps, median of the samples)",
           PRIOR: "DiffRecon's prior alone (no network)"}
 
 

@@ -167,6 +167,7 @@ TABLES: Dict[str, Callable[[], str]] = {
     "short_series": lambda: datasets_table(["nybike_last20", "nytaxi_last20", "nybike_first20",
                                             "nytaxi_first20"]),
     "nytaxi_comparison": lambda: copied_table("nytaxi_comparison.md"),
+    "nytaxi_budgets": lambda: copied_table("nytaxi_comparison.md", 1),
     "nybike_comparison": lambda: copied_table("nybike_comparison.md"),
     "nytaxi_ablations": lambda: ablation_means(
         "nytaxi_ablations.csv", ["diffrecon", "diffrecon-noPre", "diffrecon-noJoint",
