@@ -316,7 +316,8 @@ def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "tes
           figures_dir, method.name, pattern.label, task.fine_phys[first], rec["fine"][0],
           None if samples is None else samples[:, 0], mask[first],
           str(task.series.timestamps[first]), channel=task.series.channel_names[0],
-          units=task.series.units)
+          units=task.series.units, channels=tuple(task.series.channel_names),
+          axes=task.series.axes)
   if figures_dir is not None and any(e["coverage_90"] is not None for e in out):
     calibration_figures(figures_dir, method, task.series.name, split, out)
   return out

@@ -213,6 +213,54 @@ def rank_histograms(hists: Sequence[tuple], path, title: str) -> pathlib.Path:
   return _save(fig, path)
 
 
+def _axis_extent(axes: tuple, shape: tuple) -> tuple:
+  """(imshow extent or None, x label, y label) of a grid of `shape` (rows, cols) from
+  `SpatioTemporalSeries.axes` (cropped to the shape; cell edges halfway between centres)."""
+  if not axes:
+    return None, "column (x)", "row (y)"
+  (rname, rows, runits), (cname, cols, cunits) = axes
+  rows, cols = np.asarray(rows, np.float64)[:shape[0]], np.asarray(cols, np.float64)[:shape[1]]
+  # Half a (signed) step: rows stored north to south decrease, and row 0 is drawn on top.
+  half = lambda c: (c[1] - c[0]) / 2 if c.size > 1 else 0.5
+  extent = (cols[0] - half(cols), cols[-1] + half(cols), rows[-1] + half(rows),
+            rows[0] - half(rows))
+  label = lambda name, units: f"{name} ({units})" if units else name
+  return extent, label(cname, cunits), label(rname, runits)
+
+
+def fields_2d(truth: np.ndarray, fine: np.ndarray, lower: Optional[np.ndarray],
+              upper: Optional[np.ndarray], path, title: str, units: str = "",
+              axes: tuple = ()) -> pathlib.Path:
+  """One slice of one channel as 2-D maps on the grid's own axes (lat / lon when the data have
+  them): truth, reconstruction (one colour scale), absolute error and, with an interval, its
+  width. truth, fine, lower, upper: (NI, NJ). Returns the path written."""
+  units = units or "value (no units given)"
+  t, f = np.asarray(truth, np.float64), np.asarray(fine, np.float64)
+  panels = [("truth", t, "viridis"), ("reconstruction", f, "viridis"),
+            ("absolute error", np.abs(f - t), "magma")]
+  if lower is not None and upper is not None:
+    panels.append(("90% interval width", np.asarray(upper, np.float64)
+                   - np.asarray(lower, np.float64), "magma"))
+  extent, xlabel, ylabel = _axis_extent(axes, t.shape)
+  shared = (np.nanmin([np.nanmin(t), np.nanmin(f)]), np.nanmax([np.nanmax(t), np.nanmax(f)]))
+  aspect = t.shape[0] / max(t.shape[1], 1)
+  fig = _figure(3.6 * len(panels), 1.6 + 3.0 * aspect)
+  for k, (name, arr, cmap) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), k + 1)
+    scale = dict(vmin=shared[0], vmax=shared[1]) if k < 2 else {}
+    im = ax.imshow(arr, cmap=cmap, extent=extent, aspect="auto" if extent else None, **scale)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label(units, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+  fig.suptitle(title, fontsize=11)
+  fig.subplots_adjust(left=0.05, right=0.96, bottom=0.18, top=0.84, wspace=0.35)
+  return _save(fig, path)
+
+
 # Keys of a metrics.jsonl record that are not curves.
 _NOT_CURVES = ("phase", "step", "total", "steps_per_sec", "eta_sec", "time")
 
@@ -254,12 +302,16 @@ def write_safely(fn: Callable, *args, **kwargs) -> Optional[pathlib.Path]:
 
 def evaluation_figures(folder, method: str, label: str, truth: np.ndarray, fine: np.ndarray,
                        samples: Optional[np.ndarray], observed: np.ndarray, when: str,
-                       channel: str = "", units: str = "") -> list:
-  """The two figures of one evaluated slice of one pattern (channel 0), safely written:
-  `<method>_<label>_3d.png` (truth / reconstruction / |error|) and `<method>_<label>_maps.png`.
+                       channel: str = "", units: str = "", channels: tuple = (),
+                       axes: tuple = ()) -> list:
+  """The figures of one evaluated slice of one pattern, safely written:
+  `<method>_<label>_3d.png` (truth / reconstruction / |error|, channel 0, the paper's Fig. 10),
+  `<method>_<label>_maps.png` (channel 0) and for every channel c
+  `<method>_<label>_fields_<c>.png` (`fields_2d`: on the grid's own axes, e.g. lat / lon).
 
   truth, fine: (NI, NJ, C); samples: (S, NI, NJ, C) or None; observed: (I, J), 1 = observed;
-  when: the slice's timestamp, for the titles. Returns the paths written.
+  when: the slice's timestamp, for the titles; channels: the C channel names; axes:
+  `SpatioTemporalSeries.axes`. Returns the paths written.
   """
   folder = paths.as_path(folder)
   name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in f"{method}_{label}")
@@ -274,6 +326,16 @@ def evaluation_figures(folder, method: str, label: str, truth: np.ndarray, fine:
                       path=folder / f"{name}_3d.png", title=what, units=units),
          write_safely(uncertainty_maps, f, lower, upper, observed,
                       path=folder / f"{name}_maps.png", title=what, units=units)]
+  for c in range(np.asarray(truth).shape[-1]):
+    cname = channels[c] if c < len(channels) else str(c)
+    lo = hi = None
+    if samples is not None:
+      lo, hi = metrics_lib.ensemble_interval(np.asarray(samples)[..., c], 0.9)
+    tag = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in cname)
+    out.append(write_safely(fields_2d, np.asarray(truth)[..., c], np.asarray(fine)[..., c], lo,
+                            hi, path=folder / f"{name}_fields_{tag}.png",
+                            title=f"{method}, {label}, {when}, {cname}", units=units,
+                            axes=axes))
   return [p for p in out if p is not None]
 
 

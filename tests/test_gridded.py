@@ -48,6 +48,8 @@ def test_files_joined_in_time_order_with_units_and_coordinates(tmp_path):
     assert s.values.shape == (15, 8, 6, 1) and s.units == "K"
     assert s.timestamps[0] == np.datetime64("2019-01-01T00:00")
     assert s.timestamps[5] == np.datetime64("2020-01-01T00:00")
+  (lat, lat_values, lat_units), (lon, _, _) = s.axes  # the grid's coordinates travel
+  assert (lat, lon, lat_units) == ("lat", "lon", "degrees_north") and lat_values[0] == 60.0
   got = gridded.read(tmp_path / "tas_*.nc")
   assert got.labels.dims == ("lat", "lon") and got.labels.variable == "tas"
   assert got.labels.coord_attrs["lat"]["standard_name"] == "latitude"
@@ -86,3 +88,5 @@ def test_a_folder_of_per_year_noleap_files_trains_and_evaluates(tmp_path, monkey
   assert docs[0]["method"] == "diffrecon" and np.isfinite(docs[0]["results"][0]["mae"])
   assert docs[0]["units"] == "K" and docs[0]["channel_names"] == ["tas"]
   assert "errors in K" in (tmp_path / "wd" / "results.md").read_text()
+  # The evaluation's 2-D figure of every channel on the grid's own axes (lat / lon).
+  assert list((tmp_path / "wd" / "figures").glob("diffrecon_*_fields_tas.png"))

@@ -44,11 +44,12 @@ PathLike = Union[str, pathlib.Path]
 # ---------------------------------------------------------------------------------------------
 
 def _read_file(path: pathlib.Path, variable, timestamps_key, external_key):
-  """-> (raw values, variable name, timestamps or None, external or None, units)."""
+  """-> (raw values, variable name, timestamps or None, external or None, gridded.Labels or
+  None)."""
   suffix = path.suffix.lower()
   times = external = None
   if suffix == ".npy":
-    return np.load(path, allow_pickle=False), variable, None, None, ""
+    return np.load(path, allow_pickle=False), variable, None, None, None
   if suffix == ".npz":
     with np.load(path, allow_pickle=False) as z:
       keys = [k for k in z.files if k not in (timestamps_key, external_key)]
@@ -59,10 +60,10 @@ def _read_file(path: pathlib.Path, variable, timestamps_key, external_key):
       values = z[var]
       times = z[timestamps_key] if timestamps_key else None
       external = z[external_key] if external_key else None
-    return values, var, times, external, ""
+    return values, var, times, external, None
   if gridded.is_gridded(path):  # NetCDF, Zarr, a glob or a folder of files: xarray
     got = gridded.read(path, variable, timestamps_key, external_key)
-    return got.values, got.labels.variable, got.times, got.external, got.labels.units
+    return got.values, got.labels.variable, got.times, got.external, got.labels
   raise DataError(f"{path}: unsupported file; use .npy, .npz, .nc (one file, a folder of them or a "
                   f"glob such as 'DIR/*.nc') or a Zarr directory")
 
@@ -114,7 +115,7 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
     raise DataError(f"{path}: file not found")
   if aggregation not in AGGREGATIONS:
     raise DataError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-  raw, var, times, external, units = _read_file(path, variable, timestamps_key, external_key)
+  raw, var, times, external, labels = _read_file(path, variable, timestamps_key, external_key)
   raw = np.asarray(raw)
   if raw.dtype.kind not in "iufb":
     raise DataError(f"{path}: values dtype {raw.dtype} is not numeric")
@@ -151,5 +152,7 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
       f"{base}_{i}" for i in range(values.shape[3]))
   return SpatioTemporalSeries(
       name=name, values=values, timestamps=timestamps, external=external,
-      external_names=tuple(ext_names), aggregation=aggregation, units=units,
+      external_names=tuple(ext_names), aggregation=aggregation,
+      units=labels.units if labels else "",
+      axes=gridded.series_axes(labels) if labels and layout.upper() in ("THWC", "THW") else (),
       interval_minutes=int(interval_minutes), channel_names=channels, source=str(path))

@@ -162,6 +162,14 @@ def to_datetime64(times, source: str) -> np.ndarray:
                     ) from err
 
 
+def series_axes(labels: Labels) -> tuple:
+  """`SpatioTemporalSeries.axes` from Labels: both spatial dims with coordinates, else ()."""
+  if not all(d in labels.coords for d in labels.dims):
+    return ()
+  return tuple((d, labels.coords[d], labels.coord_attrs.get(d, {}).get("units", ""))
+               for d in labels.dims)
+
+
 @dataclasses.dataclass(frozen=True)
 class Read:
   """One variable of a gridded input: values (raw array, NaN where missing), times (datetime64[m]

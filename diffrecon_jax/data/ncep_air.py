@@ -79,9 +79,11 @@ def load_ncep_air(zarr_path: Union[str, pathlib.Path], daily: bool = False,
     timestamps = days.astype("datetime64[m]")
     interval = 1440
 
+  axes = gridded.series_axes(got.labels)  # lat / lon in degrees
   if crop is not None:
     rows, cols = crop
     values = values[:, rows, cols]
+    axes = tuple((name, coord[cut], unit) for (name, coord, unit), cut in zip(axes, crop))
   values = np.ascontiguousarray(values, dtype=np.float32)
 
   cal, cal_names = calendar_features(timestamps, 1440 // interval)
@@ -90,5 +92,5 @@ def load_ncep_air(zarr_path: Union[str, pathlib.Path], daily: bool = False,
       name="ncep_air", values=values, timestamps=timestamps,
       external=np.concatenate([cal, doy], axis=1), external_names=cal_names + doy_names,
       aggregation="mean", units="K", interval_minutes=interval,
-      channel_names=("air_temperature",),
+      channel_names=("air_temperature",), axes=axes,
       source=f"{store} (NCEP/NCAR Reanalysis 1, Kalnay et al. 1996; NOAA PSL)")

@@ -36,6 +36,9 @@ class SpatioTemporalSeries:
     interval_minutes: the nominal time between slices (the grid the timestamps lie on).
     channel_names: C names, e.g. ("inflow", "outflow").
     source: free text, where the data came from (file path, citation).
+    axes: () or ((row name, (H,) row coordinates, units), (column name, (W,) coordinates,
+      units)): the grid's coordinates where the source has them (e.g. lat / lon in degrees), for
+      figures and outputs; () = cell indices.
   """
   name: str
   values: np.ndarray
@@ -47,6 +50,7 @@ class SpatioTemporalSeries:
   interval_minutes: int
   channel_names: tuple
   source: str = ""
+  axes: tuple = ()
 
   def __post_init__(self):
     v = self.values
@@ -63,6 +67,9 @@ class SpatioTemporalSeries:
     if len(self.external_names) != self.external.shape[1]:
       raise DataError(f"{self.name}: {len(self.external_names)} external names for "
                       f"{self.external.shape[1]} external columns")
+    if self.axes and tuple(len(a[1]) for a in self.axes) != v.shape[1:3]:
+      raise DataError(f"{self.name}: coordinates of lengths {[len(a[1]) for a in self.axes]} "
+                      f"for a {v.shape[1]}x{v.shape[2]} grid")
     if len(self.channel_names) != v.shape[3]:
       raise DataError(f"{self.name}: {len(self.channel_names)} channel names for "
                       f"{v.shape[3]} channels")
