@@ -90,3 +90,32 @@ def test_a_folder_of_per_year_noleap_files_trains_and_evaluates(tmp_path, monkey
   assert "errors in K" in (tmp_path / "wd" / "results.md").read_text()
   # The evaluation's 2-D figure of every channel on the grid's own axes (lat / lon).
   assert list((tmp_path / "wd" / "figures").glob("diffrecon_*_fields_tas.png"))
+
+
+def test_ncep_loader_reads_noaa_psl_yearly_files(tmp_path):
+  """`air.sig995.<year>.nc` as NOAA PSL publishes them (int16 `air` with scale / offset, time in
+  hours since 1800, lat north to south), one per year, read through a glob."""
+  import netCDF4
+  from diffrecon_jax.data import ncep_air
+  for year, start in ((2013, 1867128.0), (2014, 1875888.0)):  # hours since 1800-01-01
+    with netCDF4.Dataset(tmp_path / f"air.sig995.{year}.nc", "w") as ds:
+      for name, size in (("time", None), ("lat", 3), ("lon", 4)):
+        ds.createDimension(name, size)
+      t = ds.createVariable("time", "f8", ("time",))
+      t.units = "hours since 1800-01-01 00:00:0.0"
+      t[:] = start + 6.0 * np.arange(8)
+      lat = ds.createVariable("lat", "f4", ("lat",))
+      lat.units = "degrees_north"
+      lat[:] = [75.0, 72.5, 70.0]
+      lon = ds.createVariable("lon", "f4", ("lon",))
+      lon.units = "degrees_east"
+      lon[:] = [200.0, 202.5, 205.0, 207.5]
+      air = ds.createVariable("air", "i2", ("time", "lat", "lon"))
+      air.scale_factor, air.add_offset, air.units = 0.01, 300.0, "degK"
+      air[:] = 250.0 + np.arange(8 * 12, dtype=np.float64).reshape(8, 3, 4) / 10
+  s = ncep_air.load_ncep_air(tmp_path / "air.sig995.*.nc")
+  assert s.values.shape == (16, 3, 4, 1) and s.interval_minutes == 360
+  assert s.timestamps[0] == np.datetime64("2013-01-01T00:00")
+  assert s.timestamps[8] == np.datetime64("2014-01-01T00:00")
+  np.testing.assert_allclose(s.values[0, 0, :2, 0], [250.0, 250.1], atol=0.006)
+  assert s.axes[0][0] == "lat" and s.axes[1][2] == "degrees_east"
