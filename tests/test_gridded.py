@@ -119,3 +119,14 @@ def test_ncep_loader_reads_noaa_psl_yearly_files(tmp_path):
   assert s.timestamps[8] == np.datetime64("2014-01-01T00:00")
   np.testing.assert_allclose(s.values[0, 0, :2, 0], [250.0, 250.1], atol=0.006)
   assert s.axes[0][0] == "lat" and s.axes[1][2] == "degrees_east"
+
+
+def test_example_grid_monthly_files_read_back_as_the_one_file(tmp_path):
+  from diffrecon_jax.data import example_grid
+  example_grid.main([str(tmp_path / "grid.nc"), "--last", "2000"])
+  example_grid.main([str(tmp_path / "months"), "--monthly", "--last", "2000"])
+  whole = custom.load_array(tmp_path / "grid.nc", variable="flow")
+  parts = custom.load_array(tmp_path / "months" / "*.nc", variable="flow")
+  assert len(list((tmp_path / "months").glob("*.nc"))) == 2  # the last 2000 slices span 2 months
+  np.testing.assert_array_equal(parts.values, whole.values)
+  np.testing.assert_array_equal(parts.timestamps, whole.timestamps)

@@ -3,6 +3,7 @@
   python -m diffrecon_jax.data.example_grid grid.nc          # NetCDF, CF time axis
   python -m diffrecon_jax.data.example_grid grid.npz         # npz: `flow` + `time` arrays
   python -m diffrecon_jax.data.example_grid observed.nc --coarsen 2 --last 48 --nan-fraction 0.3
+  python -m diffrecon_jax.data.example_grid grid_months --monthly   # one .nc per month
 
 The file holds the embedded NYC Citi Bike flows (Lin et al., KDD 2020; Aug-Oct 2016, 30 min,
 14 x 8 cells, inflow and outflow; `--dataset nytaxi`: the embedded NYC taxi flows, Jan-Mar 2016,
@@ -19,6 +20,7 @@ code; it only writes files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -116,6 +118,9 @@ def main(argv=None) -> None:
   p.add_argument("--first", type=int, default=0, help="keep only the first K slices (0: all)")
   p.add_argument("--dataset", default="nybike", choices=sorted(DATASETS),
                  help="the embedded dataset to write")
+  p.add_argument("--monthly", action="store_true",
+                 help="PATH is a folder: one NetCDF file per month (NAME_YYYY-MM.nc), as "
+                      "per-period exports come; train on them with data.path='PATH/*.nc'")
   args = p.parse_args(argv)
   if not 0.0 <= args.nan_fraction < 1.0:
     p.error(f"--nan-fraction must be in [0, 1), got {args.nan_fraction}")
@@ -131,9 +136,26 @@ def main(argv=None) -> None:
   if n > 1:  # coarse cell centres in fine-grid rows / columns: refined by N they are 0, 1, ...
     h, w = series.fine_shape
     coords = {"y": np.arange(h) * n + (n - 1) / 2, "x": np.arange(w) * n + (n - 1) / 2}
-  out = write_grid(series, args.path, coords=coords)
+  if args.monthly:
+    out = write_monthly(series, pathlib.Path(args.path), coords)
+  else:
+    out = write_grid(series, args.path, coords=coords)
   print(f"wrote {out}: {series.values.shape[0]} slices of {series.fine_shape[0]}x"
         f"{series.fine_shape[1]} cells, {series.channels} channels ({series.units})")
+
+
+def write_monthly(series: SpatioTemporalSeries, folder: pathlib.Path, coords=None) -> str:
+  """`series` as one NetCDF file per calendar month in `folder` (created); returns a glob of
+  them."""
+  folder.mkdir(parents=True, exist_ok=True)
+  months = series.timestamps.astype("datetime64[M]")
+  for month in np.unique(months):
+    keep = months == month
+    part = dataclasses.replace(series, values=series.values[keep],
+                               timestamps=series.timestamps[keep],
+                               external=series.external[keep])
+    write_grid(part, folder / f"{folder.name}_{month}.nc", coords=coords)
+  return str(folder / "*.nc")
 
 
 if __name__ == "__main__":
