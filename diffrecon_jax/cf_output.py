@@ -184,6 +184,13 @@ def write(path, out: dict, **kwargs):
   return path
 
 
+def provenance_text(mode: str) -> str:
+  """What produced the file (`provenance.collect`: versions, devices, git commit, command) as a
+  JSON global attribute."""
+  from diffrecon_jax import provenance  # pylint: disable=g-import-not-at-top
+  return json.dumps(provenance.collect(mode=mode), sort_keys=True, default=str)
+
+
 def sampler_text(sampler) -> str:
   """The sampler settings as a JSON string (a NetCDF attribute cannot hold a dict)."""
   return json.dumps(sampler, sort_keys=True, default=str)

@@ -224,7 +224,8 @@ def save_predictions(spec: PredictionsSpec, task, method, pattern, parts: list,
                          scale=int(task.scale), attrs={
                              "source": f"evaluation of {method.name} on {task.series.name}",
                              "pattern": pattern.label, "split": split,
-                             "sampler": cf_output.sampler_text(getattr(method, "sampler", None))})
+                             "sampler": cf_output.sampler_text(getattr(method, "sampler", None)),
+                             "provenance": cf_output.provenance_text("evaluate")})
 
 
 def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "test",

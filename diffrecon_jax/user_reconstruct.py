@@ -282,7 +282,8 @@ def reconstruct_file(config, workdir: str) -> dict:
       dims=obs.dims, coords=obs.coords, coord_attrs=obs.coord_attrs, scale=int(meta["scale"]),
       attrs={"source": obs.source, "history": obs.history, "workdir": str(workdir),
              "sampler": cf_output.sampler_text(method.sampler),
-             "history_slices": history, "diffrecon_jax_version": diffrecon_jax.__version__})
+             "history_slices": history, "diffrecon_jax_version": diffrecon_jax.__version__,
+             "provenance": cf_output.provenance_text("reconstruct")})
   figs = reconstruction_figures(paths.as_path(workdir) / "figures", pathlib.Path(path).stem, out,
                                 obs.units)
   logging.info("reconstructed %d slices of %s in %.1f s (90%% interval: %s): wrote %s and %s",

@@ -117,6 +117,7 @@ def test_the_written_netcdf_is_cf_for_xarray_and_cf_xarray(trained):
     assert ds.attrs["Conventions"] == "CF-1.10"
     assert ds.attrs["history"].splitlines()[-1].endswith("(diffrecon_jax reconstruct)")
     assert json.loads(ds.attrs["sampler"])["n_samples"] >= 2
+    assert json.loads(ds.attrs["provenance"])["mode"] == "reconstruct"
     assert ds["flow"].attrs.get("units", "") == given["flow"].attrs.get("units", "")
     assert ds["flow"].dims == ("time", "y", "x", "channel")
     assert ds["flow_interval"].dims[0] == "quantile" and ds["quantile"].values.tolist() == [0.05,
