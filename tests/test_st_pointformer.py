@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from diffrecon_jax.models.grid_stack import stack_to_grid, stacked_channels
-from diffrecon_jax.models.st_pointformer import STPointFormer, manual_attention
+from diffrecon_jax.models.st_pointformer import (STPointFormer, blockwise_attention,
+                                                 manual_attention)
 
 
 def _key(seed: int) -> jax.Array:
@@ -284,14 +285,50 @@ def test_manual_path_matches_dot_product_attention(params):
     out, vjp = jax.vjp(lambda p: model.apply(p, values, mask, external), params)
     return out, jax.tree_util.tree_leaves(vjp(target))
 
-  (out, grads), (out_ref, grads_ref) = (out_and_grads(impl, params, values, mask, external)
-                                        for impl in ("manual", "xla"))
-  assert np.isfinite(np.asarray(out)).all()
-  np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-5, rtol=0)
-  for g, g_ref in zip(grads, grads_ref):
-    # float32 rounding relative to each leaf's size (key biases have zero gradient up to noise).
-    scale = max(float(np.abs(np.asarray(g_ref)).max()), 10.0)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=2e-6 * scale, rtol=0)
+  out_ref, grads_ref = out_and_grads("xla", params, values, mask, external)
+  for impl in ("manual", "blockwise"):  # blockwise: 200 tokens in blocks of 128, padded to 256
+    out, grads = out_and_grads(impl, params, values, mask, external)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-5, rtol=0)
+    for g, g_ref in zip(grads, grads_ref):
+      # float32 rounding relative to each leaf's size (key biases have zero gradient up to noise).
+      scale = max(float(np.abs(np.asarray(g_ref)).max()), 10.0)
+      np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=2e-6 * scale, rtol=0)
+
+
+def test_blockwise_attention_matches_reference_and_is_linear_in_memory():
+  """Values and gradients equal to jax.nn.dot_product_attention (masked keys, a row with every
+  key masked, L not a multiple of the block); the compiled forward + backward working memory
+  grows about linearly with L where the (L, L) scores of `manual_attention` grow quadratically."""
+  rs = np.random.RandomState(0)
+  b, l, n, h = 2, 300, 2, 8
+  q, k, v = (jnp.asarray(rs.randn(b, l, n, h), jnp.float32) for _ in range(3))
+  mask = rs.rand(b, 1, 1, l) > 0.5
+  mask[1] = False
+  mask = jnp.asarray(mask)
+  w = jnp.asarray(rs.randn(b, l, n, h).astype(np.float32))
+
+  def out_and_grads(attention):
+    out, vjp = jax.vjp(lambda *a: attention(*a, mask), q, k, v)
+    return [out, *vjp(w)]
+
+  ref = out_and_grads(lambda *a: jax.nn.dot_product_attention(*a[:3], mask=a[3],
+                                                              implementation="xla"))
+  new = out_and_grads(functools.partial(blockwise_attention, block=64))
+  for x, x_ref in zip(new, ref):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), atol=2e-5, rtol=0)
+
+  def working_bytes(attention, length):
+    spec = jax.ShapeDtypeStruct((2, length, 2, 8), jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, k, v, m: jnp.sum(attention(q, k, v, m) ** 2),
+                            argnums=(0, 1, 2)))
+    compiled = grad.lower(spec, spec, spec, jax.ShapeDtypeStruct((2, 1, 1, length), jnp.bool_))
+    return compiled.compile().memory_analysis().temp_size_in_bytes
+
+  blockwise = [working_bytes(blockwise_attention, length) for length in (1024, 2048)]
+  manual = [working_bytes(manual_attention, length) for length in (1024, 2048)]
+  assert blockwise[1] / blockwise[0] < 2.5 < 3.0 < manual[1] / manual[0], (blockwise, manual)
+  assert blockwise[1] < manual[1] / 8
 
 
 def test_default_impl_by_backend(params):

@@ -21,7 +21,9 @@ cuDNN fused kernel needs even lengths when training with a mask/bias, and multip
 Attention implementation (`attention_impl`). None picks by `jax.default_backend()` at trace time:
 on CPU `manual_attention` (below), elsewhere `jax.nn.dot_product_attention`, so XLA / cuDNN can
 use fused kernels whose memory is linear in the number of points; 'manual' forces the CPU path,
-'xla' / 'cudnn' force jax.nn.dot_product_attention. On XLA:CPU jax.nn.dot_product_attention with a
+'xla' / 'cudnn' force jax.nn.dot_product_attention, 'blockwise' takes `blockwise_attention`
+(flash-style online softmax over key blocks, memory linear in the number of points: for the
+large grids where the (L, L) scores do not fit). On XLA:CPU jax.nn.dot_product_attention with a
 boolean mask materialises the (B, heads, L, L) scores several times (transposes, a separate
 `where` pass, a copy); `manual_attention` feeds (sample, head) items to a loop, a few at a time,
 with the mask as a multiply-add, so each step's scores stay in cache. Both give the same values
@@ -47,7 +49,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-ATTENTION_IMPLS = (None, "manual", "xla", "cudnn")
+ATTENTION_IMPLS = (None, "manual", "blockwise", "xla", "cudnn")
 
 # Score bytes per lax.map step of the manual path, about the L2 cache of a small CPU: at
 # L = 344 that is 4 (sample, head) score matrices of 344 x 344 float32.
@@ -110,6 +112,71 @@ def manual_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: j
   return jnp.swapaxes(out.reshape(b, n, l, h), 1, 2)
 
 
+# Query / key block of `blockwise_attention`: 128 x 128 float32 scores (64 KiB) per item.
+BLOCK = 128
+
+
+def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: jnp.ndarray,
+                        *, block: int = BLOCK) -> jnp.ndarray:
+  """Masked scaled dot-product attention (eqs. 16-19) with memory linear in L (flash-style).
+
+  Queries are taken `block` at a time (`lax.map`); for each query block the keys are scanned
+  `block` at a time with an online softmax (running max, running sum and running output, each
+  rescaled when the max grows), so no (L, L) score matrix exists; each query block is under
+  `jax.checkpoint`, so the backward pass recomputes its scores instead of keeping them: forward
+  and backward hold O(L * block) per (sample, head). Equals `manual_attention` (and
+  `jax.nn.dot_product_attention`) to float32 rounding, values and gradients, also for rows whose
+  keys are all masked (uniform over the L real keys). L is padded to a multiple of `block` with
+  keys that weigh nothing even then (scores below the masked ones' finite "minus infinity").
+
+  Args:
+    q, k, v: (B, L, heads, head_dim); key_mask: (B, 1, 1, L) bool, True = may be attended to.
+  Returns:
+    (B, L, heads, head_dim).
+  """
+  b, l, n, h = q.shape
+  if key_mask.shape != (b, 1, 1, l):
+    raise ValueError(f"blockwise_attention: key_mask must have shape {(b, 1, 1, l)} "
+                     f"(B, 1, 1, L), got {key_mask.shape}")
+  dtype = q.dtype
+  block = max(1, min(int(block), l))
+  nb = -(-l // block)
+  pad = nb * block - l
+  items = lambda a: jnp.pad(jnp.swapaxes(a, 1, 2).reshape(b * n, l, h), ((0, 0), (0, pad), (0, 0)))
+  qi = items(q * jnp.asarray(h ** -0.5, dtype))
+  ki, vi = items(k), items(v)
+  big = jnp.asarray(0.5 * jnp.finfo(dtype).max, dtype)
+  keep = jnp.broadcast_to(key_mask.astype(dtype), (b, n, 1, l)).reshape(b * n, 1, l)
+  keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pad)))
+  # Score offsets: 0 for a key that may be read, -big for a masked one, -1.5 big for padding.
+  real = jnp.pad(jnp.ones((1, 1, l), dtype), ((0, 0), (0, 0), (0, pad)))
+  offset = (keep - 1) * big + (real - 1) * (0.5 * big)
+  blocks = lambda a: jnp.moveaxis(a.reshape(a.shape[0], nb, block, a.shape[-1]), 1, 0)
+  kb, vb = blocks(ki), blocks(vi)                                    # (nb, B*n, block, H)
+  keep_b = jnp.moveaxis(keep.reshape(b * n, 1, nb, block), 2, 0)     # (nb, B*n, 1, block)
+  off_b = jnp.moveaxis(offset.reshape(b * n, 1, nb, block), 2, 0)
+
+  @jax.checkpoint
+  def query_block(qb):  # (B*n, block, H) -> (B*n, block, H)
+    def step(carry, kv):
+      m, total, acc = carry
+      kblk, vblk, keep_blk, off_blk = kv
+      s = jnp.einsum("xqh,xkh->xqk", qb, kblk) * keep_blk + off_blk
+      m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+      e = jnp.exp(s - m_new)
+      scale = jnp.exp(m - m_new)
+      return (m_new, total * scale + jnp.sum(e, axis=-1, keepdims=True),
+              acc * scale + jnp.einsum("xqk,xkh->xqh", e, vblk)), None
+    rows = qb.shape[:2] + (1,)
+    init = (jnp.full(rows, -big, dtype), jnp.zeros(rows, dtype), jnp.zeros(qb.shape, dtype))
+    (_, total, acc), _ = jax.lax.scan(step, init, (kb, vb, keep_b, off_b))
+    return acc / total
+
+  out = jax.lax.map(query_block, blocks(qi))                          # (nb, B*n, block, H)
+  out = jnp.moveaxis(out, 0, 1).reshape(b * n, nb * block, h)[:, :l]
+  return jnp.swapaxes(out.reshape(b, n, l, h), 1, 2)
+
+
 class EncoderLayer(nn.Module):
   """One attention layer: eq. 21 X_attn = LN(MA(X) + X), eq. 22 FFN ReLU(ReLU(X W1) W2).
 
@@ -141,6 +208,8 @@ class EncoderLayer(nn.Module):
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "manual" or (impl is None and jax.default_backend() == "cpu"):
       h = manual_attention(q, k, v, key_mask)
+    elif impl == "blockwise":  # memory linear in the ST-points (large grids)
+      h = blockwise_attention(q, k, v, key_mask)
     else:
       attn_dtype = q.dtype
       if impl == "cudnn" and attn_dtype not in (jnp.bfloat16, jnp.float16):
