@@ -71,6 +71,18 @@ def _attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, keep: jnp.ndarray) -
   return (e @ v) / jnp.sum(e, axis=-1, keepdims=True)
 
 
+def _items(q, k, v, key_mask, name: str) -> tuple:
+  """(B, L, heads, H) q (scaled by H^-1/2), k, v -> (B * heads, L, H) items, and the key mask
+  (B, 1, 1, L) -> (B * heads, 1, L) 1/0 in q's dtype; a ValueError for a mask of another shape."""
+  b, l, n, h = q.shape
+  if key_mask.shape != (b, 1, 1, l):
+    raise ValueError(f"{name}: key_mask must have shape {(b, 1, 1, l)} (B, 1, 1, L), got "
+                     f"{key_mask.shape}")
+  items = lambda a: jnp.swapaxes(a, 1, 2).reshape(b * n, l, h)
+  keep = jnp.broadcast_to(key_mask.astype(q.dtype), (b, n, 1, l)).reshape(b * n, 1, l)
+  return items(q * jnp.asarray(h ** -0.5, q.dtype)), items(k), items(v), keep
+
+
 def manual_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: jnp.ndarray, *,
                      chunk_bytes: int = _CHUNK_BYTES) -> jnp.ndarray:
   """Masked scaled dot-product attention (eqs. 16-19) in cache-sized chunks, for CPUs.
@@ -95,15 +107,9 @@ def manual_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: j
     (B, L, heads, head_dim).
   """
   b, l, n, h = q.shape
-  if key_mask.shape != (b, 1, 1, l):
-    raise ValueError(f"manual_attention: key_mask must have shape {(b, 1, 1, l)} "
-                     f"(B, 1, 1, L), got {key_mask.shape}")
   dtype = q.dtype
   # (B, L, heads, H) -> (B * heads, L, H) items, each attended with plain 2-D matmuls.
-  items = lambda a: jnp.swapaxes(a, 1, 2).reshape(b * n, l, h)
-  q = items(q * jnp.asarray(h ** -0.5, dtype))
-  k, v = items(k), items(v)
-  keep = jnp.broadcast_to(key_mask.astype(dtype), (b, n, 1, l)).reshape(b * n, 1, l)
+  q, k, v, keep = _items(q, k, v, key_mask, "manual_attention")
   per_step = max(1, chunk_bytes // (l * l * jnp.dtype(dtype).itemsize))
   if per_step >= b * n:
     out = jax.vmap(_attend)(q, k, v, keep)
@@ -135,18 +141,13 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask
     (B, L, heads, head_dim).
   """
   b, l, n, h = q.shape
-  if key_mask.shape != (b, 1, 1, l):
-    raise ValueError(f"blockwise_attention: key_mask must have shape {(b, 1, 1, l)} "
-                     f"(B, 1, 1, L), got {key_mask.shape}")
   dtype = q.dtype
   block = max(1, min(int(block), l))
   nb = -(-l // block)
   pad = nb * block - l
-  items = lambda a: jnp.pad(jnp.swapaxes(a, 1, 2).reshape(b * n, l, h), ((0, 0), (0, pad), (0, 0)))
-  qi = items(q * jnp.asarray(h ** -0.5, dtype))
-  ki, vi = items(k), items(v)
+  qi, ki, vi, keep = _items(q, k, v, key_mask, "blockwise_attention")
+  qi, ki, vi = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in (qi, ki, vi))
   big = jnp.asarray(0.5 * jnp.finfo(dtype).max, dtype)
-  keep = jnp.broadcast_to(key_mask.astype(dtype), (b, n, 1, l)).reshape(b * n, 1, l)
   keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pad)))
   # Score offsets: 0 for a key that may be read, -big for a masked one, -1.5 big for padding.
   real = jnp.pad(jnp.ones((1, 1, l), dtype), ((0, 0), (0, 0), (0, pad)))
