@@ -38,6 +38,9 @@ def _header(results: dict) -> list:
            f"at start {results.get('load_start')}, at end {results.get('load_end')}.",
            f"Config: `{results['config']}`; speed-up = PyTorch time / JAX time (> 1: JAX faster).",
            ""]
+  if m.get("peak_flops"):
+    lines[-1:-1] = [f"MFU = achieved FLOP/s (XLA's cost analysis / time) over a float32 peak of "
+                    f"{m['peak_flops'] / 1e9:.0f} GFLOP/s ({m.get('peak_flops_source')})."]
   chk = results.get("twin_check")
   if chk:
     lines += [f"Twin check: parameters Diffusion-C {chk['params_c']}, Diffusion-F "
@@ -52,6 +55,29 @@ def _row_notes(rows_in: list) -> list:
   return [f"PyTorch: {n}." for n in notes] + ([""] if notes else [])
 
 
+def add_mfu(results: dict) -> dict:
+  """Adds, in place, the model FLOPs utilisation beside every timed compiled call of `results`:
+  "mfu" = achieved FLOP/s over the machine's peak (`timing.peak_flops`, in machine) where a row
+  has "achieved_gflops" (train steps) or "flops" and "time_s" (samplers, which also get their
+  "achieved_gflops"). Returns `results`."""
+  peak = (results.get("machine") or {}).get("peak_flops")
+
+  def visit(node):
+    if isinstance(node, dict):
+      if node.get("flops") and node.get("time_s") and "achieved_gflops" not in node:
+        node["achieved_gflops"] = node["flops"] / node["time_s"] / 1e9
+      if node.get("achieved_gflops") and peak:
+        node["mfu"] = node["achieved_gflops"] * 1e9 / peak
+      for value in node.values():
+        visit(value)
+    elif isinstance(node, list):
+      for value in node:
+        visit(value)
+
+  visit(results)
+  return results
+
+
 def _train(rows_in: list, title: str = "Train step") -> list:
   rows = []
   for r in rows_in:
@@ -62,12 +88,13 @@ def _train(rows_in: list, title: str = "Train step") -> list:
         r["phase"], str(r["batch"]), _f(j.get("step_ms")), _f(j.get("samples_per_s")),
         _f(fused.get("step_ms")) + (" (x%d)" % fused["steps_per_call"] if fused else ""),
         _f(j.get("compile_s")), _f((j.get("flops_per_step") or 0) / 1e9 or None, "{:.2f}"),
-        _f(j.get("achieved_gflops")), _f(mem / 2**20 if mem else None, "{:.0f}"),
+        _f(j.get("achieved_gflops")), _f(100 * j["mfu"] if j.get("mfu") else None, "{:.1f}"),
+        _f(mem / 2**20 if mem else None, "{:.0f}"),
         _f(t.get("step_ms")), _f(t.get("samples_per_s")),
         _f(r.get("speedup_jax_over_torch"), "{:.2f}")])
   return _table(title, [
       "step", "batch", "JAX ms", "JAX samples/s", "JAX fused ms/step", "compile s",
-      "GFLOP/step", "achieved GFLOP/s", "JAX mem MiB", "torch ms", "torch samples/s",
+      "GFLOP/step", "achieved GFLOP/s", "MFU %", "JAX mem MiB", "torch ms", "torch samples/s",
       "speed-up"], rows)
 
 
@@ -89,10 +116,13 @@ def _sampling(rows_in: list,
     j, t = r["jax"], r.get("torch", {})
     rows.append([r["method"], str(r["steps"]), f"{r['windows']} x {r['n_samples']}",
                  _f(j["time_s"], "{:.2f}"), _f(j["fine_maps_per_s"]),
+                 _f(j.get("achieved_gflops")), _f(100 * j["mfu"] if j.get("mfu") else None,
+                                                  "{:.1f}"),
                  _f(j["compile_c_s"] + j["compile_f_s"]), _f(t.get("time_s"), "{:.2f}"),
                  _f(t.get("fine_maps_per_s")), _f(r.get("speedup_jax_over_torch"), "{:.2f}")])
   return _table(title, [
-      "sampler", "steps", "windows x samples", "JAX s", "JAX fine maps/s", "compile C+F s",
+      "sampler", "steps", "windows x samples", "JAX s", "JAX fine maps/s", "achieved GFLOP/s",
+      "MFU %", "compile C+F s",
       "torch s", "torch fine maps/s", "speed-up"], rows) + _row_notes(rows_in)
 
 
@@ -202,6 +232,7 @@ def plot(results: dict, out: pathlib.Path) -> Optional[str]:
 
 def write(results: dict, out: pathlib.Path) -> None:
   """out/results.json and out/results.md (the suite rewrites both after every section)."""
+  add_mfu(results)
   (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
   (out / "results.md").write_text(markdown(results))
 

@@ -4,6 +4,7 @@ machine description and the load average written into results.json. No model cod
 from __future__ import annotations
 
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -98,7 +99,59 @@ def machine_info(device: str) -> dict:
     pass
   if device == "gpu":
     info["gpu"] = getattr(jax.devices()[0], "device_kind", "?")
+  info["peak_flops"], info["peak_flops_source"] = peak_flops(device)
   return info
+
+
+# Published dense peaks (FLOP/s) per accelerator kind, (float32, bfloat16): NVIDIA data sheets
+# (SXM parts, no sparsity) and Google Cloud's TPU pages. A kind not listed gets no MFU.
+ACCELERATOR_PEAKS = {
+    "H200": (67e12, 989e12), "H100": (67e12, 989e12), "A100": (19.5e12, 312e12),
+    "L4": (30.3e12, 121e12), "TPU v4": (None, 275e12), "TPU v5 lite": (None, 197e12),
+    "TPU v5e": (None, 197e12), "TPU v5p": (None, 459e12), "TPU v6 lite": (None, 918e12)}
+
+
+def cpu_peak_flops(cpuinfo: str, cores: int, max_khz: Optional[int] = None) -> Optional[float]:
+  """float32 peak of a CPU: cores x SIMD lanes (16 with AVX-512, 8 with AVX2, 4 with SSE / NEON)
+  x 2 (fused multiply-add) x 2 FMA units x clock (cpufreq's maximum, else /proc/cpuinfo's
+  current MHz). An upper bound: the FMA units per core vary by model."""
+  flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                if line.startswith(("flags", "Features"))), [])
+  lanes = 16 if "avx512f" in flags else 8 if ("avx2" in flags and "fma" in flags) else 4
+  hz = max_khz * 1e3 if max_khz else None
+  if hz is None:
+    mhz = [float(line.split(":", 1)[1]) for line in cpuinfo.splitlines()
+           if line.startswith("cpu MHz")]
+    hz = max(mhz) * 1e6 if mhz else None
+  return cores * lanes * 2 * 2 * hz if hz else None
+
+
+def peak_flops(device: str) -> tuple:
+  """(peak FLOP/s or None, how it was obtained) of this machine's first device in float32 (the
+  precision the suite runs in)."""
+  if device == "cpu":
+    try:
+      text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+      return None, "no /proc/cpuinfo"
+    khz = None
+    try:
+      khz = int(pathlib.Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+                .read_text())
+    except (OSError, ValueError):
+      pass
+    return (cpu_peak_flops(text, os.cpu_count() or 1, khz),
+            "cores x SIMD lanes x 2 (FMA) x 2 units x clock")
+  kind = str(getattr(jax.devices()[0], "device_kind", ""))
+  for name, (fp32, _) in ACCELERATOR_PEAKS.items():
+    if name.lower() in kind.lower() and fp32:
+      return fp32, f"published float32 dense peak of {name}"
+  return None, f"no published peak for {kind!r}"
+
+
+def mfu(achieved_flops_per_s: Optional[float], peak: Optional[float]) -> Optional[float]:
+  """Achieved over peak FLOP/s (model FLOPs utilisation), or None when either is unknown."""
+  return achieved_flops_per_s / peak if achieved_flops_per_s and peak else None
 
 
 def load_average() -> Optional[list]:

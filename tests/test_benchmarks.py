@@ -75,6 +75,12 @@ def test_tiny_benchmark_run_writes_every_section(tmp_path):
   _check_rows("default.sampling", default.get("sampling"), ROW_TIMINGS["sampling"])
   _check_split("default.split", default["split"])
 
+  # MFU: achieved FLOP/s over this CPU's float32 peak, for the train steps and the samplers.
+  assert results["machine"]["peak_flops"] > 1e9
+  for row in results["train"] + results["sampling"]:
+    assert 0 < row["jax"]["mfu"] < 1, row
+  assert "MFU %" in (out / "results.md").read_text()
+
   # results.md is the rendering of results.json (benchmarks/report.py), with every table.
   from benchmarks import report
   md = (out / "results.md").read_text()
@@ -128,3 +134,13 @@ def test_stage2_split_error_ignores_the_level_and_scores_the_split():
   # Wrong shares are charged, under the hidden blocks too.
   swapped = truth[:, ::-1]
   assert stage2_inputs.score(swapped, truth, truth_c, hidden, 2, "sum")["split_mae_hidden"] > 0.1
+
+
+def test_cpu_peak_from_cpuinfo():
+  from benchmarks import timing
+  avx512 = "flags\t\t: fpu sse avx2 fma avx512f\ncpu MHz\t\t: 2000.000\n"
+  assert timing.cpu_peak_flops(avx512, cores=2) == 2 * 16 * 2 * 2 * 2.0e9
+  assert timing.cpu_peak_flops(avx512, cores=2, max_khz=3_000_000) == 2 * 16 * 4 * 3.0e9
+  assert timing.cpu_peak_flops("flags : avx2 fma\ncpu MHz : 1000\n", 1) == 8 * 4 * 1.0e9
+  assert timing.cpu_peak_flops("flags : sse\n", 1) is None  # no clock: no peak
+  assert timing.mfu(5e9, 10e9) == 0.5 and timing.mfu(None, 1.0) is None
