@@ -43,9 +43,10 @@ def refine_coordinates(coarse: np.ndarray, scale: int) -> np.ndarray:
   return (c[:, None] + d[:, None] * offsets[None, :]).reshape(-1)
 
 
-def interval_outputs(parts: list) -> dict:
+def interval_outputs(parts: list, members: bool = False) -> dict:
   """The arrays written for a list of `DiffReconMethod.reconstruct` outputs (contiguous pieces):
-  fine, coarse, and the 90% intervals fine_q05 / fine_q95 / coarse_q05 / coarse_q95 (float32).
+  fine, coarse, and the 90% intervals fine_q05 / fine_q95 / coarse_q05 / coarse_q95 (float32);
+  with `members` (and members in the outputs) also `samples` (S, n, NI, NJ, C).
   Calibrated intervals when the method had a calibration; else the members' central 90%
   interval at Weibull positions (`metrics.ensemble_interval`; the members' completions for the
   coarse cells, the point completion when there are none)."""
@@ -60,6 +61,8 @@ def interval_outputs(parts: list) -> dict:
     else:
       lo = hi = out[name]
     out[f"{name}_q05"], out[f"{name}_q95"] = (np.asarray(a, np.float32) for a in (lo, hi))
+  if members and parts[0].get("samples") is not None:
+    out["samples"] = cat("samples", axis=1).astype(np.float32)
   return out
 
 

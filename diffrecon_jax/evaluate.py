@@ -192,16 +192,22 @@ def eval_mask(task, pattern: patterns_lib.Pattern, base_seed: int) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class PredictionsSpec:
-  """Where `evaluate_method` saves what it scored (`eval.save_predictions`): folder, and whether
-  the members go too (`eval.save_members`)."""
+  """Where `evaluate_method` saves what it scored (`eval.save_predictions`): folder, whether
+  the members go too (`eval.save_members`), and the run's provenance (JSON) for every file."""
   folder: object
   members: bool = False
+  provenance: str = ""
 
   @classmethod
-  def from_config(cls, config, workdir) -> Optional["PredictionsSpec"]:
+  def from_config(cls, config, workdir, origin: Optional[dict] = None
+                  ) -> Optional["PredictionsSpec"]:
+    """None unless `eval.save_predictions`; `origin`: the run's `provenance.collect` (collected
+    here when not given)."""
     if not bool(config.eval.save_predictions):
       return None
-    return cls(paths.as_path(workdir) / "predictions", bool(config.eval.save_members))
+    text = (json.dumps(origin, sort_keys=True, default=str) if origin
+            else cf_output.provenance_text("evaluate"))
+    return cls(paths.as_path(workdir) / "predictions", bool(config.eval.save_members), text)
 
 
 def save_predictions(spec: PredictionsSpec, task, method, pattern, parts: list,
@@ -209,11 +215,9 @@ def save_predictions(spec: PredictionsSpec, task, method, pattern, parts: list,
   """One pattern's scored slices as CF NetCDF (`cf_output`: the truth, the point, the 90%
   interval, the members with `spec.members`, observed coarse cells) in
   spec.folder/<method>_<pattern>.nc, for rescoring offline (xskillscore, scoringrules)."""
-  out = cf_output.interval_outputs(parts)
+  out = cf_output.interval_outputs(parts, members=spec.members)
   out.update(truth=np.asarray(task.fine_phys[slices], np.float32),
              observed=(mask[slices] > 0).astype(np.uint8), time=task.series.timestamps[slices])
-  if spec.members and parts[0].get("samples") is not None:
-    out["samples"] = np.concatenate([p["samples"] for p in parts], axis=1).astype(np.float32)
   spec.folder.mkdir(parents=True, exist_ok=True)
   path = spec.folder / f"{file_label(method.name)}_{file_label(pattern.label)}.nc"
   # Named after the data's variable: its one channel's name (a user's grid: the file's
@@ -225,7 +229,7 @@ def save_predictions(spec: PredictionsSpec, task, method, pattern, parts: list,
                              "source": f"evaluation of {method.name} on {task.series.name}",
                              "pattern": pattern.label, "split": split,
                              "sampler": cf_output.sampler_text(getattr(method, "sampler", None)),
-                             "provenance": cf_output.provenance_text("evaluate")})
+                             "provenance": spec.provenance})
 
 
 def evaluate_method(task, method, pattern_specs, *, seed: int, split: str = "test",

@@ -278,17 +278,14 @@ def training_budget(config: ml_collections.ConfigDict, method: str) -> dict:
     return {"training": "none (statistics of the train split)", "batch": None}
   if method == PRIOR:
     return {"training": "none (DiffRecon's prior: train-split statistics)", "batch": None}
-  if method == "urbansta":
-    u = c.urbansta
-    same = lambda v, theirs: int(theirs) if int(v) == -1 else int(v)
-    return {"training": f"STA {same(u.steps_sta, t.steps_c)} + FIN {same(u.steps_fin, t.steps_f)}"
-                        f" + joint {same(u.steps_joint, t.steps_joint)} steps",
-            "batch": same(u.batch_size, t.batch_size)}
+  if method == "urbansta":  # its budget as its builder resolves it (-1 = DiffRecon's)
+    u = run_lib.baseline(method, c)
+    return {"training": f"STA {u.steps['sta']} + FIN {u.steps['fin']} + joint "
+                        f"{u.steps['joint']} steps", "batch": u.batch_size}
   if method == "diffuflow":
-    d = c.diffuflow
-    steps = int(t.steps_f) if int(d.steps) == -1 else int(d.steps)
-    return {"training": f"{steps} steps; {d.n_samples} samples x DDIM-{d.sampling_steps}, "
-                        f"{d.point}", "batch": int(d.batch_size)}
+    d = run_lib.baseline(method, c)
+    return {"training": f"{d.steps} steps; {d.n_samples} samples x DDIM-{d.sampling_steps}, "
+                        f"{d.point}", "batch": d.batch_size}
   if is_diffrecon(method):
     phases = {"noPre": f"joint {t.steps_joint}",
               "noJoint": f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f}",

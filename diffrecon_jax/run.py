@@ -106,6 +106,7 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
   `figures`, the main method's figures go to workdir/figures; `origin` (`provenance.collect`)
   goes into every document as `provenance`."""
   docs = []
+  predictions = evaluate_lib.PredictionsSpec.from_config(config, workdir, origin)
   for m in methods:
     climatology_choice.prepare_reference(m, config, task)  # its calendar table, chosen on val
     res = evaluate_lib.evaluate_method(
@@ -113,7 +114,7 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
         split=config.eval.split, max_slices=int(config.eval.max_slices),
         chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
         figures_dir=paths.as_path(workdir) / "figures" if figures and m is methods[0] else None,
-        predictions=evaluate_lib.PredictionsSpec.from_config(config, workdir))
+        predictions=predictions)
     doc = evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
                                         extra if m is methods[0] else None)
     if origin:

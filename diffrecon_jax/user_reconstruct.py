@@ -268,10 +268,8 @@ def reconstruct_file(config, workdir: str) -> dict:
   pieces = evaluate_lib.contiguous_pieces(slices, int(saved.eval.get("chunk_slices", 0)))
   parts = [method.reconstruct(view, piece) for piece in pieces]
   seconds = time.perf_counter() - t0
-  out = interval_outputs(parts)
+  out = interval_outputs(parts, members=bool(rc.save_samples))
   out.update(observed=view.mask[slices].astype(np.uint8), time=obs.timestamps[slices])
-  if rc.save_samples:
-    out["samples"] = np.concatenate([p["samples"] for p in parts], axis=1).astype(np.float32)
   stem = (paths.resolve(rc.output) if rc.output else
           paths.as_path(workdir) / "reconstruction" / pathlib.Path(path).stem)
   stem.parent.mkdir(parents=True, exist_ok=True)

@@ -297,8 +297,9 @@ class DiffUFlowMethod:
   def sample(self, view, windows: np.ndarray, external: np.ndarray, masks: np.ndarray,
              rng) -> np.ndarray:
     """Samples for z-scored completed windows (n, t, I, J, C), external features (n, F) and the
-    windows' masks (n, t, I, J): (S, n, H, W, C) float32 physical. Batches of `eval_batch` (the last one padded by repeating
-    its last map, so one compiled shape), batch k drawn with `fold_in(rng, k)`; trains first."""
+    windows' masks (n, t, I, J): (S, n, H, W, C) float32 physical. Batches of `eval_batch` (the
+    last one padded by repeating its last map, so one compiled shape), batch k drawn with
+    `fold_in(rng, k)`; trains first."""
     self.fit(view)
     n = windows.shape[0]
     size = max(1, min(self.eval_batch, n))
@@ -321,8 +322,8 @@ class DiffUFlowMethod:
   def reconstruct(self, view, slices: np.ndarray) -> dict:
     """view: evaluate.ObservedTask; slices (n,) -> dict(coarse (n, I, J, C) interp-completed
     observed maps, fine (n, N*I, N*J, C) median (or mean: `point`) of the samples, samples
-    (S, n, N*I, N*J, C)), all
-    float32 physical. Deterministic given `seed` and the first slice."""
+    (S, n, N*I, N*J, C)), all float32 physical. Deterministic given `seed` and the first
+    slice."""
     self.fit(view)
     slices = np.asarray(slices, np.int64)
     h = self._t(view) - 1
@@ -332,10 +333,10 @@ class DiffUFlowMethod:
     need = np.unique(np.maximum(np.concatenate([span, slices]), 0))
     completed = interp.nearest_fill(view.coarse_obs, view.mask, need, view.history,
                                     self.time_weight, fallback=view.coarse_norm.mean)
-    pos = np.searchsorted(need, np.maximum(slices[:, None] + np.arange(-h, 1)[None, :], 0))
+    windows = np.maximum(slices[:, None] + np.arange(-h, 1)[None, :], 0)  # (n, t)
+    pos = np.searchsorted(need, windows)
     norm, _ = supervised._finite_or_zero(view.coarse_norm.apply(completed))
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), int(slices[0]))
-    windows = np.maximum(slices[:, None] + np.arange(-h, 1)[None, :], 0)
     masks = np.asarray(view.mask, np.float32)[windows]
     samples = self.sample(view, norm[pos], np.asarray(view.external, np.float32)[slices], masks,
                           rng)
@@ -346,9 +347,8 @@ class DiffUFlowMethod:
 
 def build(config) -> DiffUFlowMethod:
   """DiffUFlow with its fields from `config.diffuflow` (steps -1: `config.train.steps_f`), seed
-  `config.seed`, training patterns
-  `config.patterns.train` (when `train_masked`) and batches run at once as DiffRecon's sampler
-  (`eval.concurrent_batches`)."""
+  `config.seed`, training patterns `config.patterns.train` (when `train_masked`) and batches run
+  at once as DiffRecon's sampler (`eval.concurrent_batches`)."""
   from diffrecon_jax.diffrecon_method import concurrent_batches
   d = config.diffuflow
   return DiffUFlowMethod(
@@ -356,7 +356,8 @@ def build(config) -> DiffUFlowMethod:
       channel_mults=tuple(d.channel_mults), num_res_blocks=int(d.num_res_blocks),
       emb_dim=int(d.emb_dim), history=int(d.history), num_train_steps=int(d.num_train_steps),
       schedule=d.schedule, beta_start=float(d.beta_start), beta_end=float(d.beta_end),
-      steps=int(config.train.steps_f) if int(d.steps) == -1 else d.steps, batch_size=d.batch_size, lr=float(d.lr), sampling_steps=d.sampling_steps,
+      steps=supervised.as_diffrecons(d.steps, config.train.steps_f), batch_size=d.batch_size,
+      lr=float(d.lr), sampling_steps=d.sampling_steps,
       eta=float(d.eta), n_samples=d.n_samples, point=str(d.point), use_mask=bool(d.use_mask),
       residual=bool(d.residual),
       n2_normalize=bool(d.n2_normalize), x0_clip_factor=float(d.x0_clip_factor),

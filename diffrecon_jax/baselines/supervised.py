@@ -37,6 +37,12 @@ def _finite_or_zero(x: np.ndarray) -> tuple:
   return np.where(ok, x, 0.0).astype(np.float32), ok.astype(np.float32)
 
 
+def as_diffrecons(value, theirs) -> int:
+  """A baseline's step count or batch size: `value`, or DiffRecon's counterpart `theirs` when
+  `value` is -1 (the configs' way to keep a baseline on equal terms in every variant)."""
+  return int(theirs) if int(value) == -1 else int(value)
+
+
 def training_inputs(view, patterns: tuple, seed: int, time_weight: float,
                     with_masks: bool = False):
   """Coarse inputs of the train split: the complete maps, then one interp completion per pattern.

@@ -18,7 +18,8 @@ Training ("two stages" in the paper: the networks separately, then together): st
 on train-split windows under masks drawn afresh for every window from `config.patterns.train`
 (`patterns.sample_train_masks`, exactly as Diffusion-C's training draws them: a new random layout
 per window for `fixed`, so the evaluation's layout is as likely as any other), its loss on the
-hidden cells (`loss_on_hidden`) or on every cell; stage 2 trains FIN on the complete coarse maps of the train split -> their fine maps;
+hidden cells (`loss_on_hidden`) or on every cell; stage 2 trains FIN on the complete coarse maps
+of the train split -> their fine maps;
 stage 3 fine-tunes both on masked windows with the fine loss plus `completion_weight` times the
 completion loss. Adam, MSE, random batches, a fixed number of steps per stage and a seed.
 
@@ -323,15 +324,14 @@ def build(config) -> UrbanSTAMethod:
   """UrbanSTA with its hyperparameters from `config.urbansta` (a step count or batch size of -1:
   DiffRecon's counterpart in `config.train`, for equal terms), its seed from `config.seed` and its
   training masks from `config.patterns.train`."""
-  u = config.urbansta
-  same = lambda value, theirs: int(theirs) if int(value) == -1 else int(value)
+  u, t = config.urbansta, config.train
+  same = supervised.as_diffrecons
   return UrbanSTAMethod(
       features=int(u.features), num_heads=int(u.num_heads), num_layers=int(u.num_layers),
       ff_dim=int(u.ff_dim), fin_features=int(u.fin_features), fin_blocks=int(u.fin_blocks),
-      steps_sta=same(u.steps_sta, config.train.steps_c),
-      steps_fin=same(u.steps_fin, config.train.steps_f),
-      steps_joint=same(u.steps_joint, config.train.steps_joint),
-      batch_size=same(u.batch_size, config.train.batch_size), lr=float(u.lr), lr_joint=float(u.lr_joint),
+      steps_sta=same(u.steps_sta, t.steps_c), steps_fin=same(u.steps_fin, t.steps_f),
+      steps_joint=same(u.steps_joint, t.steps_joint), batch_size=same(u.batch_size, t.batch_size),
+      lr=float(u.lr), lr_joint=float(u.lr_joint),
       loss_on_hidden=bool(u.loss_on_hidden), completion_weight=float(u.completion_weight),
       train_patterns=tuple(config.patterns.train), seed=int(config.seed),
       eval_batch=int(u.eval_batch), log_every=int(u.log_every))
