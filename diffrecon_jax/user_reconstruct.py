@@ -44,7 +44,7 @@ from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax import paths
 from diffrecon_jax import figures as figures_lib
 from diffrecon_jax import train as train_lib
-from diffrecon_jax.data import custom, gridded, pipeline, registry, time_axis
+from diffrecon_jax.data import custom, pipeline, registry, time_axis
 from diffrecon_jax.cf_output import interval_outputs, refine_coordinates  # noqa: F401
 from diffrecon_jax.data.errors import DataError
 from diffrecon_jax.diffrecon_method import DiffReconMethod
@@ -96,17 +96,16 @@ def read_coarse_file(path, variable: str = "", layout: str = "THWC", timestamps_
       with np.load(path, allow_pickle=False) as z:
         tkey = "time" if "time" in z.files else None  # what example_grid and most exports write
   with _readable(path):
-    series = custom.load_array(path, name=path.stem, variable=variable or None,
-                               start=_NO_TIME, timestamps_key=tkey,
-                               external_key=external_key or None, layout=layout)
+    series, labels = custom.load_with_labels(path, name=path.stem, variable=variable or None,
+                                             start=_NO_TIME, timestamps_key=tkey,
+                                             external_key=external_key or None, layout=layout)
   if series.timestamps[0] == _NO_TIME:
     raise DataError(f"{path}: no time axis; the model needs each slice's time (calendar "
                     f"features, climatology slot): add a CF time coordinate (NetCDF/Zarr) or a "
                     f"`time` array (npz), or name it with --config.reconstruct.timestamps_key")
-  labels = _labels(path, variable, layout)
   return CoarseInput(values=series.values, timestamps=series.timestamps,
                      interval_minutes=int(series.interval_minutes), external=series.external,
-                     source=str(path), **labels)
+                     source=str(path), **dataclasses.asdict(labels))
 
 
 class _readable:
@@ -124,37 +123,6 @@ class _readable:
       return False
     raise DataError(f"{self.path}: not a readable file of coarse maps (T, I, J[, C]) in NetCDF, "
                     f"Zarr, .npz or .npy ({type(err).__name__}: {err})") from err
-
-
-def _labels(path: pathlib.Path, variable: str, layout: str) -> dict:
-  """CoarseInput's labels of the values' variable: dims (row / column dimension names), coords
-  ({dim: 1-D coordinate}), coord_attrs, units, variable (its name) and history (the file's
-  global attribute), from a NetCDF file or Zarr store; npz / npy have no names: ("y", "x"), no
-  coordinates, the array's key (or "values")."""
-  layout = layout.upper() if len(layout) == 4 else "THW"
-  default = dict(dims=("y", "x"), coords={}, coord_attrs={}, units="",
-                 variable=variable or _npz_key(path) or "values", history="")
-  try:
-    if gridded.is_gridded(path):  # NetCDF / Zarr through xarray, as the loader read them
-      ds = gridded.open_dataset(path)
-      var = variable or next(k for k, v in ds.data_vars.items() if v.ndim >= 3)
-      return dataclasses.asdict(gridded.labels_of(ds, var, layout))
-  except (StopIteration, KeyError, ValueError, OSError, DataError) as e:
-    # The values were read; only their labels are missing: write index coordinates instead.
-    logging.warning("%s: no coordinates read (%s: %s); writing cell indices", path,
-                    type(e).__name__, e)
-  return default
-
-
-def _npz_key(path: pathlib.Path) -> str:
-  """The key of the first array of 3+ dimensions in an .npz ("" for anything else)."""
-  if path.suffix.lower() != ".npz":
-    return ""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      return next((k for k in z.files if z[k].ndim >= 3), "")
-  except (OSError, ValueError):
-    return ""
 
 
 def _check_against_model(obs: CoarseInput, meta: dict, models, workdir) -> None:

@@ -82,11 +82,16 @@ def _to_thwc(values: np.ndarray, layout: str, source: str) -> np.ndarray:
   return np.transpose(values, [layout.index(a) for a in "THWC"])
 
 
-def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = None,
-               aggregation: str = "sum", interval_minutes: int = 60,
-               start: Optional[Union[str, np.datetime64]] = None,
-               timestamps_key: Optional[str] = None, external_key: Optional[str] = None,
-               layout: str = "THWC") -> SpatioTemporalSeries:
+def load_array(path: PathLike, name: str = "custom", **kwargs) -> SpatioTemporalSeries:
+  """The series of `load_with_labels` (its arguments), without the labels."""
+  return load_with_labels(path, name, **kwargs)[0]
+
+
+def load_with_labels(path: PathLike, name: str = "custom", variable: Optional[str] = None,
+                     aggregation: str = "sum", interval_minutes: int = 60,
+                     start: Optional[Union[str, np.datetime64]] = None,
+                     timestamps_key: Optional[str] = None, external_key: Optional[str] = None,
+                     layout: str = "THWC") -> tuple:
   """Loads a user grid as a `SpatioTemporalSeries`.
 
   Args:
@@ -107,8 +112,9 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
       the default "THWC" is read as (T, H, W) with C = 1.
 
   Returns:
-    values (T, H, W, C) float32 with NaN where unobserved; timestamps (T,) datetime64[m];
-    external (T, F) float32.
+    (series, labels): the series (values (T, H, W, C) float32 with NaN where unobserved;
+    timestamps (T,) datetime64[m]; external (T, F) float32) and the values' `gridded.Labels`
+    (NetCDF / Zarr: dimension names, coordinates, units, history; npz / npy: the array's name).
   """
   path = pathlib.Path(path)
   if not path.exists() and not gridded.is_gridded(path):  # a glob names files, not itself
@@ -150,9 +156,10 @@ def load_array(path: PathLike, name: str = "custom", variable: Optional[str] = N
   base = var or name
   channels = (base,) if values.shape[3] == 1 else tuple(
       f"{base}_{i}" for i in range(values.shape[3]))
-  return SpatioTemporalSeries(
+  series = SpatioTemporalSeries(
       name=name, values=values, timestamps=timestamps, external=external,
       external_names=tuple(ext_names), aggregation=aggregation,
       units=labels.units if labels else "",
       axes=gridded.series_axes(labels) if labels and layout.upper() in ("THWC", "THW") else (),
       interval_minutes=int(interval_minutes), channel_names=channels, source=str(path))
+  return series, labels or gridded.Labels(variable=var or "values")
