@@ -317,20 +317,19 @@ def evaluation_figures(folder, method: str, label: str, truth: np.ndarray, fine:
   name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in f"{method}_{label}")
   what = f"{method}, {label}, {when}" + (f", {channel}" if channel else "")
   t, f = np.asarray(truth)[..., 0], np.asarray(fine)[..., 0]
-  lower = upper = None
+  lower = upper = None  # (NI, NJ, C)
   if samples is not None:
     # the interval the coverage is scored on (Weibull positions), not numpy's default quantiles
-    lower, upper = metrics_lib.ensemble_interval(np.asarray(samples)[..., 0], 0.9)
+    lower, upper = metrics_lib.ensemble_interval(np.asarray(samples), 0.9)
+  band = lambda c: (None, None) if lower is None else (lower[..., c], upper[..., c])
   out = [write_safely(surfaces_3d, [("truth", t, True), ("reconstruction", f, True),
                                     ("absolute error", np.abs(f - t), False)],
                       path=folder / f"{name}_3d.png", title=what, units=units),
-         write_safely(uncertainty_maps, f, lower, upper, observed,
+         write_safely(uncertainty_maps, f, *band(0), observed,
                       path=folder / f"{name}_maps.png", title=what, units=units)]
   for c in range(np.asarray(truth).shape[-1]):
     cname = channels[c] if c < len(channels) else str(c)
-    lo = hi = None
-    if samples is not None:
-      lo, hi = metrics_lib.ensemble_interval(np.asarray(samples)[..., c], 0.9)
+    lo, hi = band(c)
     tag = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in cname)
     out.append(write_safely(fields_2d, np.asarray(truth)[..., c], np.asarray(fine)[..., c], lo,
                             hi, path=folder / f"{name}_fields_{tag}.png",
