@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 
+from tests import _fingerprint
 from tests import _train_helpers as helpers
 from tests.conftest import REPO_ROOT
 
@@ -107,3 +108,6 @@ def test_train_evaluate_then_reconstruct_from_the_workdir(tmp_path):
   from diffrecon_jax.data import nyc_dsan, coarsen
   truth = coarsen.coarsen(nyc_dsan.load_nytaxi().values[rec["slices"]], 2, "sum")
   np.testing.assert_allclose(rec["coarse"][mask], truth[mask], rtol=1e-4, atol=1e-2)
+  # Losses, metrics and reconstructions equal the recorded ones: a behaviour-preserving change
+  # (a move, a refactor) keeps them bit-identical (tests/_fingerprint.py).
+  _fingerprint.check(wd)
