@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from diffrecon_jax import diffrecon
-from diffrecon_jax import train
+from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import train
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.models.unet import bottleneck_shape
 
@@ -74,9 +74,9 @@ def make_tiny(config: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------
-def abstract_params(models: diffrecon.Models, shapes: dict) -> Any:
+def abstract_params(models: model.Models, shapes: dict) -> Any:
   """ShapeDtypeStructs of `diffrecon.init_params` (nothing is computed)."""
-  return jax.eval_shape(lambda k: diffrecon.init_params(models, shapes, k),
+  return jax.eval_shape(lambda k: model.init_params(models, shapes, k),
                         jax.random.PRNGKey(0))
 
 
@@ -104,7 +104,7 @@ def fill_params(abstract: Any, seed: int) -> Any:
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def random_params(models: diffrecon.Models, shapes: dict, seed: int = 0) -> Any:
+def random_params(models: model.Models, shapes: dict, seed: int = 0) -> Any:
   """{'c', 'f'} parameters of `models` for `shapes`, random (`fill_params`), on the device."""
   return jax.device_put(fill_params(abstract_params(models, shapes), seed))
 
@@ -121,10 +121,10 @@ class Built:
   """A config's models on the real task, as training and evaluation build them, with random
   parameters: the joint objective's settings and the samplers' x0 clip bounds included."""
   case: Case
-  models: diffrecon.Models
+  models: model.Models
   params: Any
   clip: tuple
-  joint: diffrecon.JointSettings
+  joint: model.JointSettings
   params_setup_s: float
 
 
@@ -132,11 +132,11 @@ def build_real(name: str, config: Any, task: pipeline.TaskData) -> Built:
   """`Built` of `config` on `task`: `diffrecon.build_models_for_task` (fits the climatology prior
   when the config uses one), `train.joint_settings` and `diffrecon.x0_clip_bounds`."""
   case = Case(name, config, dict(task.shapes), int(config.train.batch_size))
-  models = diffrecon.build_models_for_task(config, task)
+  models = model.build_models_for_task(config, task)
   t0 = time.perf_counter()
   params = random_params(models, case.shapes)
   setup_s = time.perf_counter() - t0
-  clip = diffrecon.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
+  clip = model.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
   return Built(case, models, params, clip, train.joint_settings(config, task, models), setup_s)
 
 
@@ -160,7 +160,7 @@ def synthetic_batch(shapes: dict, batch_size: int, seed: int, ratio: float = 0.5
           "fine": rs.standard_normal((b, ni, nj, c)).astype(np.float32)}
 
 
-def real_batch(config, task: pipeline.TaskData, models: diffrecon.Models, batch_size: int,
+def real_batch(config, task: pipeline.TaskData, models: model.Models, batch_size: int,
                seed: int) -> dict:
   """One train batch drawn from the real task exactly as the train step draws it (host numpy):
   the step's `train.BatchSpec` and arrays (`train.training_arrays`: with the climatology prior

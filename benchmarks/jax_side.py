@@ -26,7 +26,9 @@ import numpy as np
 
 from benchmarks.cases import Case, count_params
 from benchmarks.timing import (cost_flops, device_peak_bytes, log, memory_bytes, timed_reps)
-from diffrecon_jax import diffrecon, parallel, train
+from diffrecon_jax import parallel
+from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import train
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,17 +40,17 @@ def fixed_batch(arrays, rng, **unused):
   return arrays
 
 
-def joint_settings_for(config, coarse: np.ndarray) -> diffrecon.JointSettings:
+def joint_settings_for(config, coarse: np.ndarray) -> model.JointSettings:
   """The joint objective of `config.train` with its x0 clip taken from `coarse` (any shape):
   `train.joint_settings` for a case without a task (synthetic batches)."""
   tc = config.train
-  return diffrecon.JointSettings(
+  return model.JointSettings(
       weight_c=float(tc.joint_weight_c), weight_f=float(tc.joint_weight_f),
-      x0_clip=diffrecon.x0_clip_bound(float(tc.get("joint_x0_clip_factor", 0.0)), coarse))
+      x0_clip=model.x0_clip_bound(float(tc.get("joint_x0_clip_factor", 0.0)), coarse))
 
 
-def train_bench(case: Case, models: diffrecon.Models, params: Any, batch: dict, phase: str,
-                steps_per_call: int, reps: dict, joint: diffrecon.JointSettings,
+def train_bench(case: Case, models: model.Models, params: Any, batch: dict, phase: str,
+                steps_per_call: int, reps: dict, joint: model.JointSettings,
                 mem_limit: Optional[float] = None) -> dict:
   """Compiles and times `train.make_train_step` (`steps_per_call` fused steps) on `batch`.
 
@@ -102,11 +104,11 @@ def train_bench(case: Case, models: diffrecon.Models, params: Any, batch: dict, 
 # Sampling
 # --------------------------------------------------------------------------------------------
 def sampling_settings(config, sampler: str, steps: int,
-                      n_samples: int) -> diffrecon.SamplingSettings:
+                      n_samples: int) -> model.SamplingSettings:
   """`config.sampling` with another sampler, step count and sample count."""
   s = config.sampling.copy_and_resolve_references()
   s.sampler, s.steps, s.n_samples = sampler, int(steps), int(n_samples)
-  return diffrecon.SamplingSettings.from_config(s, int(config.diffusion.num_steps))
+  return model.SamplingSettings.from_config(s, int(config.diffusion.num_steps))
 
 
 def sampling_key(config) -> jax.Array:
@@ -114,15 +116,15 @@ def sampling_key(config) -> jax.Array:
   return jax.random.key(int(config.seed) + 1, impl=config.sampling.get("prng_impl", "") or None)
 
 
-def ensemble(settings: diffrecon.SamplingSettings) -> str:
+def ensemble(settings: model.SamplingSettings) -> str:
   """The settings' `ensemble` ("shared_completion": one completion per window for every sample;
   "members": each member its own completion and fine map), "shared_completion" when the
   package has no such setting."""
   return str(getattr(settings, "ensemble", "shared_completion"))
 
 
-def sampling_bench(models: diffrecon.Models, params: Any, batch: dict,
-                   settings: diffrecon.SamplingSettings, clip: tuple, rng: jax.Array,
+def sampling_bench(models: model.Models, params: Any, batch: dict,
+                   settings: model.SamplingSettings, clip: tuple, rng: jax.Array,
                    reps: dict) -> dict:
   """Diffusion-C completion + Diffusion-F inference of the batch's windows (n samples each).
 
@@ -140,10 +142,10 @@ def sampling_bench(models: diffrecon.Models, params: Any, batch: dict,
   # The stage functions exactly as `DiffReconMethod` jits them: slots ride along (zeros for a
   # model without the prior, which ignores them) and stage 2 reads the current slice's.
   if ensemble(settings) == "members":
-    stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse_members(
+    stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: model.sample_coarse_members(
         models, p, obs, mask, ext, rng, settings, clip[0], slots))
     stage_f = jax.jit(lambda p, point_win, member_win, ext, slots, rng:
-                      diffrecon.sample_fine_members(models, p, point_win, member_win, ext, rng,
+                      model.sample_fine_members(models, p, point_win, member_win, ext, rng,
                                                     settings, clip[1], slots[:, -1]))
     # Every member's window keeps the batch's history slices (`DiffReconMethod` puts each
     # member's own completions there: the same shapes and work).
@@ -155,9 +157,9 @@ def sampling_bench(models: diffrecon.Models, params: Any, batch: dict,
       return (jnp.concatenate([coarse[:, :-1], point[:, None]], axis=1),
               jnp.concatenate([history, members[:, :, None]], axis=2), ext, slots, rng)
   else:
-    stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse(
+    stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: model.sample_coarse(
         models, p, obs, mask, ext, rng, settings, clip[0], slots))
-    stage_f = jax.jit(lambda p, coarse, ext, slots, rng: diffrecon.sample_fine(
+    stage_f = jax.jit(lambda p, coarse, ext, slots, rng: model.sample_fine(
         models, p, coarse, ext, rng, settings, clip[1], slots[:, -1]))
 
     def stage_f_args(done):  # the completed map (B,I,J,C) -> stage 2's arrays
@@ -197,11 +199,11 @@ def _fields_of(module_cls, denoiser, **extra) -> dict:
   return dict(kw, **extra)
 
 
-def component_nets(models: diffrecon.Models, params: dict, channels: int) -> dict:
+def component_nets(models: model.Models, params: dict, channels: int) -> dict:
   """{name: (flax module, its parameters, (model 'c'|'f', submodule name))} of the four
   sub-networks, built from the fields of the config's denoisers (`diffrecon.build_models`)."""
-  from diffrecon_jax.models.st_pointformer import STPointFormer
-  from diffrecon_jax.models.t_patternnet import TPatternNet
+  from diffrecon_jax.diffrecon.st_pointformer import STPointFormer
+  from diffrecon_jax.diffrecon.t_patternnet import TPatternNet
   from diffrecon_jax.models.unet import UNet
   mc, mf = models.c, models.f
   nets = {
@@ -240,7 +242,7 @@ def component_bench(net, p: Any, inputs: tuple, reps: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # The whole evaluation split
 # --------------------------------------------------------------------------------------------
-def split_bench(config, task, params: dict, models: diffrecon.Models, clip: tuple,
+def split_bench(config, task, params: dict, models: model.Models, clip: tuple,
                 max_patterns: int) -> dict:
   """Wall time of `DiffReconMethod.reconstruct` over the evaluation split for the evaluation
   patterns, compile included once as in a real evaluation; extrapolated to every pattern (the
@@ -251,7 +253,7 @@ def split_bench(config, task, params: dict, models: diffrecon.Models, clip: tupl
   """
   from diffrecon_jax import evaluate as evaluate_lib
   from diffrecon_jax.data import patterns as patterns_lib
-  from diffrecon_jax.diffrecon_method import DiffReconMethod
+  from diffrecon_jax.diffrecon.method import DiffReconMethod
   method = DiffReconMethod(config, params, models, clip)
   slices, _ = evaluate_lib.evaluation_slices(task, config.eval.split,
                                              int(config.eval.max_slices))

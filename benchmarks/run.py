@@ -50,7 +50,7 @@ from benchmarks import report
 from benchmarks import sections
 from benchmarks.timing import load_average, log, machine_info
 from diffrecon_jax.configs import nytaxi as nytaxi_config
-from diffrecon_jax import diffrecon
+from diffrecon_jax.diffrecon import model
 from diffrecon_jax.data import pipeline
 
 SECTIONS = ("train", "components", "sampling", "split", "scaling", "default")
@@ -125,7 +125,7 @@ def plan(args, config, default_config) -> dict:
   # evaluation runs.
   own = [("ddim", int(d.sampling.steps)) if d.sampling.sampler == "ddim"
          else ("ddpm", int(d.diffusion.num_steps))]
-  # A members ensemble needs a spread (diffrecon.SamplingSettings): 2 samples or more.
+  # A members ensemble needs a spread (model.SamplingSettings): 2 samples or more.
   fewest = 2 if config.sampling.get("ensemble", "shared_completion") == "members" else 1
   if args.tiny:
     # One call of each section's functions per config and size: each train step is its own
@@ -142,11 +142,11 @@ def plan(args, config, default_config) -> dict:
             # Its sampler only: each train phase is one more ~40 s CPU compile.
             "default_phases": (), "default_samplers": own, "default_split": 0}
   return {"mode": "full", "reps": {"warmup": 1, "min_reps": 5, "max_reps": 20, "min_time": 5.0},
-          "phases": diffrecon.PHASES, "fused": min(10, int(config.train.steps_per_call)),
+          "phases": model.PHASES, "fused": min(10, int(config.train.steps_per_call)),
           "components": True,
           "windows": 32 if args.device == "cpu" else int(config.eval.batch_size),
           "samplers": [ddim, ddpm], "split": 1, "scaling": True, "samples": (fewest, 16),
-          "default_phases": diffrecon.PHASES, "default_samplers": own, "default_split": 1}
+          "default_phases": model.PHASES, "default_samplers": own, "default_split": 1}
 
 
 def main(argv=None) -> dict:

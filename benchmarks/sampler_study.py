@@ -44,7 +44,8 @@ def nfe_per_map(ensemble: str, n_samples: int, steps: int) -> dict:
 
 
 def study(workdir: str, settings: tuple, patterns: tuple, slices: int) -> list:
-  from diffrecon_jax import calibration, evaluate, run
+  from diffrecon_jax import evaluate, run
+  from diffrecon_jax.diffrecon import calibration
   from diffrecon_jax.configs import default
   rows = []
   for text in settings:

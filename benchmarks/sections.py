@@ -13,10 +13,10 @@ import numpy as np
 from benchmarks import cases as cases_lib
 from benchmarks import jax_side
 from benchmarks.timing import log, ratio
-from diffrecon_jax import diffrecon
+from diffrecon_jax.diffrecon import model
 
 
-def twin_check(torch_side, models: diffrecon.Models, params: Any, batch: dict) -> dict:
+def twin_check(torch_side, models: model.Models, params: Any, batch: dict) -> dict:
   """The `twin_check` entry: parameter counts and max |flax - torch| of eps_hat; raises
   RuntimeError above 1e-3 of the largest output (the twin then computes something else)."""
   chk = torch_side.check_outputs(models, params, batch)
@@ -27,7 +27,7 @@ def twin_check(torch_side, models: diffrecon.Models, params: Any, batch: dict) -
 
 
 def bench_train(case, models, params, batch, torch_side, phases, fused, reps, results,
-                joint: diffrecon.JointSettings) -> list:
+                joint: model.JointSettings) -> list:
   """`train` rows: each phase's step, one per call (and the joint step fused x`fused`)."""
   rows = []
   for phase in phases:
@@ -171,7 +171,7 @@ def bench_scaling(base, device: str, batch: int, torch_device: Optional[str], re
     cfg = case.config.copy_and_resolve_references()
     cfg.diffusion.fine_residual = False
     cfg.diffusion.coarse_residual = False
-    models = diffrecon.build_models(cfg, case.shapes["scale"])
+    models = model.build_models(cfg, case.shapes["scale"])
     params = cases_lib.random_params(models, case.shapes)
     b = cases_lib.synthetic_batch(case.shapes, case.batch_size, 1)
     joint = jax_side.joint_settings_for(cfg, b["coarse"])

@@ -56,7 +56,8 @@ def score(estimate: np.ndarray, truth: np.ndarray, truth_coarse: np.ndarray, hid
 def study(workdir: str, patterns: tuple, n_slices: int, seed: int) -> dict:
   import jax
   from diffrecon_jax.configs import default
-  from diffrecon_jax import diffrecon, evaluate, metrics, run
+  from diffrecon_jax import evaluate, metrics, run
+  from diffrecon_jax.diffrecon import model
   from diffrecon_jax.data import patterns as patterns_lib
   config = default.get_config()
   config.calibration.enabled = False  # the raw members: their inputs are what is measured
@@ -71,7 +72,7 @@ def study(workdir: str, patterns: tuple, n_slices: int, seed: int) -> dict:
   win = np.arange(len(current))[:, None] + np.arange(0, h + 1)[None, :]   # into span
   idx = current[:, None] + np.arange(-h, 1)[None, :]                      # into the series
   # s: the windows' slots (B, t); Diffusion-F reads the current slice's, as `DiffReconMethod`.
-  point_f = jax.jit(lambda p, c, e, s: diffrecon.point_fine(method.models, p, c, e, s[:, -1],
+  point_f = jax.jit(lambda p, c, e, s: model.point_fine(method.models, p, c, e, s[:, -1],
                                                             method.settings.consistent))
   truth = task.fine_phys[current]
   truth_c = task.coarse_phys[current]

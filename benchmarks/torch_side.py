@@ -13,7 +13,7 @@ import numpy as np
 
 from benchmarks.cases import Case, count_params
 from benchmarks.timing import timed_reps
-from diffrecon_jax import diffrecon
+from diffrecon_jax.diffrecon import model
 
 
 class TorchSide:
@@ -23,7 +23,7 @@ class TorchSide:
   ValueError (from `torch_twin.load_flax_params`) on a missing or mis-shaped leaf.
   """
 
-  def __init__(self, case: Case, models: diffrecon.Models, params: Any, device: str):
+  def __init__(self, case: Case, models: model.Models, params: Any, device: str):
     import torch
     from benchmarks import torch_twin as tt
     self.torch, self.tt, self.device = torch, tt, device
@@ -51,7 +51,7 @@ class TorchSide:
     if self.device != "cpu":
       self.torch.cuda.synchronize()
 
-  def check_outputs(self, models: diffrecon.Models, params: Any, batch: dict) -> dict:
+  def check_outputs(self, models: model.Models, params: Any, batch: dict) -> dict:
     """Max |flax - torch| of both denoisers on the batch (tau spread over [0, T)).
 
     Returns max_abs_diff_c, max_abs_diff_f and max_abs_out (the larger flax output, for a
@@ -94,7 +94,7 @@ class TorchSide:
       out["device_peak_bytes"] = int(self.torch.cuda.max_memory_allocated())
     return out
 
-  def sampling_bench(self, case: Case, batch: dict, settings: diffrecon.SamplingSettings,
+  def sampling_bench(self, case: Case, batch: dict, settings: model.SamplingSettings,
                      reps: dict) -> dict:
     """Diffusion-C completion + Diffusion-F inference with the twins' reverse chain (same
     sampler, steps, eta and samples as `settings`). Returns time_s, reps, fine_maps_per_s."""

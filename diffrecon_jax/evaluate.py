@@ -377,7 +377,7 @@ def results_document(task, method, results: list, seed: int, extra: dict = None)
       "results": results,
   }
   table = getattr(method, "calendar_table", None)
-  if table:  # the climatology's calendar table and how it was chosen (climatology_choice.py)
+  if table:  # the climatology's calendar table and how it was chosen (calendar_choice.py)
     doc["calendar_table"] = dict(table)
   cal = getattr(method, "calibration", None)
   if cal is not None:  # recalibration fitted on the validation split (calibration.py)

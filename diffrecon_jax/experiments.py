@@ -38,7 +38,6 @@ Methods (`--methods`, comma-separated names or groups):
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import time
@@ -51,19 +50,20 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from diffrecon_jax import ablations
+from diffrecon_jax.diffrecon import ablations
 from diffrecon_jax import comparison
 from diffrecon_jax import console
 from diffrecon_jax import curves
 from diffrecon_jax import parallel
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import figures
+from diffrecon_jax import nofg
 from diffrecon_jax import run as run_lib
 from diffrecon_jax.smoke import smoke_config
 from diffrecon_jax.baselines import supervised
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
-from diffrecon_jax.prior_method import PriorMethod
+from diffrecon_jax.diffrecon.prior_method import PriorMethod
 
 REFERENCES = ("interp", "climatology")
 # The paper's seven baselines (Sec. V-A.4) in its column order; those this install has.
@@ -144,7 +144,7 @@ def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collecti
     c.ablation_fine_network = method[len("diffc-"):]
   else:
     c.method = method
-  ablations.check(c)
+  nofg.check_ablation(c)
   return c
 
 

@@ -21,7 +21,7 @@ from diffrecon_jax import parallel
 from diffrecon_jax import preemption
 from diffrecon_jax import run
 from diffrecon_jax.data.series import DataError
-from diffrecon_jax.train import CheckpointError
+from diffrecon_jax.diffrecon.checkpoints import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
                                           "(optionally with ':variant').", lock_config=True)

@@ -16,7 +16,7 @@ catches SIGTERM on the process that gets it and tells every process, and
 Its counter is the Watcher's own, one per check of the training loop (the same sequence on every
 process, increasing across the three phases); Orbax's checkpoint managers report their
 phase-local steps to the same service, so train.py's managers leave preemption to the Watcher
-(`train._Manager`).
+(`checkpoints.Manager`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import signal
 import threading
 from typing import Optional
 
-from absl import logging
 import jax
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, the user is invited to retry.

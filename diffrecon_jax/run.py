@@ -22,21 +22,21 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffrecon_jax import ablations
-from diffrecon_jax import calibration
-from diffrecon_jax import diffrecon
+from diffrecon_jax.diffrecon import ablations
+from diffrecon_jax.diffrecon import loading
+from diffrecon_jax.diffrecon import model
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import parallel
+from diffrecon_jax import nofg
 from diffrecon_jax import paths
 from diffrecon_jax import provenance
-from diffrecon_jax import train as train_lib
+from diffrecon_jax.diffrecon import train as train_lib
 from diffrecon_jax import user_reconstruct
-from diffrecon_jax.baselines import climatology, climatology_choice, interp, supervised
+from diffrecon_jax.baselines import climatology, interp, supervised
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.data import registry
-from diffrecon_jax.diffrecon_method import DiffReconMethod
-from diffrecon_jax.prior_method import PriorMethod
+from diffrecon_jax.diffrecon.prior_method import PriorMethod
 
 MODES = ("train", "evaluate", "train_and_evaluate", "reconstruct")
 BASELINES = {"interp": interp.InterpBaseline, "climatology": climatology.ClimatologyBaseline}
@@ -108,7 +108,7 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
   docs = []
   predictions = evaluate_lib.PredictionsSpec.from_config(config, workdir, origin)
   for m in methods:
-    climatology_choice.prepare_reference(m, config, task)  # its calendar table, chosen on val
+    climatology.prepare_reference(m, config, task)  # its calendar table, chosen on val
     res = evaluate_lib.evaluate_method(
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
@@ -150,11 +150,11 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     return evaluate_methods(config, workdir, task, [baseline(config.method, config)],
                             origin=origin)
   setup_compilation_cache(config)
-  ablations.check(config)
+  nofg.check_ablation(config)
   if mode in ("train", "train_and_evaluate"):
     trained = ablations.apply(config)  # the ablation's fields (Sec. V-C); the config otherwise
     task = pipeline.prepare_task(trained)
-    models = diffrecon.build_models_for_task(trained, task)
+    models = model.build_models_for_task(trained, task)
     train_lib.train(trained, workdir, task=task, models=models)
     if mode == "train":
       return []
@@ -188,34 +188,23 @@ def _evaluated_elsewhere() -> list:
   return []
 
 
-# Chosen at evaluate time: these replace the checkpoint's saved values whole (the noFG
-# ablation's fine network is trained when evaluated, like the supervised baselines).
-EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baselines",
-                        "ablation_fine_network", "climatology")
-
-
 def load_method(config, workdir: str) -> tuple:
-  """(config, task, method) from a workdir's newest finished checkpoint: a DiffReconMethod (named
-  after its ablation, if any), or for the noFG ablation Diffusion-C followed by its fine network.
+  """(config, task, method) from a workdir's newest finished checkpoint (`loading.from_workdir`):
+  a DiffReconMethod named after its ablation, if any, or for the noFG ablation Diffusion-C
+  followed by its fine network. Model, data and training settings come from the checkpoint;
+  what is chosen at evaluate time comes from `config` (`loading.EVALUATE_TIME_FIELDS`)."""
+  tasks = []
 
-  Model, data and training settings come from the checkpoint; what is chosen at evaluate time
-  comes from `config` and replaces the saved values whole: `EVALUATE_TIME_FIELDS`.
-  """
-  saved_config, params, models, meta = train_lib.load_for_sampling(workdir)
-  params = parallel.local_copy(params)  # sampling runs on one process's devices.
-  for key in EVALUATE_TIME_FIELDS:
-    if key in config:
-      saved_config[key] = config[key]
-  task = pipeline.prepare_task(saved_config)
-  check_task_matches(task, meta)
-  clip = diffrecon.x0_clip_bounds(float(saved_config.sampling.x0_clip_factor), models,
-                                   task)
-  method = DiffReconMethod(saved_config, params, models, clip)
-  method.name = ablations.method_name(saved_config)
-  if saved_config.get("ablation", "") == "noFG":
-    method = ablations.DiffCThenFine(method, ablations.fine_network(saved_config), method.name)
-  elif parallel.is_main_process():  # process 0 alone samples and writes the workdir's files
-    calibration.attach(method, saved_config, workdir, task)
+  def task_of(saved_config, meta):
+    if not tasks:  # the data of the saved config, checked against the checkpoint's
+      tasks.append(pipeline.prepare_task(saved_config))
+      check_task_matches(tasks[0], meta)
+    return tasks[0]
+
+  method, saved_config, meta = loading.from_workdir(workdir, config, task_of)
+  task = task_of(saved_config, meta)
+  if ablations.check(saved_config) == "noFG":
+    method = nofg.DiffCThenFine(method, nofg.fine_network(saved_config), method.name)
   return saved_config, task, method
 
 

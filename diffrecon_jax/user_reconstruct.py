@@ -4,7 +4,7 @@
 The input is a file of coarse maps (T, I, J[, C]) in NetCDF / Zarr / .npz / .npy, NaN = not
 observed, read by the same loader as a user's training grid (`data.custom.load_array`), with a time
 axis (a CF time coordinate, or a `time` / `reconstruct.timestamps_key` array). Everything about
-the model comes from the workdir alone (`train.load_for_sampling`: the checkpoint's config,
+the model comes from the workdir alone (`loading.from_workdir`: the checkpoint's config,
 normalisation statistics, shapes, scale N and aggregation; `prior.npz`); nothing of the training
 data is read when the model has its climatology prior (the default).
 
@@ -36,18 +36,14 @@ import numpy as np
 from absl import logging
 
 import diffrecon_jax
-from diffrecon_jax import calibration as calibration_lib
 from diffrecon_jax import cf_output
-from diffrecon_jax import diffrecon
 from diffrecon_jax import evaluate as evaluate_lib
-from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax import paths
 from diffrecon_jax import figures as figures_lib
-from diffrecon_jax import train as train_lib
 from diffrecon_jax.data import custom, pipeline, registry, time_axis
 from diffrecon_jax.cf_output import interval_outputs, refine_coordinates  # noqa: F401
 from diffrecon_jax.data.errors import DataError
-from diffrecon_jax.diffrecon_method import DiffReconMethod
+from diffrecon_jax.diffrecon import ablations, loading
 
 # `start` handed to the loader: a file without a time axis gets timestamps from this year, which no
 # real series has, so its absence can be told apart from a file that has one.
@@ -198,40 +194,30 @@ def reconstructable_slices(obs: CoarseInput, history: int, workdir) -> np.ndarra
   return slices
 
 
-def clip_bounds(config, models) -> tuple:
-  """The samplers' x0 clip bounds (`diffrecon.x0_clip_bounds`) without the training data: from
-  the prior's largest residuals when both stages diffuse residuals over it (the default model);
-  otherwise from the training split the saved config names (read again, logged)."""
-  factor = float(config.sampling.x0_clip_factor)
-  if not diffrecon.clip_bounds_need_train_split(models):
-    return diffrecon.x0_clip_bounds(factor, models)
-  logging.info("clip bounds of this model need its training split: reading %s again",
-               config.data.name)
-  return diffrecon.x0_clip_bounds(factor, models, pipeline.prepare_task(config))
-
-
 def reconstruct_file(config, workdir: str) -> dict:
   """`--mode=reconstruct` with `config.reconstruct.input` set; returns {"netcdf", "npz",
-  "figures": [...], "slices": n}. `config` gives the `reconstruct`, `sampling` and `eval`
-  sections; the model and everything about the data come from `workdir`."""
+  "figures": [...], "slices": n}. `config` gives the `reconstruct` section and the evaluate-time
+  ones (`loading.EVALUATE_TIME_FIELDS`: sampling, eval, calibration, ...); the model and
+  everything about the data come from `workdir`."""
   rc = config.reconstruct
   path = registry.absolute_path(rc.input)
   obs = read_coarse_file(path, rc.variable, rc.layout, rc.timestamps_key, rc.external_key)
-  saved, params, models, meta = train_lib.load_for_sampling(workdir)
-  if saved.get("ablation", "") == "noFG":
-    raise ValueError(f"{workdir} holds the noFG ablation, whose Diffusion-F was never trained; "
-                     "reconstruct with a DiffRecon workdir")
-  for key in ("eval", "sampling", "calibration"):
-    if key in config:
-      saved[key] = config[key]
-  _check_against_model(obs, meta, models, workdir)
-  history = int(meta["shapes"]["window"]) - 1
-  slices = reconstructable_slices(obs, history, workdir)
-  view = observed_task(obs, meta, pathlib.Path(path).stem)
-  method = DiffReconMethod(saved, params, models, clip_bounds(saved, models))
+
+  slices = []
+
+  def check(saved, models, meta):  # before any calibration is fitted: the input fits the model
+    if ablations.check(saved) == "noFG":
+      raise ValueError(f"{workdir} holds the noFG ablation, whose Diffusion-F was never "
+                       "trained; reconstruct with a DiffRecon workdir")
+    _check_against_model(obs, meta, models, workdir)
+    slices.extend(reconstructable_slices(obs, int(meta["shapes"]["window"]) - 1, workdir))
+
   # The calibration fitted when the workdir was evaluated; fitted here (on the validation split
   # of the training data the saved config names) when there is none for this sampler.
-  calibration_lib.attach(method, saved, workdir, lambda: pipeline.prepare_task(saved))
+  method, saved, meta = loading.from_workdir(workdir, config, check=check)
+  history = int(meta["shapes"]["window"]) - 1
+  slices = np.asarray(slices, np.int64)
+  view = observed_task(obs, meta, pathlib.Path(path).stem)
   t0 = time.perf_counter()
   pieces = evaluate_lib.contiguous_pieces(slices, int(saved.eval.get("chunk_slices", 0)))
   parts = [method.reconstruct(view, piece) for piece in pieces]

@@ -73,7 +73,8 @@ def _local_batch(config, task, models) -> tuple:
   """({"batch/<key>": this process's rows of one training batch, drawn as the train step draws
   it}, the sum of the whole batch's mask computed across processes)."""
   import jax
-  from diffrecon_jax import parallel, train
+  from diffrecon_jax import parallel
+  from diffrecon_jax.diffrecon import train
   from diffrecon_jax.data import pipeline
   mesh = parallel.make_mesh()
   spec = train.BatchSpec.from_task(config, task)
@@ -111,15 +112,16 @@ def main() -> None:
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
 
-  from diffrecon_jax import diffrecon
+  from diffrecon_jax.diffrecon import model
   from tests import _train_helpers as helpers
   if args.standins:
-    # Before `train` is imported: its load_for_sampling takes diffrecon.build_models as default.
-    diffrecon.build_models = helpers.standin_models
+    # Before `train` is imported: its load_for_sampling takes model.build_models as default.
+    model.build_models = helpers.standin_models
 
   import jax
   from absl import app, logging
-  from diffrecon_jax import evaluate, main as main_lib, train
+  from diffrecon_jax import evaluate, main as main_lib
+  from diffrecon_jax.diffrecon import train
 
   if args.kill_phase:
     _install_kill(args.kill_phase, args.kill_step, args.kill_process)

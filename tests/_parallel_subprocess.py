@@ -30,8 +30,10 @@ REAL_ADAM_EPS = 1e-3
 
 
 def run_layouts(name: str, models, config, task, compiles: list, out: dict) -> None:
-  from diffrecon_jax import diffrecon, parallel, train
-  params = jax.device_get(jax.jit(lambda k: diffrecon.init_params(models, task.shapes, k))(
+  from diffrecon_jax import parallel
+  from diffrecon_jax.diffrecon import model
+  from diffrecon_jax.diffrecon import train
+  params = jax.device_get(jax.jit(lambda k: model.init_params(models, task.shapes, k))(
       jax.random.PRNGKey(0)))
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     out[f"{name}/init" + jax.tree_util.keystr(path)] = np.asarray(leaf)
@@ -70,7 +72,7 @@ def main() -> None:
   parser.add_argument("--models", default="standins,real")
   args = parser.parse_args()
 
-  from diffrecon_jax import diffrecon
+  from diffrecon_jax.diffrecon import model
   from tests import _train_helpers as helpers
 
   compiles = []
@@ -87,7 +89,7 @@ def main() -> None:
       models = helpers.standin_models(config, task.scale)
     elif name == "real":
       config.train.adam_eps = REAL_ADAM_EPS
-      models = diffrecon.build_models_for_task(config, task)
+      models = model.build_models_for_task(config, task)
     else:
       raise ValueError(f"--models: unknown set {name!r}")
     run_layouts(name, models, config, task, compiles, out)

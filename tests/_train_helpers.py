@@ -80,14 +80,14 @@ class StandInF(nn.Module):
 def standin_models(config, scale, stats=None, aggregation="sum", prior=None):
   """`diffrecon.Models` with the stand-in denoisers and the config's schedule (plain fine
   target: the stand-ins test the training logic, not the residual parameterisation). Same
-  signature as `diffrecon.build_models`, so `train.load_for_sampling` takes it too."""
+  signature as `diffrecon.build_models`, so `loading.load_for_sampling` takes it too."""
   del stats, aggregation, prior
-  from diffrecon_jax import diffrecon, diffusion
+  from diffrecon_jax.diffrecon import model
+  from diffrecon_jax.models import diffusion
   d = config.diffusion
-  return diffrecon.Models(StandInC(), StandInF(scale=scale),
-                          diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start,
-                                                  d.beta_end),
-                          prediction=d.get("prediction", "eps"))
+  return model.Models(StandInC(), StandInF(scale=scale),
+                      diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start, d.beta_end),
+                      prediction=d.get("prediction", "eps"))
 
 
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -102,18 +102,18 @@ def _real_params(models_json: str, scale: int, shapes_json: str, seed: int):
   import dataclasses
   import json
   import jax
-  from diffrecon_jax import diffrecon, train
+  from diffrecon_jax.diffrecon import checkpoints, model
   config = tiny_config()
-  fields = train.config_from_json(models_json)
+  fields = checkpoints.config_from_json(models_json)
   config.model_c, config.model_f = fields.model_c, fields.model_f
   feeds = json.loads(models_json)["feeds"]
   # The residual targets change no parameter; the first-guess input channels do.
   config.diffusion.fine_residual = False
   config.diffusion.coarse_residual = False
-  models = dataclasses.replace(diffrecon.build_models(config, scale),
+  models = dataclasses.replace(model.build_models(config, scale),
                                coarse_residual=feeds[0], feed_prior_f=feeds[1])
   shapes = json.loads(shapes_json)
-  return jax.jit(lambda k: diffrecon.init_params(models, shapes, k))(jax.random.PRNGKey(seed))
+  return jax.jit(lambda k: model.init_params(models, shapes, k))(jax.random.PRNGKey(seed))
 
 
 def tiny_diffrecon(config=None, task=None, seed: int = 0):
@@ -122,18 +122,19 @@ def tiny_diffrecon(config=None, task=None, seed: int = 0):
   split (default `tiny_task()`). Untrained, so its samples are noisy and differ from each other:
   what the sampling-path tests need."""
   import json
-  from diffrecon_jax import diffrecon, diffrecon_method
+  from diffrecon_jax.diffrecon import model
+  from diffrecon_jax.diffrecon import method as diffrecon_method
   if config is None:
     config = tiny_config()
     config.sampling.steps = 3
     config.eval.batch_size = 8
   task = tiny_task() if task is None else task
-  models = diffrecon.build_models_for_task(config, task)
+  models = model.build_models_for_task(config, task)
   models_json = json.dumps({"model_c": config.model_c.to_dict(),
                             "model_f": config.model_f.to_dict(),
                             "feeds": [models.coarse_residual, models.feed_prior_f]},
                            sort_keys=True)
   params = _real_params(models_json, int(task.scale), json.dumps(task.shapes, sort_keys=True),
                         int(seed))
-  clip = diffrecon.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
+  clip = model.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
   return diffrecon_method.DiffReconMethod(config, params, models, clip)

@@ -78,7 +78,7 @@ def install_sigterm(phase: str, step: int) -> None:
   """Sends this process SIGTERM (as a spot VM's shutdown does) right after the compiled call
   that ends at `step` of `phase` has been dispatched: `train.check_finite` runs once per call
   with the step the call started from, so the signal arrives while training is mid-phase."""
-  from diffrecon_jax import train
+  from diffrecon_jax.diffrecon import train
   original = train.check_finite
 
   def check_finite(p, first_step, metrics):
@@ -109,7 +109,7 @@ def main() -> None:
 
   import jax
   from absl import logging
-  from diffrecon_jax import train
+  from diffrecon_jax.diffrecon import train
   from tests import _train_helpers as helpers
 
   logging.set_verbosity(logging.INFO)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from diffrecon_jax.configs import default
-from diffrecon_jax import ablations, diffrecon, evaluate
+from diffrecon_jax import evaluate, nofg
+from diffrecon_jax.diffrecon import ablations
+from diffrecon_jax.diffrecon import model
 from diffrecon_jax.baselines import supervised
 from tests import _train_helpers as helpers
 
@@ -64,7 +66,7 @@ def test_bad_ablation_settings_are_named(field, value, match):
   c.ablation = "noFG"
   c[field] = value
   with pytest.raises(ValueError, match=match):
-    ablations.check(c)
+    nofg.check_ablation(c)
 
 
 def test_an_ablation_needs_the_diffrecon_method():
@@ -84,8 +86,8 @@ def test_method_names():
 
 
 def _param_names(config, task) -> set:
-  models = diffrecon.build_models_for_task(config, task)
-  params = jax.eval_shape(lambda k: diffrecon.init_params(models, task.shapes, k),
+  models = model.build_models_for_task(config, task)
+  params = jax.eval_shape(lambda k: model.init_params(models, task.shapes, k),
                           jax.random.PRNGKey(0))
   return {"/".join(str(getattr(p, "key", p)) for p in path)
           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -119,9 +121,9 @@ def test_nofg_chains_diffusion_c_into_the_fine_network():
   b.steps, b.batch_size, b.log_every, b.srcnn_features = 3, 8, 0, (8, 4)
   task = helpers.tiny_task()
   diffc = helpers.tiny_diffrecon(config, task)
-  fine_net = ablations.fine_network(config)
+  fine_net = nofg.fine_network(config)
   assert isinstance(fine_net, supervised.SupervisedBaseline) and fine_net.train_patterns == ()
-  method = ablations.DiffCThenFine(diffc, fine_net, ablations.method_name(config))
+  method = nofg.DiffCThenFine(diffc, fine_net, ablations.method_name(config))
   mask = (np.random.RandomState(0).rand(*task.coarse_valid.shape) > 0.4).astype(np.float32)
   view = evaluate.observe(task, mask)
   lo, _ = task.split.range("val")

@@ -3,7 +3,7 @@ the bucket mocked by `etils.epath.testing.mock_epath` onto a local folder (no ne
 
 Every file the package writes goes through `diffrecon_jax.paths` (etils.epath); Orbax's array
 writes go through tensorstore, whose gs:// driver this test cannot reach, so its checkpoint
-manager alone is pointed at the mocked bucket's local folder (`train._manager`). The test then
+manager alone is pointed at the mocked bucket's local folder (`checkpoints.manager`). The test then
 checks that every file of the run is in the bucket and nothing was written under the current
 directory (a `gs:` folder there is what pathlib / open make of a bucket URI), and a static check
 that the run's modules write files only through the path layer.
@@ -20,7 +20,9 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from diffrecon_jax import console, paths, run, train
+from diffrecon_jax import console, paths, run
+
+from diffrecon_jax.diffrecon import checkpoints
 from diffrecon_jax.configs import custom as custom_config
 from diffrecon_jax.data import example_grid
 from tests.test_readme import SMOKE_OVERRIDES
@@ -63,9 +65,9 @@ def bucket(tmp_path, monkeypatch):
     for top, dirs, files in fn(local(p), **kwargs):
       yield back(top), dirs, files
 
-  real_manager = train._manager
+  real_manager = checkpoints.manager
   # Orbax's arrays go through tensorstore's own gs:// driver: its manager gets the local folder.
-  monkeypatch.setattr(train, "_manager", lambda workdir, *a, **k: real_manager(
+  monkeypatch.setattr(checkpoints, "manager", lambda workdir, *a, **k: real_manager(
       epath.Path(local(workdir)), *a, **k))
   fns = dict(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
              remove=one, rmtree=one, stat=one, rename=two, replace=two, copy=two, walk=walk,
@@ -118,8 +120,9 @@ def test_train_evaluate_reconstruct_with_a_bucket_workdir(bucket, tmp_path, monk
 
 # Modules that write a run's files (train, evaluate, reconstruct) and what must not appear in
 # them: file writes that bypass `paths` (etils.epath) and so cannot reach a bucket.
-RUN_MODULES = ("run.py", "evaluate.py", "train.py", "console.py", "calibration.py",
-               "provenance.py", "prior.py", "figures.py", "user_reconstruct.py", "main.py")
+RUN_MODULES = ("run.py", "evaluate.py", "diffrecon/train.py", "diffrecon/checkpoints.py",
+               "diffrecon/loading.py", "console.py", "diffrecon/calibration.py", "provenance.py",
+               "diffrecon/prior.py", "figures.py", "user_reconstruct.py", "main.py")
 # (Reading a user's input file stays local: only the outputs must reach a bucket.)
 BYPASSES = (r"\bnp\.savez?(_compressed)?\(", r"\.savefig\(", r"\bos\.replace\(",
             r"pathlib\.Path\((workdir|wd|folder|figures_dir)\)", r"\bopen\([^)]*[\"'][wa]",

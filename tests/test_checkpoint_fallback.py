@@ -13,7 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from diffrecon_jax import train
+from diffrecon_jax.diffrecon import train
+
+from diffrecon_jax.diffrecon import checkpoints
+
+from diffrecon_jax.diffrecon import loading
 from tests import _train_helpers as helpers
 
 STEPS = (2, 2, 4)
@@ -54,7 +58,7 @@ def trained(tmp_path_factory):
 
 
 def _load(workdir):
-  return train.load_for_sampling(str(workdir), build_models=helpers.standin_models)
+  return loading.load_for_sampling(str(workdir), build_models=helpers.standin_models)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -68,7 +72,7 @@ def test_resume_falls_back_to_the_previous_checkpoint(trained, tmp_path, caplog,
   text = caplog.text
   assert f"[joint] checkpoint {wd / 'joint' / '4'} cannot be read" in text, text
   assert "[joint] resuming from step 2/4" in text
-  moved = wd / train.DAMAGED_DIR / "joint" / "4"
+  moved = wd / checkpoints.DAMAGED_DIR / "joint" / "4"
   assert moved.is_dir() and f"moved the damaged checkpoint to {moved}" in text
   assert out["phases"]["joint"]["start_step"] == 2 and not out["phases"]["joint"]["skipped"]
   # steps 3-4 redone from step 2 reach the parameters of the undamaged run.
@@ -99,13 +103,13 @@ def test_no_readable_checkpoint_is_a_clear_error(trained, tmp_path):
   for phase in ("stage_c", "stage_f"):
     _truncate_meta(wd / phase / "2")
   _delete_array_file(wd / "joint" / "4")
-  with pytest.raises(train.CheckpointError) as err:
+  with pytest.raises(checkpoints.CheckpointError) as err:
     _load(wd)
   msg = str(err.value)
   assert "\n" not in msg and msg.startswith(f"checkpoint {wd / 'joint' / '4'} is damaged (")
   assert "delete that step directory" in msg and "retrain" in msg
   # Resuming: stage_c has no readable step at all: delete the phase directory.
-  with pytest.raises(train.CheckpointError) as err:
+  with pytest.raises(checkpoints.CheckpointError) as err:
     _train(wd)
   msg = str(err.value)
   assert "\n" not in msg and msg.startswith(f"checkpoint {wd / 'stage_c' / '2'} is damaged (")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from diffrecon_jax import evaluate
-from diffrecon_jax.baselines import climatology as cl
+from diffrecon_jax.baselines.climatology import ClimatologyBaseline
+from diffrecon_jax.data import climatology as cl
 from diffrecon_jax.data import coarsen, nyc_dsan, patterns, pipeline, time_axis
 
 T0 = np.datetime64("2016-01-01T00:00", "m")  # a Friday
@@ -188,7 +189,7 @@ def test_exact_on_synthetic_periodic_series(aggregation, varying_level, weekly_s
   view = make_view(obs, mask, ts, 30, 2, aggregation, fine[:n_train])
   # A level that changes every slice is exact from the slice alone; a steady one also through
   # the window of earlier slices.
-  method = cl.ClimatologyBaseline(level_window=0 if varying_level else 6)
+  method = ClimatologyBaseline(level_window=0 if varying_level else 6)
   sl = np.arange(n_train + 10, len(ts))
   rec = method.reconstruct(view, sl)
   assert rec["samples"] is None and rec["coarse"].dtype == rec["fine"].dtype == np.float32
@@ -210,8 +211,8 @@ def test_gaps_do_not_move_slots():
   keep = np.concatenate([np.arange(n_train), kept])
   full = make_view(obs, mask, ts, 30, 2, "sum", fine[:n_train])
   gapped = make_view(obs[keep], mask[keep], ts[keep], 30, 2, "sum", fine[:n_train])
-  a = cl.ClimatologyBaseline(level_window=0).reconstruct(full, kept)
-  b = cl.ClimatologyBaseline(level_window=0).reconstruct(gapped, np.arange(n_train, len(keep)))
+  a = ClimatologyBaseline(level_window=0).reconstruct(full, kept)
+  b = ClimatologyBaseline(level_window=0).reconstruct(gapped, np.arange(n_train, len(keep)))
   np.testing.assert_array_equal(a["coarse"], b["coarse"])
   np.testing.assert_array_equal(a["fine"], b["fine"])
   # Index arithmetic would have put these slices in other slots.
@@ -226,7 +227,7 @@ def test_never_reads_hidden_values(nytaxi_task, junk):
   mask, _ = evaluate.eval_mask(task, patterns.parse_pattern("random:0.6"), base_seed=0)
   lo = task.split.val_start
   sl = np.arange(lo, lo + 200)  # the window of the first slices reaches into train
-  clean = cl.ClimatologyBaseline().reconstruct(task_view(task, mask), sl)
+  clean = ClimatologyBaseline().reconstruct(task_view(task, mask), sl)
   rng = np.random.default_rng(5)
   value = {"big": lambda shape: np.full(shape, 1e6, np.float32),
            "nan": lambda shape: np.full(shape, np.nan, np.float32),
@@ -239,7 +240,7 @@ def test_never_reads_hidden_values(nytaxi_task, junk):
   s = task.series
   view = make_view(coarse_obs, mask, s.timestamps, s.interval_minutes, task.scale, s.aggregation,
                    fine[:lo], fine=fine)
-  dirty = cl.ClimatologyBaseline().reconstruct(view, sl)
+  dirty = ClimatologyBaseline().reconstruct(view, sl)
   np.testing.assert_array_equal(dirty["coarse"], clean["coarse"])
   np.testing.assert_array_equal(dirty["fine"], clean["fine"])
 
@@ -254,7 +255,7 @@ def test_fine_pools_to_coarse_and_observed_cells_are_kept(nytaxi_task, aggregati
   view = make_view(obs, mask, s.timestamps, s.interval_minutes, task.scale, aggregation,
                    task.fine_phys[:task.split.val_start])
   sl = np.arange(task.split.test_start, task.split.test_start + 300)
-  rec = cl.ClimatologyBaseline().reconstruct(view, sl)
+  rec = ClimatologyBaseline().reconstruct(view, sl)
   assert rec["coarse"].shape == (300, 8, 6, 2) and rec["fine"].shape == (300, 16, 12, 2)
   assert np.isfinite(rec["fine"]).all()
   seen = np.broadcast_to(mask[sl][..., None] > 0, rec["coarse"].shape)
@@ -267,7 +268,7 @@ def test_fine_pools_to_coarse_and_observed_cells_are_kept(nytaxi_task, aggregati
 def test_climatology_is_fitted_once_per_training_split(nytaxi_task):
   task = nytaxi_task
   mask, _ = evaluate.eval_mask(task, patterns.parse_pattern("fixed:0.2"), base_seed=0)
-  method = cl.ClimatologyBaseline()
+  method = ClimatologyBaseline()
   view = task_view(task, mask)
   first = method.fit(view)
   assert method.fit(view) is first

@@ -1,4 +1,4 @@
-"""The calendar table chosen by data (baselines/climatology_choice.py) and DiffRecon's prior
+"""The calendar table chosen by data (calendar_choice.py) and DiffRecon's prior
 scored alone (prior_method.py): the blend is the week pulled towards the day by a pseudo-count,
 the choice is the lowest validation MAE and never reads the test split, and the `prior` method
 is the model's first guesses exactly, with observed cells kept and fine maps that pool."""
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from diffrecon_jax import evaluate
-from diffrecon_jax import prior as prior_lib
+from diffrecon_jax.diffrecon import prior as prior_lib
 from diffrecon_jax import run
-from diffrecon_jax.baselines import climatology as cl
-from diffrecon_jax.baselines import climatology_choice as choice
+from diffrecon_jax.baselines.climatology import ClimatologyBaseline, prepare_reference
+from diffrecon_jax.data import climatology as cl
+from diffrecon_jax import calendar_choice as choice
 from diffrecon_jax.data import coarsen, nyc_dsan, patterns, pipeline
-from diffrecon_jax.prior_method import PriorMethod
+from diffrecon_jax.diffrecon.prior_method import PriorMethod
 
 HISTORY = 3
 PATTERNS = ("fixed:0.6", "random:0.4")
@@ -52,7 +53,7 @@ def test_week_slots_without_data_take_the_day_slot_mean():
   with pytest.raises(ValueError, match="blend:K"):
     cl.fit_climatology(x, ts, 60, "fortnight")
   with pytest.raises(ValueError, match="blend:K"):
-    cl.ClimatologyBaseline(table="blend:-1")
+    ClimatologyBaseline(table="blend:-1")
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,8 @@ def test_resolve_table_fixed_auto_and_reference(task):
   assert choice.resolve_table(_config("day"), task)["table"] == "day"
   with pytest.raises(ValueError, match="blend:K"):
     choice.resolve_table(_config("weekly"), task)
-  ref = cl.ClimatologyBaseline()
-  choice.prepare_reference(ref, _config("blend:2"), task)
+  ref = ClimatologyBaseline()
+  prepare_reference(ref, _config("blend:2"), task)
   assert ref.table == "blend:2" and ref.calendar_table["chosen_by"].startswith("config")
   doc = evaluate.results_document(task, ref, [{"pattern": "fixed", "missing_ratio": 0.6,
                                                "n_test_slices": 1, "seconds": 1.0,

@@ -170,7 +170,7 @@ def test_console_filter_keeps_project_lines_and_warnings():
 def test_a_long_phase_shows_about_ten_progress_lines_and_records_every_window(tmp_path,
                                                                             monkeypatch):
   from etils import epath
-  from diffrecon_jax import train
+  from diffrecon_jax.diffrecon import train
   calls = []
   monkeypatch.setattr(train.logging, "info",
                       lambda msg, *args, **kw: calls.append((args[1], kw.get("extra"))))

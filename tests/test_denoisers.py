@@ -1,4 +1,4 @@
-"""Tests for diffrecon_jax.models.denoisers (Diffusion-C and Diffusion-F noise predictors)."""
+"""Tests for diffrecon_jax.diffrecon.denoisers (Diffusion-C and Diffusion-F noise predictors)."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from diffrecon_jax import diffusion
-from diffrecon_jax.models.denoisers import DiffusionCNet, DiffusionFNet
+from diffrecon_jax.models import diffusion
+from diffrecon_jax.diffrecon.denoisers import DiffusionCNet, DiffusionFNet
 from tests.test_unet import numpy_init
 
 TINY_C = dict(base_channels=8, emb_dim=16, d_model=16, num_heads=2, num_layers=1, ff_dim=16,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from diffrecon_jax.configs import default
-from diffrecon_jax import diffrecon, diffusion
+from diffrecon_jax.diffrecon import model
+from diffrecon_jax.models import diffusion
 from diffrecon_jax.data import coarsen, nyc_dsan, pipeline
 
 
@@ -19,13 +20,13 @@ def test_uniform_fine_base_plus_block_mean_zero_residual_pools_to_the_coarse_map
     series = dataclasses.replace(nyc_dsan.load_nytaxi().slice_time(0, 80), aggregation=agg)
     task = pipeline.build_task(series, 2, 2)
     coarse = task.coarse[40:44]
-    base = np.asarray(diffrecon.uniform_fine_base(coarse, stats=task.stats, scale=2,
+    base = np.asarray(model.uniform_fine_base(coarse, stats=task.stats, scale=2,
                                                  aggregation=agg))
     # the base alone is the interp upsampling of the coarse map, in normalised fine units
     np.testing.assert_allclose(
         task.fine_norm.inverse(base),
         coarsen.upsample_uniform(task.coarse_phys[40:44], 2, agg), rtol=1e-4, atol=1e-3)
-    r = np.asarray(diffrecon.block_mean_zero(
+    r = np.asarray(model.block_mean_zero(
         np.random.default_rng(0).normal(size=base.shape).astype(np.float32), 2))
     fine_phys = task.fine_norm.inverse(base + r)
     np.testing.assert_allclose(coarsen.coarsen(fine_phys, 2, agg), task.coarse_phys[40:44],
@@ -35,29 +36,29 @@ def test_uniform_fine_base_plus_block_mean_zero_residual_pools_to_the_coarse_map
 
 def test_x0_clip_bound_is_a_factor_of_the_largest_train_value():
   values = np.array([[-3.0, 1.0], [2.5, 0.0]])
-  assert diffrecon.x0_clip_bound(1.2, values) == pytest.approx(3.6)
-  assert diffrecon.x0_clip_bound(0.0, values) is None
+  assert model.x0_clip_bound(1.2, values) == pytest.approx(3.6)
+  assert model.x0_clip_bound(0.0, values) is None
 
 
 def test_sampling_settings_come_from_the_sampling_section_alone():
   config = default.get_config()
-  s = diffrecon.SamplingSettings.from_config(config.sampling, config.diffusion.num_steps)
+  s = model.SamplingSettings.from_config(config.sampling, config.diffusion.num_steps)
   assert (s.sampler, s.steps, s.eta, s.n_samples, s.consistent) == ("ddim", 4, 1.0, 4, True)
   assert s.describe() == {"name": "ddim", "steps": 4, "n_samples": 4, "eta": 1.0,
                           "point": "posterior_mean", "ensemble": "members"}
   config.sampling.sampler = "ddpm"
-  s = diffrecon.SamplingSettings.from_config(config.sampling, 50)
+  s = model.SamplingSettings.from_config(config.sampling, 50)
   assert s.steps == 50 and "eta" not in s.describe()  # DDPM always takes the T training steps
   config.sampling.sampler = "euler"
   with pytest.raises(ValueError, match="sampling.sampler"):
-    diffrecon.SamplingSettings.from_config(config.sampling, 50)
+    model.SamplingSettings.from_config(config.sampling, 50)
   config.sampling.sampler = "ddim"
   config.sampling.ensemble = "independent"
   with pytest.raises(ValueError, match="sampling.ensemble"):
-    diffrecon.SamplingSettings.from_config(config.sampling, 50)
+    model.SamplingSettings.from_config(config.sampling, 50)
   config.sampling.ensemble, config.sampling.n_samples = "members", 1
   with pytest.raises(ValueError, match="n_samples >= 2"):
-    diffrecon.SamplingSettings.from_config(config.sampling, 50)
+    model.SamplingSettings.from_config(config.sampling, 50)
 
 
 # ---- x0 prediction: the sampler's noise derived from it, and the one-pass posterior mean -------
@@ -84,35 +85,35 @@ def test_x0_prediction_samples_the_data_and_its_posterior_mean_is_the_mean():
   point that minimises the squared error, with none of a sample's spread."""
   schedule = diffusion.make_schedule("cosine", 200)
   net = GaussianX0(tuple(np.asarray(schedule.alpha_bars).tolist()))
-  models = diffrecon.Models(c=net, f=net, schedule=schedule, prediction="x0")
+  models = model.Models(c=net, f=net, schedule=schedule, prediction="x0")
   shape = (500, 4, 4, 1)
-  settings = diffrecon.SamplingSettings(sampler="ddim", steps=200, eta=1.0, n_samples=1,
+  settings = model.SamplingSettings(sampler="ddim", steps=200, eta=1.0, n_samples=1,
                                         point="posterior_mean")
-  out = diffrecon._sample(models, net, {}, {}, shape, jax.random.PRNGKey(0), settings, None)
+  out = model._sample(models, net, {}, {}, shape, jax.random.PRNGKey(0), settings, None)
   x = np.asarray(out["samples"])
   assert abs(x.mean() - MU) < 0.02 and abs(x.std() - SIGMA) < 0.02, (x.mean(), x.std())
-  mean = np.asarray(diffrecon.posterior_mean(models, net, {}, {}, shape))
+  mean = np.asarray(model.posterior_mean(models, net, {}, {}, shape))
   np.testing.assert_allclose(mean, MU, atol=2e-3)
   eps_models = dataclasses.replace(models, prediction="eps")
   with pytest.raises(ValueError, match="prediction='x0'"):
-    diffrecon.posterior_mean(eps_models, net, {}, {}, shape)
+    model.posterior_mean(eps_models, net, {}, {}, shape)
 
 
 def test_point_loss_is_absolute_at_the_last_step_only():
   """x0-predictor with point_loss "l1": the row at tau = T - 1 counts |err|, the others err^2
   (hand-computed); "l2" and eps-predictors keep the squared error everywhere."""
   schedule = diffusion.make_schedule("quad", 10)
-  models = diffrecon.Models(c=None, f=None, schedule=schedule, prediction="x0", point_loss="l1")
+  models = model.Models(c=None, f=None, schedule=schedule, prediction="x0", point_loss="l1")
   out = jnp.array([[3.0, -1.0], [3.0, -1.0]])
   x0 = jnp.zeros((2, 2))
   tau = jnp.array([9, 4])
-  got = float(diffrecon.stage_loss(models, out, x0, x0, tau))
+  got = float(model.stage_loss(models, out, x0, x0, tau))
   assert got == pytest.approx(((3 + 1) + (9 + 1)) / 4)
   # hidden-cell weights: only the second column counts
   w = jnp.array([[0.0, 1.0], [0.0, 1.0]])
-  assert float(diffrecon.stage_loss(models, out, x0, x0, tau, w)) == pytest.approx((1 + 1) / 2)
+  assert float(model.stage_loss(models, out, x0, x0, tau, w)) == pytest.approx((1 + 1) / 2)
   l2 = dataclasses.replace(models, point_loss="l2")
-  assert float(diffrecon.stage_loss(l2, out, x0, x0, tau)) == pytest.approx((9 + 1) * 2 / 4)
+  assert float(model.stage_loss(l2, out, x0, x0, tau)) == pytest.approx((9 + 1) * 2 / 4)
   eps = dataclasses.replace(models, prediction="eps")
-  assert float(diffrecon.stage_loss(eps, out, x0, jnp.ones((2, 2)), tau)) == pytest.approx(
+  assert float(model.stage_loss(eps, out, x0, jnp.ones((2, 2)), tau)) == pytest.approx(
       (4 + 4 + 4 + 4) / 4)

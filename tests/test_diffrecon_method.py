@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax import diffrecon, diffrecon_method, evaluate
+from diffrecon_jax import batching, evaluate
+from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import method as diffrecon_method
 from diffrecon_jax.data import coarsen, pipeline
 from tests import _train_helpers as helpers
 
@@ -20,7 +22,7 @@ def _method(workers: int, batch: int = 8):
   config.sampling.steps = 3
   task = helpers.tiny_task()
   models = helpers.standin_models(config, task.scale)
-  params = diffrecon.init_params(models, task.shapes, jax.random.key(0))
+  params = model.init_params(models, task.shapes, jax.random.key(0))
   return diffrecon_method.DiffReconMethod(config, params, models), task
 
 
@@ -51,13 +53,13 @@ def test_concurrent_batches_give_the_same_reconstruction():
 def test_concurrent_batches_setting():
   config = helpers.tiny_config()
   config.eval.concurrent_batches = 0
-  assert diffrecon_method.concurrent_batches(config) == (
+  assert batching.concurrent_batches(config) == (
       2 if jax.default_backend() == "cpu" else 1)
   config.eval.concurrent_batches = 3
-  assert diffrecon_method.concurrent_batches(config) == 3
+  assert batching.concurrent_batches(config) == 3
   config.eval.concurrent_batches = -1
   with pytest.raises(ValueError, match="concurrent_batches"):
-    diffrecon_method.concurrent_batches(config)
+    batching.concurrent_batches(config)
 
 
 @pytest.mark.parametrize("n,max_batch,workers,want", [
@@ -69,11 +71,11 @@ def test_concurrent_batches_setting():
     (100, 4, 2, 4),        # never above the configured maximum
 ])
 def test_balanced_batch_size(n, max_batch, workers, want):
-  size = diffrecon_method.balanced_batch_size(n, max_batch, workers)
+  size = batching.balanced_batch_size(n, max_batch, workers)
   assert size == want
   assert size <= max_batch
   with pytest.raises(ValueError):
-    diffrecon_method.balanced_batch_size(0, max_batch, workers)
+    batching.balanced_batch_size(0, max_batch, workers)
 
 
 # ---- exact pooling on the real sampling path ---------------------------------------------------
@@ -156,10 +158,10 @@ def test_stage_one_completes_hidden_cells_from_the_observed_ones():
   config.eval.batch_size = 8
   task = helpers.tiny_task()
   standins = helpers.standin_models(config, task.scale)
-  models = diffrecon.Models(
+  models = model.Models(
       c=TiedCellsC(tuple(np.asarray(standins.schedule.alpha_bars).tolist())), f=standins.f,
       schedule=standins.schedule)
-  params = {"c": {}, "f": diffrecon.init_params(standins, task.shapes,
+  params = {"c": {}, "f": model.init_params(standins, task.shapes,
                                                 jax.random.PRNGKey(0))["f"]}
   method = diffrecon_method.DiffReconMethod(config, params, models)
   t, (i, j), c = 24, task.coarse_shape, task.channels

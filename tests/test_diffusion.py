@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax import diffusion
+from diffrecon_jax.models import diffusion
 
 MU, SIGMA = 1.5, 0.5  # data distribution N(MU, SIGMA^2) per cell for the analytic denoiser
 

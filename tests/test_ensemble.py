@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax import calibration, diffusion, evaluate, metrics
+from diffrecon_jax import evaluate, metrics
+from diffrecon_jax.diffrecon import calibration
+from diffrecon_jax.models import diffusion
 from diffrecon_jax.data import coarsen
 from tests import _train_helpers as helpers
 

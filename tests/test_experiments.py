@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from diffrecon_jax.configs import nytaxi
-from diffrecon_jax import comparison, experiments, run, train
+from diffrecon_jax import comparison, experiments, run
+from diffrecon_jax.diffrecon import checkpoints
+from diffrecon_jax.diffrecon import loading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -167,8 +169,8 @@ def test_phases_taken_from_diffrecon_equal_training_them(smoke_run, tmp_path):
   c = experiments.method_config(experiments.smoke_config(nytaxi.get_config()),
                                 "diffrecon-noJoint")
   run.run(c, str(tmp_path / "fresh"), "train")
-  fresh = train.load_for_sampling(str(tmp_path / "fresh"))[1]
-  copied = train.load_for_sampling(str(workdir / "diffrecon-noJoint"))[1]
+  fresh = loading.load_for_sampling(str(tmp_path / "fresh"))[1]
+  copied = loading.load_for_sampling(str(workdir / "diffrecon-noJoint"))[1]
   for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(copied)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -195,7 +197,7 @@ def test_training_on_the_evaluations_own_layout(tmp_path):
   evaluated = np.load(tmp_path / "diffrecon" / "layout" / "fixed_0.4_seed0" / "masks" /
                       "fixed_0.4.npz")["mask"]
   np.testing.assert_array_equal(np.broadcast_to(layout, evaluated.shape), evaluated)
-  saved = train.config_from_json(
+  saved = checkpoints.config_from_json(
       (tmp_path / "diffrecon" / "layout" / "train_fixed_0.4_seed0" / "config.json").read_text())
   assert tuple(saved.patterns.train) == (trained[0],)
   assert [e["trained_on"] for e in out["docs"]["srcnn"][0]["results"]] == trained

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 import pytest
 
-from diffrecon_jax import train
+
+from diffrecon_jax.diffrecon import loading
 from tests import _train_helpers as helpers
 from tests import test_readme
 
@@ -233,7 +234,7 @@ def test_checkpoints_are_written_jointly_and_read_by_one_process(runs):
       "stage_c": [2, 4], "stage_f": [2, 4], "joint": [4, 6]}
   assert all(_tmp_dirs(wd / p) == [] for p in PHASES)
   build = {} if SLOW else {"build_models": helpers.standin_models}
-  _, ema, _, meta = train.load_for_sampling(wd, **build)
+  _, ema, _, meta = loading.load_for_sampling(wd, **build)
   assert meta["phase"] == "joint" and meta["finished"] and meta["step"] == 6
   ref = _out(root, "one", 0)[0]
   for path, leaf in jax.tree_util.tree_leaves_with_path(ema):

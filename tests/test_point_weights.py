@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from diffrecon_jax import calibration, evaluate
-from diffrecon_jax.prior_method import PriorMethod
+from diffrecon_jax import evaluate
+from diffrecon_jax.diffrecon import calibration
+from diffrecon_jax.diffrecon.prior_method import PriorMethod
 from tests import _train_helpers as helpers
 
 

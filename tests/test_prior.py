@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax import diffrecon
+from diffrecon_jax.diffrecon import model
 from diffrecon_jax import evaluate
-from diffrecon_jax import prior as prior_lib
-from diffrecon_jax.baselines import climatology as cl
+from diffrecon_jax.diffrecon import prior as prior_lib
+from diffrecon_jax.baselines.climatology import ClimatologyBaseline
+from diffrecon_jax.data import climatology as cl
 from diffrecon_jax.data import coarsen, nyc_dsan, patterns, pipeline
-from diffrecon_jax.models import denoisers
+from diffrecon_jax.diffrecon import denoisers
 
 HISTORY = 3
 
@@ -40,7 +41,7 @@ def test_coarse_guess_is_the_climatology_baselines_completion(task):
   guess = prior_lib.coarse_guess(prior, jnp.asarray(view.coarse_obs_norm[idx]),
                                  jnp.asarray(view.mask[idx]), jnp.asarray(slots[idx]))
   # The baseline with its level window equal to the model's history: the same statistic.
-  base = cl.ClimatologyBaseline(level_window=HISTORY).reconstruct(view, slices)
+  base = ClimatologyBaseline(level_window=HISTORY).reconstruct(view, slices)
   np.testing.assert_allclose(task.coarse_norm.inverse(np.asarray(guess)), base["coarse"],
                              rtol=1e-4, atol=1e-2)
   # observed cells keep their values exactly (to float precision)
@@ -171,11 +172,11 @@ def test_own_cell_level_leaves_never_observed_cells_at_the_maps_level(task):
 def test_build_models_asks_for_the_prior_when_the_config_uses_it():
   from diffrecon_jax.configs import default
   config = default.get_config()
-  assert diffrecon.uses_prior(config)
+  assert model.uses_prior(config)
   with pytest.raises(ValueError, match="climatology prior"):
-    diffrecon.build_models(config, 2, {"fine": {}, "coarse": {}})
+    model.build_models(config, 2, {"fine": {}, "coarse": {}})
   paper = default.get_config("paper")
-  assert not diffrecon.uses_prior(paper)
+  assert not model.uses_prior(paper)
   assert paper.model_c.location_dim == 0 and paper.diffusion.fine_base == "uniform"
 
 
@@ -267,9 +268,9 @@ def test_clip_bounds_from_the_prior_equal_the_train_splits_largest_residual(task
   prior = prior_lib.fit_prior(task, per_cell=True)
   from diffrecon_jax.configs import default
   config = default.get_config()
-  models = diffrecon.build_models(config, task.scale, task.stats, task.series.aggregation, prior)
-  assert not diffrecon.clip_bounds_need_train_split(models)
-  coarse_bound, fine_bound = diffrecon.x0_clip_bounds(1.0, models)
+  models = model.build_models(config, task.scale, task.stats, task.series.aggregation, prior)
+  assert not model.clip_bounds_need_train_split(models)
+  coarse_bound, fine_bound = model.x0_clip_bounds(1.0, models)
   lo, hi = task.split.range("train")
   slots = jnp.asarray(prior.slots(task.series.timestamps[lo:hi]))
   residual = (task.fine[lo:hi] - np.asarray(prior_lib.fine_base(
@@ -277,9 +278,9 @@ def test_clip_bounds_from_the_prior_equal_the_train_splits_largest_residual(task
   assert fine_bound == pytest.approx(float(np.abs(residual).max()), rel=1e-4)
   assert coarse_bound == pytest.approx(prior.residual_absmax_c)
   paper = default.get_config("paper")
-  models = diffrecon.build_models(paper, task.scale, task.stats, task.series.aggregation)
-  assert diffrecon.clip_bounds_need_train_split(models)
+  models = model.build_models(paper, task.scale, task.stats, task.series.aggregation)
+  assert model.clip_bounds_need_train_split(models)
   with pytest.raises(ValueError, match="train split"):
-    diffrecon.x0_clip_bounds(1.0, models)
-  coarse_bound, _ = diffrecon.x0_clip_bounds(1.0, models, task)
+    model.x0_clip_bounds(1.0, models)
+  coarse_bound, _ = model.x0_clip_bounds(1.0, models, task)
   assert coarse_bound == pytest.approx(float(np.abs(task.coarse[lo:hi]).max()))

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from diffrecon_jax import train
+
+from diffrecon_jax.diffrecon import loading
 from tests import _train_helpers as helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_rerun_of_finished_training_skips_every_phase(runs):
 def test_load_for_sampling_takes_the_newest_finished_phase(runs):
   root, _, _ = runs
   build = {} if SLOW else {"build_models": helpers.standin_models}
-  config, ema, _, meta = train.load_for_sampling(root / "crash", **build)
+  config, ema, _, meta = loading.load_for_sampling(root / "crash", **build)
   assert meta["phase"] == "joint" and meta["finished"] and meta["step"] == 6
   assert config.train.steps_joint == 6 and config.model_c.channel_mults == (1,)
   assert set(meta["stats"]) == {"fine", "coarse"} and meta["shapes"]["scale"] == 2
@@ -168,7 +169,7 @@ def test_load_for_sampling_takes_the_newest_finished_phase(runs):
     np.testing.assert_allclose(np.asarray(leaf), ref["ema" + jax.tree_util.keystr(path)],
                                rtol=1e-5, atol=1e-6)
   # Killed mid-joint: joint is unfinished, so the finished stage_f is used.
-  _, _, _, meta = train.load_for_sampling(root / "crash_copy", **build)
+  _, _, _, meta = loading.load_for_sampling(root / "crash_copy", **build)
   assert meta["phase"] == "stage_f" and meta["finished"] and meta["step"] == 4
   with pytest.raises(FileNotFoundError, match="no finished training phase"):
-    train.load_for_sampling(root / "empty", **build)
+    loading.load_for_sampling(root / "empty", **build)

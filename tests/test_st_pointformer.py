@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax.models.grid_stack import stack_to_grid, stacked_channels
-from diffrecon_jax.models.st_pointformer import (STPointFormer, blockwise_attention,
+from diffrecon_jax.diffrecon.grid_stack import stack_to_grid, stacked_channels
+from diffrecon_jax.diffrecon.st_pointformer import (STPointFormer, blockwise_attention,
                                                  manual_attention)
 
 

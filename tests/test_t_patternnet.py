@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax.models.t_patternnet import (TPatternNet, TimesBlock, candidate_periods,
+from diffrecon_jax.diffrecon.t_patternnet import (TPatternNet, TimesBlock, candidate_periods,
                                                detect_periods, fft_period_weights, period_groups)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffrecon_jax import diffrecon, parallel, train
+from diffrecon_jax import parallel
+
+from diffrecon_jax.diffrecon import checkpoints
+from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import train
 from tests import _train_helpers as helpers
 
 
@@ -30,7 +34,7 @@ def joint_setup():
   task = helpers.tiny_task()
   models = helpers.standin_models(config, task.scale)
   mesh = parallel.make_mesh()
-  params = jax.jit(lambda k: diffrecon.init_params(models, task.shapes, k))(jax.random.PRNGKey(0))
+  params = jax.jit(lambda k: model.init_params(models, task.shapes, k))(jax.random.PRNGKey(0))
   opt = train.make_optimizer("joint", config.train)
   spec = train.BatchSpec.from_task(config, task)
   joint = train.joint_settings(config, task, models)
@@ -86,11 +90,11 @@ def test_complete_current_fills_only_missing_current_cells():
   mask = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 3, 8, 6)) > 0.5, jnp.float32)
   x0_hat = jnp.full((2, 8, 6, 2), 7.0)
   batch = {"coarse": window, "obs": window * mask[..., None], "mask": mask}
-  out = diffrecon.complete_current(batch, x0_hat)
+  out = model.complete_current(batch, x0_hat)
   np.testing.assert_array_equal(out[:, :-1], window[:, :-1])  # history stays pseudo-complete.
   m = mask[:, -1, ..., None]
   np.testing.assert_allclose(out[:, -1], m * window[:, -1] + (1 - m) * 7.0)
-  clipped = diffrecon.complete_current(batch, x0_hat, clip=5.0)
+  clipped = model.complete_current(batch, x0_hat, clip=5.0)
   np.testing.assert_allclose(clipped[:, -1], m * window[:, -1] + (1 - m) * 5.0)
 
 
@@ -126,7 +130,7 @@ def test_chunks_end_on_checkpoint_and_log_steps():
 
 def test_config_round_trips_through_json():
   config = helpers.tiny_config()
-  back = train.config_from_json(config.to_json())
+  back = checkpoints.config_from_json(config.to_json())
   assert back.model_c.channel_mults == (1,)
   assert back.patterns.train == tuple(config.patterns.train)
   assert back.train.steps_joint == config.train.steps_joint
@@ -159,7 +163,7 @@ def test_file_training_patterns_reach_the_compiled_step(tmp_path):
 
   models = helpers.standin_models(config, task.scale)
   mesh = parallel.make_mesh()
-  params = diffrecon.init_params(models, task.shapes, jax.random.PRNGKey(0))
+  params = model.init_params(models, task.shapes, jax.random.PRNGKey(0))
   opt = train.make_optimizer("stage_c", config.train)
   step_fn = train.make_train_step("stage_c", models, opt, config.train, spec, mesh, 1,
                                   sample_batch=recording_sampler)

@@ -45,9 +45,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffrecon_jax import diffusion
+from diffrecon_jax.models import diffusion
 from diffrecon_jax.baselines import interp, supervised
-from diffrecon_jax.data import coarsen as coarsen_lib
 from diffrecon_jax.models.unet import UNet
 
 Array = jax.Array
@@ -349,7 +348,7 @@ def build(config) -> DiffUFlowMethod:
   """DiffUFlow with its fields from `config.diffuflow` (steps -1: `config.train.steps_f`), seed
   `config.seed`, training patterns `config.patterns.train` (when `train_masked`) and batches run
   at once as DiffRecon's sampler (`eval.concurrent_batches`)."""
-  from diffrecon_jax.diffrecon_method import concurrent_batches
+  from diffrecon_jax.batching import concurrent_batches
   d = config.diffuflow
   return DiffUFlowMethod(
       features=int(d.features), base_channels=int(d.base_channels),

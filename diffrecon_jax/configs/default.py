@@ -209,7 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.climatology.table = "auto"      # ours (issue: the strongest calendar reference): "auto"
                                     # scores the slot of the day, of the week and their
                                     # shrinkage blends on the validation split and keeps the
-                                    # best (baselines/climatology_choice.py); "day", "week" or
+                                    # best (calendar_choice.py); "day", "week" or
                                     # "blend:K" fixes it. The prior uses the same table.
 
   # ---- recalibration of the ensemble (calibration.py), fitted on the VALIDATION split ----

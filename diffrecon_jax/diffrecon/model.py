@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffrecon_jax import diffusion
-from diffrecon_jax import prior as prior_lib
-from diffrecon_jax.baselines import climatology_choice
+from diffrecon_jax.models import diffusion
+from diffrecon_jax.diffrecon import prior as prior_lib
+from diffrecon_jax import calendar_choice
 
 Array = jax.Array
 # Training phases in order (Sec. IV-E): pre-train each stage, then train both jointly.
@@ -116,7 +116,7 @@ def build_models(config: ml_collections.ConfigDict, scale: int, stats: Optional[
   residual over the prior's first guess. `prior` (`prior.fit_prior` of the task, or loaded from
   a workdir) is required when `uses_prior(config)`.
   """
-  from diffrecon_jax.models import denoisers  # local: the model zoo is heavy to import.
+  from diffrecon_jax.diffrecon import denoisers  # local: the model zoo is heavy to import.
   d = config.diffusion
   schedule = diffusion.make_schedule(d.schedule, int(d.num_steps), float(d.beta_start),
                                      float(d.beta_end))
@@ -168,7 +168,7 @@ def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
       local_sigma=float(d.get("guess_local_sigma", 0.0)),
       local_shrink=float(d.get("guess_local_shrink", 1.0)),
       slot_sigma_minutes=float(d.get("prior_slot_sigma_minutes", 0.0)),
-      table=climatology_choice.resolve_table(config, task)["table"]
+      table=calendar_choice.resolve_table(config, task)["table"]
   ) if uses_prior(config) else None
   return build_models(config, task.scale, task.stats, task.series.aggregation, prior)
 

@@ -13,14 +13,14 @@ DiffRecon itself; nothing is a copy of the model code:
     (`config.ablation_fine_network`: srcnn, urbanfm, ... any of `supervised.NETWORKS`), trained
     on the complete coarse maps of the train split and applied to Diffusion-C's completion
     (`DiffCThenFine`). Only Diffusion-C is trained (steps_f = steps_joint = 0); the paper calls
-    these DiffC-SRCNN, DiffC-UrbanFM, DiffC-FODE and DiffC-STCF.
+    these DiffC-SRCNN, DiffC-UrbanFM, DiffC-FODE and DiffC-STCF. The composed method lives
+    above the model and the baselines (`nofg.py`): this package imports no baseline.
 `apply` changes fields to values computed from the *given* config, so it is called once on the
 user's config per run (`run.run`); the checkpoint keeps the applied config, which evaluation reads.
 """
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 
 ABLATIONS = ("noPre", "noJoint", "noSTPointFormer", "noTPatternNet", "noFG")
 
@@ -33,12 +33,6 @@ def check(config: ml_collections.ConfigDict) -> str:
   if name and config.method != "diffrecon":
     raise ValueError(f"ablation {name!r} is an ablation of DiffRecon; it needs "
                      f"method='diffrecon', got {config.method!r}")
-  if name == "noFG":
-    from diffrecon_jax.baselines import supervised  # local: only noFG needs the networks
-    net = str(config.get("ablation_fine_network", ""))
-    if net not in supervised.NETWORKS:
-      raise ValueError(f"ablation noFG: ablation_fine_network must be one of "
-                       f"{supervised.NETWORKS}, got {net!r}")
   return name
 
 
@@ -81,35 +75,3 @@ def apply(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # phase alone (train.py), so a copied phase equals one trained here.
 SHARED_PHASES = {"noJoint": ("stage_c", "stage_f"), "noFG": ("stage_c",)}
 
-
-class DiffCThenFine:
-  """noFG: Diffusion-C completes the coarse maps, a supervised network infers the fine ones.
-
-  Args:
-    diffc: a `DiffReconMethod` (only its stage 1 is used).
-    fine: a `supervised.SupervisedBaseline` trained on complete coarse maps (its
-      `fine_from_coarse`).
-    name: the name in the results ("diffc-srcnn", ...).
-  """
-
-  sampler = None  # the fine maps are deterministic given the completion
-
-  def __init__(self, diffc, fine, name: str):
-    self.diffc, self.fine, self.name = diffc, fine, name
-    self.sampler = {"stage_1": diffc.sampler, "stage_2": fine.name}
-
-  def reconstruct(self, view, slices: np.ndarray) -> dict:
-    """slices (n,) -> dict(coarse (n, I, J, C) Diffusion-C's completion, fine (n, NI, NJ, C),
-    samples None), physical units."""
-    coarse = self.diffc.complete(view, slices)
-    return {"coarse": coarse, "fine": self.fine.fine_from_coarse(view, coarse, slices),
-            "samples": None}
-
-
-def fine_network(config: ml_collections.ConfigDict):
-  """The noFG fine network: `config.ablation_fine_network` built from `config.baselines`, trained
-  on the complete coarse maps only (what these networks were made for)."""
-  from diffrecon_jax.baselines import supervised
-  c = config.copy_and_resolve_references()
-  c.baselines.train_masked = False
-  return supervised.build(str(config.ablation_fine_network), c)

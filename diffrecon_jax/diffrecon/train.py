@@ -39,23 +39,23 @@ import optax
 import orbax.checkpoint as ocp
 
 from diffrecon_jax import console
+from diffrecon_jax.diffrecon import checkpoints
 from diffrecon_jax import curves
-from diffrecon_jax import diffrecon
+from diffrecon_jax.diffrecon import model
 from diffrecon_jax import parallel
 from diffrecon_jax import paths
 from diffrecon_jax import preemption
-from diffrecon_jax import prior as prior_lib
+from diffrecon_jax.diffrecon import prior as prior_lib
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 
 Array = jax.Array
-PHASES = diffrecon.PHASES
+PHASES = model.PHASES
 _STEPS_FIELD = {"stage_c": "steps_c", "stage_f": "steps_f", "joint": "steps_joint"}
 # Component losses first: a NaN is reported under the loss it starts in.
 _METRIC_NAMES = {"stage_c": ("loss_c", "loss", "grad_norm"),
                  "stage_f": ("loss_f", "loss", "grad_norm"),
                  "joint": ("loss_c", "loss_f", "loss", "grad_norm")}
-_ITEMS = ("state", "meta")
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,10 +143,10 @@ def phase_start_state(optimizer: optax.GradientTransformation, params: dict, ema
 # --------------------------------------------------------------------------------------------
 # The compiled step
 # --------------------------------------------------------------------------------------------
-def make_train_step(phase: str, models: diffrecon.Models, optimizer: optax.GradientTransformation,
+def make_train_step(phase: str, models: model.Models, optimizer: optax.GradientTransformation,
                     train_cfg: ml_collections.ConfigDict, spec: BatchSpec, mesh,
                     steps_per_call: int,
-                    joint: diffrecon.JointSettings = diffrecon.JointSettings(),
+                    joint: model.JointSettings = model.JointSettings(),
                     sample_batch: Callable[..., dict] = pipeline.sample_train_batch) -> Callable:
   """`steps_per_call` fused train steps as one jitted, sharded function.
 
@@ -170,7 +170,7 @@ def make_train_step(phase: str, models: diffrecon.Models, optimizer: optax.Gradi
     # Split the batch over 'data': each device computes its share, XLA all-reduces the grads.
     batch = jax.lax.with_sharding_constraint(batch, data)
     grad_fn = jax.value_and_grad(
-        lambda p: diffrecon.phase_loss(phase, models, p, batch, k_loss, joint), has_aux=True)
+        lambda p: model.phase_loss(phase, models, p, batch, k_loss, joint), has_aux=True)
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -227,144 +227,6 @@ def _chunk(step: int, total: int, steps_per_call: int, *everies: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-class _Manager(ocp.CheckpointManager):
-  """Orbax's manager, preemption left to `preemption.Watcher`: Orbax would report each phase's
-  own steps to JAX's preemption service, whose counter must increase over the whole run."""
-
-  def reached_preemption(self, step: int) -> bool:
-    del step
-    return False
-
-
-def _manager(workdir: epath.Path, phase: str, keep: int, read_only: bool = False):
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None,
-                                         create=not read_only, read_only=read_only)
-  return _Manager(workdir / phase, options=options, item_names=_ITEMS)
-
-
-def _with_sharding(abstract: Any, sharding) -> Any:
-  return jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
-
-
-def _restore(mngr, step: int, abstract_state: Any) -> tuple:
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  return out["state"], out["meta"]
-
-
-def _read_meta(mngr, step: int) -> dict:
-  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-class CheckpointError(RuntimeError):
-  """A damaged checkpoint with no readable one to fall back on; the message names the step
-  directory and what to do."""
-
-
-DAMAGED_DIR = "damaged_checkpoints"
-
-
-def _step_dir(mngr, step: int) -> epath.Path:
-  return epath.Path(mngr.directory) / str(step)
-
-
-def _reason(error: BaseException) -> str:
-  """One short line from a read error (TensorStore's messages run to a page of JSON)."""
-  lines = str(error).strip().splitlines()
-  line = (lines[0] if lines else "").split(" See full TensorStore details")[0]
-  return f"{type(error).__name__}: {line[:160]}{'...' if len(line) > 160 else ''}"
-
-
-class _Unreadable(Exception):
-  """A checkpoint read failed (raised by `_read`, caught by `_newest_readable`)."""
-
-
-def _read(fn: Callable, *args) -> Any:
-  """fn(*args), a checkpoint read; any failure becomes _Unreadable(one-line reason): Orbax and
-  TensorStore raise plain Exception (missing array file), JSONDecodeError (truncated metadata),
-  FileNotFoundError, ... Only reads are wrapped, so other errors (a bad config) propagate."""
-  try:
-    return fn(*args)
-  except Exception as e:  # pylint: disable=broad-except
-    raise _Unreadable(_reason(e)) from e
-
-
-def _newest_readable(mngr, read: Callable[[int], Any], label: str) -> tuple:
-  """((step, value) | None, damaged) for the newest step of `mngr` that `read(step)` reads and
-  returns something other than None for (None: a readable step the caller does not want, e.g.
-  an unfinished phase). A step whose reads (`_read`) fail (a truncated metadata file, a missing
-  or corrupt array file) is skipped with a warning naming its directory; `damaged` lists those
-  steps as (step, reason), newest first."""
-  damaged = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      value = read(step)
-    except _Unreadable as e:
-      damaged.append((step, str(e)))
-      logging.warning("[%s] checkpoint %s cannot be read (%s); trying the previous one", label,
-                      _step_dir(mngr, step), damaged[-1][1])
-      continue
-    if value is not None:
-      return (step, value), damaged
-  return None, damaged
-
-
-def _damaged_message(mngr, damaged: list, what: str) -> str:
-  step, reason = damaged[0]
-  return (f"checkpoint {_step_dir(mngr, step)} is damaged ({reason}) and {what}")
-
-
-def _restore_for_resume(mngr, phase: str, abstract: Any, workdir: epath.Path) -> tuple:
-  """(step, state, meta) of the newest readable checkpoint of a phase, or (None, None, None)
-  when the phase has none yet.
-
-  Damaged newer steps are moved to workdir/damaged_checkpoints/<phase>/<step> (Orbax would
-  refuse to save those steps again) with a warning; if every step is damaged, CheckpointError
-  says which directory to delete.
-  """
-  found, damaged = _newest_readable(mngr, lambda s: _read(_restore, mngr, s, abstract), phase)
-  if damaged and found is None:
-    raise CheckpointError(_damaged_message(
-        mngr, damaged, f"{phase} has no older readable checkpoint: delete "
-        f"{mngr.directory} to train {phase} again from its start (earlier phases are kept), "
-        "or retrain in a new workdir"))
-  if damaged:
-    if jax.process_index() == 0:
-      for step, _ in damaged:
-        dest = workdir / DAMAGED_DIR / phase / str(step)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-          dest.rmtree()
-        _step_dir(mngr, step).rename(dest)
-        logging.warning("[%s] moved the damaged checkpoint to %s (delete it when done with it)",
-                        phase, dest)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"damaged checkpoints of {phase} moved")
-    mngr.reload()
-  if found is None:
-    return None, None, None
-  step, (state, meta) = found
-  return step, state, meta
-
-
-def _tuplify(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {k: _tuplify(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_tuplify(v) for v in x)
-  return x
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of `config.to_json()` (JSON lists become tuples, as in the config files)."""
-  return ml_collections.ConfigDict(_tuplify(json.loads(text)))
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 # Progress lines a phase shows on the console (every record still goes to metrics.jsonl and
@@ -417,18 +279,18 @@ class _MetricsLog:
 
 
 def joint_settings(config: ml_collections.ConfigDict, task,
-                   models: diffrecon.Models) -> diffrecon.JointSettings:
+                   models: model.Models) -> model.JointSettings:
   """The joint objective's weights and x0 clip (the one rule of `diffrecon.x0_clip_bound`, on
   the normalised coarse train split) from config.train."""
   lo, hi = task.split.range("train")
   tc = config.train
-  return diffrecon.JointSettings(
+  return model.JointSettings(
       weight_c=float(tc.joint_weight_c), weight_f=float(tc.joint_weight_f),
-      x0_clip=diffrecon.x0_clip_bound(float(tc.get("joint_x0_clip_factor", 0.0)),
+      x0_clip=model.x0_clip_bound(float(tc.get("joint_x0_clip_factor", 0.0)),
                                       task.coarse[lo:hi]))
 
 
-def training_arrays(task, models: diffrecon.Models) -> dict:
+def training_arrays(task, models: model.Models) -> dict:
   """What the train step draws its batches from: `task.device_arrays()`, plus "slot" (T,) int32,
   each slice's climatology slot, when the models use the prior."""
   arrays = task.device_arrays()
@@ -442,11 +304,11 @@ class _Phase:
   """What one phase's loop needs besides its state (built once per phase by `train`)."""
   name: str
   total: int
-  models: diffrecon.Models
+  models: model.Models
   optimizer: optax.GradientTransformation
   train_cfg: ml_collections.ConfigDict
   spec: BatchSpec
-  joint: diffrecon.JointSettings
+  joint: model.JointSettings
   mesh: Any
   manager: Any
   base_meta: dict
@@ -457,7 +319,7 @@ class _Phase:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
-          models: Optional[diffrecon.Models] = None) -> dict:
+          models: Optional[model.Models] = None) -> dict:
   """Runs stage_c, stage_f and joint in order, resuming from `workdir` when it has checkpoints.
 
   Args:
@@ -480,7 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
   parallel.check_batch_size(spec.batch_size, mesh)
   repl = parallel.replicated(mesh)
   if models is None:
-    models = diffrecon.build_models_for_task(config, task)
+    models = model.build_models_for_task(config, task)
   joint = joint_settings(config, task, models)
   if models.prior is not None and jax.process_index() == 0:
     # The climatology the model corrects travels with its checkpoints (evaluation reads it).
@@ -491,7 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
                "history": int(task.history), "scale": int(task.scale)}
   base_key = jax.random.PRNGKey(int(config.seed))
   copy_state = jax.jit(lambda s: jax.tree_util.tree_map(jnp.copy, s), out_shardings=repl)
-  abstract_params = jax.eval_shape(lambda k: diffrecon.init_params(models, task.shapes, k),
+  abstract_params = jax.eval_shape(lambda k: model.init_params(models, task.shapes, k),
                                    base_key)
 
   state: Optional[TrainState] = None
@@ -504,11 +366,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
       total = int(tc[_STEPS_FIELD[phase]])
       optimizer = make_optimizer(phase, tc)
       start_fn = lambda p, e, k, opt=optimizer: phase_start_state(opt, p, e, k)
-      abstract = _with_sharding(
+      abstract = checkpoints.with_sharding(
           jax.eval_shape(start_fn, abstract_params, abstract_params, base_key), repl)
-      mngr = _manager(workdir, phase, int(tc.keep_checkpoints))
+      mngr = checkpoints.manager(workdir, phase, int(tc.keep_checkpoints))
       try:
-        latest, restored, meta = _restore_for_resume(mngr, phase, abstract, workdir)
+        latest, restored, meta = checkpoints.restore_for_resume(mngr, phase, abstract, workdir)
         if latest is not None:
           if meta.get("config") != base_meta["config"]:
             logging.warning("[%s] the checkpoint's config differs from the current one; "
@@ -525,7 +387,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
             # EMA starts at the initial parameters; a separate buffer since the state is donated.
             params, ema = jax.jit(
                 lambda k: (lambda p: (p, jax.tree_util.tree_map(jnp.copy, p)))(
-                    diffrecon.init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
+                    model.init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
                 out_shardings=repl)(jax.random.fold_in(base_key, 0))
           else:
             params, ema = state.params, state.ema_params
@@ -601,75 +463,3 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
     last = log.flush(step) or last
   save(total, finished=True)
   return state, last
-
-
-# --------------------------------------------------------------------------------------------
-# Loading for evaluation
-# --------------------------------------------------------------------------------------------
-def load_for_sampling(workdir: str, mesh=None,
-                      build_models: Callable[..., diffrecon.Models] = diffrecon.build_models
-                      ) -> tuple:
-  """(config, ema_params {'c', 'f'}, models, metadata) of the newest finished phase in `workdir`.
-
-  Looks at joint/, then stage_f/, then stage_c/; needs nothing but the workdir (the config,
-  normalisation stats and shapes are in the checkpoint's metadata). `build_models(config, scale,
-  stats, aggregation)` makes the denoisers the parameters belong to. A finished checkpoint that
-  cannot be read is skipped with a warning naming it, and the next newest finished one is used;
-  when none is readable, CheckpointError names the damaged step directory and what to do.
-  """
-  workdir = epath.Path(workdir)
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  damaged_seen = []
-  for phase in reversed(PHASES):
-    if not (workdir / phase).exists():
-      continue
-    mngr = _manager(workdir, phase, 0, read_only=True)
-    try:
-      found, damaged = _newest_readable(
-          mngr, lambda step, m=mngr, p=phase: _load_finished(m, p, step, workdir, mesh,
-                                                             build_models), phase)
-      damaged_seen += [(mngr, d) for d in damaged]
-      if found is None:
-        continue
-      step, (config, models, state, meta) = found
-      logging.info("loaded %s step %d from %s", phase, step, workdir)
-      if damaged_seen:
-        logging.warning("using %s step %d instead of the damaged %s", phase, step,
-                        ", ".join(str(_step_dir(m, d[0])) for m, d in damaged_seen))
-      return config, state.ema_params, models, meta
-    finally:
-      mngr.close()
-  if damaged_seen:
-    mngr, damaged = damaged_seen[0]
-    raise CheckpointError(_damaged_message(
-        mngr, [damaged], "no other finished checkpoint is readable: delete that step directory "
-        "and rerun training (--mode=train resumes from the previous checkpoint), or retrain in a "
-        "new workdir"))
-  raise FileNotFoundError(
-      f"no finished training phase under {workdir} (looked for joint/, stage_f/, stage_c/ "
-      f"checkpoints with finished=True); run training first")
-
-
-def _load_finished(mngr, phase: str, step: int, workdir: epath.Path, mesh,
-                   build_models: Callable[..., diffrecon.Models]) -> Optional[tuple]:
-  """(config, models, state, meta) restored from `step` if it ends its phase, else None."""
-  meta = _read(_read_meta, mngr, step)
-  if not meta.get("finished"):
-    return None
-  config = config_from_json(meta["config"])
-  kwargs = {}
-  path = prior_lib.prior_path(workdir)
-  if diffrecon.uses_prior(config) and path.exists():
-    # Written by `train`; without it `build_models` says the prior is missing.
-    kwargs["prior"] = prior_lib.Prior.load(path, meta["stats"])
-  models = build_models(config, int(meta["scale"]), meta.get("stats"),
-                        meta.get("aggregation", "sum"), **kwargs)
-  key = jax.random.PRNGKey(0)
-  abstract_params = jax.eval_shape(
-      lambda k: diffrecon.init_params(models, meta["shapes"], k), key)
-  opt = make_optimizer(phase, config.train)
-  abstract = _with_sharding(jax.eval_shape(
-      lambda p, e, k: phase_start_state(opt, p, e, k), abstract_params, abstract_params, key),
-      parallel.replicated(mesh))
-  state, meta = _read(_restore, mngr, step, abstract)
-  return config, models, state, meta

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffrecon_jax import calibration as calibration_lib
-from diffrecon_jax import diffrecon
+from diffrecon_jax.batching import BALANCE_BATCHES_FOR, balanced_batch_size, concurrent_batches
+from diffrecon_jax.diffrecon import calibration as calibration_lib
+from diffrecon_jax.diffrecon import model
 
 
 class DiffReconMethod:
@@ -43,13 +44,13 @@ class DiffReconMethod:
 
   name = "diffrecon"
 
-  def __init__(self, config, params: dict, models: diffrecon.Models,
+  def __init__(self, config, params: dict, models: model.Models,
                x0_clip: tuple = (None, None)):
     """config: the run's config (its `sampling`, `eval`, `seed` and `diffusion.num_steps` are
     read); params: {'c', 'f'} parameters; x0_clip: (coarse, fine) bounds on each reverse step's
     estimate of s_0 in normalised units (`diffrecon.x0_clip_bounds`: computed from the train
     split when the method is built), or None for no clip."""
-    self.settings = diffrecon.SamplingSettings.from_config(config.sampling,
+    self.settings = model.SamplingSettings.from_config(config.sampling,
                                                            int(config.diffusion.num_steps))
     self.x0_clip = tuple(x0_clip)
     self.params = params
@@ -66,23 +67,23 @@ class DiffReconMethod:
     settings, clip = self.settings, self.x0_clip
     # (params, *arrays, rng): the argument order `_batched` calls with; slots are the
     # climatology slots of the windows (B, t), zeros when the model has no prior.
-    self._stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse(
+    self._stage_c = jax.jit(lambda p, obs, mask, ext, slots, rng: model.sample_coarse(
         models, p, obs, mask, ext, rng, settings, clip[0], slots))
-    self._stage_f = jax.jit(lambda p, coarse, ext, slots, rng: diffrecon.sample_fine(
+    self._stage_f = jax.jit(lambda p, coarse, ext, slots, rng: model.sample_fine(
         models, p, coarse, ext, rng, settings, clip[1], slots[:, -1]))
     # Ensemble members with their own completions (settings.ensemble == "members").
     self._stage_c_members = jax.jit(
-        lambda p, obs, mask, ext, slots, rng: diffrecon.sample_coarse_members(
+        lambda p, obs, mask, ext, slots, rng: model.sample_coarse_members(
             models, p, obs, mask, ext, rng, settings, clip[0], slots))
     self._stage_f_members = jax.jit(
-        lambda p, point_win, member_win, ext, slots, rng: diffrecon.sample_fine_members(
+        lambda p, point_win, member_win, ext, slots, rng: model.sample_fine_members(
             models, p, point_win, member_win, ext, rng, settings, clip[1], slots[:, -1]))
     # The point path alone (no members): Diffusion-C's one-pass completion, then Diffusion-F's
     # one-pass fine map and the prior's split it corrects (`point_and_base`).
-    self._point_c = jax.jit(lambda p, obs, mask, ext, slots, rng: diffrecon.point_coarse(
+    self._point_c = jax.jit(lambda p, obs, mask, ext, slots, rng: model.point_coarse(
         models, p, obs, mask, ext, slots))
     self._point_f = jax.jit(lambda p, win, ext, slots, rng: (
-        diffrecon.point_fine(models, p, win, ext, slots[:, -1], settings.consistent),
+        model.point_fine(models, p, win, ext, slots[:, -1], settings.consistent),
         self._base_of(win, slots)))
     self._fine_base = jax.jit(self._base_of)
     self._guess = jax.jit(lambda obs, mask, ext, slots, rng: self._guess_of(obs, mask, ext, slots))
@@ -110,7 +111,7 @@ class DiffReconMethod:
   def _guess_of(self, obs, mask, ext, slots):
     """The prior's first guess of each window's current map (B,I,J,C) normalised (zeros
     without the prior)."""
-    _, guess = diffrecon.coarse_condition(self.models, obs, mask, ext, slots)
+    _, guess = model.coarse_condition(self.models, obs, mask, ext, slots)
     return guess + jnp.zeros(obs[:, -1].shape, jnp.float32)
 
   def _weighted_c(self, point_c, view, span: np.ndarray, slot) -> np.ndarray:
@@ -328,36 +329,3 @@ class DiffReconMethod:
     return {"coarse": view.coarse_norm.inverse(completed[h:]),
             "fine": view.fine_norm.inverse(fine),
             "samples": view.fine_norm.inverse(np.swapaxes(samples, 0, 1))}
-
-
-# Batches are split for this many workers whatever `eval.concurrent_batches` is, so the batch
-# partition, and with it every batch's random key, depends on the config alone: a run with 1
-# worker reproduces a run with 2 exactly.
-BALANCE_BATCHES_FOR = 2
-
-
-def balanced_batch_size(n: int, max_batch: int, workers: int, multiple: int = 8) -> int:
-  """Batch size <= max_batch splitting n items into a multiple of `workers` batches of (nearly)
-  equal size; rounded up to `multiple` when that keeps the batch count (fewer distinct shapes).
-
-  With 2 workers, 1080 slices at max 128 would be 9 batches (the 9th runs alone, padded with 72
-  copies); 10 batches of 112 keep both workers busy to the end.
-  """
-  if n < 1 or max_batch < 1 or workers < 1:
-    raise ValueError(f"balanced_batch_size: need n, max_batch, workers >= 1, got "
-                     f"{n}, {max_batch}, {workers}")
-  batches = -(-n // (max_batch * workers)) * workers
-  size = -(-n // batches)
-  rounded = -(-size // multiple) * multiple
-  return rounded if rounded <= max_batch and -(-n // rounded) == batches else size
-
-
-def concurrent_batches(config) -> int:
-  """Sampler batches run at once: `config.eval.concurrent_batches`, or when it is 0, 2 on CPU
-  (XLA:CPU leaves a core idle with one program; measured) and 1 on accelerators."""
-  n = int(config.eval.get("concurrent_batches", 0))
-  if n < 0:
-    raise ValueError(f"eval.concurrent_batches must be >= 0 (0 = automatic), got {n}")
-  if n == 0:
-    n = 2 if jax.default_backend() == "cpu" else 1
-  return n

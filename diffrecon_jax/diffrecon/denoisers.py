@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffrecon_jax.models import grid_stack
-from diffrecon_jax.models.st_pointformer import STPointFormer
-from diffrecon_jax.models.t_patternnet import TPatternNet
+from diffrecon_jax.diffrecon import grid_stack
+from diffrecon_jax.diffrecon.st_pointformer import STPointFormer
+from diffrecon_jax.diffrecon.t_patternnet import TPatternNet
 from diffrecon_jax.models.unet import UNet, bottleneck_shape
 
 Array = jax.Array

@@ -8,7 +8,8 @@ under the evaluation patterns (masks drawn from the evaluation's mask seed plus
 `CHOICE_SEED_OFFSET`, so even a `fixed` pattern hides other cells than in the scored evaluation)
 and the one with the lowest mean fine MAE over the patterns is kept (a tie keeps the simpler,
 earlier one). Only the train and validation splits are read: changing the test split changes
-nothing (tests/test_climatology_choice.py).
+nothing (tests/test_climatology_choice.py). The `climatology` reference
+(baselines/climatology.py) and DiffRecon's prior (diffrecon/model.py) both use the choice.
 
 `config.climatology.table` = "auto" makes this choice; "day", "week" or "blend:k" fixes it.
 """
@@ -20,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from diffrecon_jax import evaluate as evaluate_lib
-from diffrecon_jax.baselines import climatology as clim_lib
+from diffrecon_jax.data import climatology as clim_lib
 from diffrecon_jax.data import patterns as patterns_lib
 
 # As the calibration's masks (calibration.CALIBRATION_SEED_OFFSET): other layouts than the test's.
@@ -31,7 +32,7 @@ def validation_mae(task, table: str, pattern_specs, seed: int) -> float:
   """Mean over `pattern_specs` of the `climatology` reference's fine MAE with `table` on the
   validation split (masks from `seed`; every finite fine cell of the scored slices)."""
   slices, _ = evaluate_lib.evaluation_slices(task, "val")
-  method = clim_lib.ClimatologyBaseline(table=table)
+  method = clim_lib.CalendarClimatology(table=table)
   maes = []
   for spec in pattern_specs:
     mask, _ = evaluate_lib.eval_mask(task, patterns_lib.parse_pattern(spec), seed)
@@ -83,10 +84,3 @@ def resolve_table(config, task) -> dict:
     logging.warning("climatology table by the calendar rule (%s): %s", table, err)
     return {"table": table, "chosen_by": f"calendar rule (no validation choice: {err})"}
 
-
-def prepare_reference(method, config, task) -> None:
-  """Gives a `climatology.ClimatologyBaseline` with table "auto" the table `resolve_table`
-  picks (recorded in its `calendar_table`); any other method is left as it is."""
-  if isinstance(method, clim_lib.ClimatologyBaseline) and method.table == "auto":
-    method.calendar_table = resolve_table(config, task)
-    method.table = method.calendar_table["table"]

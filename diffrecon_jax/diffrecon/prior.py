@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffrecon_jax import paths
-from diffrecon_jax.baselines import climatology as clim_lib
+from diffrecon_jax.data import climatology as clim_lib
 from diffrecon_jax.data import coarsen as coarsen_lib
 
 Array = jax.Array
@@ -138,7 +138,7 @@ def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: boo
               slot_sigma_minutes: float = 0.0, table: str = "auto") -> Prior:
   """The climatology of `task`'s training split (pipeline.TaskData), as the baseline fits it
   with calendar `table` (`climatology.fit_climatology`; the evaluation's `climatology`
-  reference uses the same table: `climatology_choice.resolve_table`), then smoothed over
+  reference uses the same table: `calendar_choice.resolve_table`), then smoothed over
   neighbouring slots with `slot_sigma_minutes` > 0 (`smooth_over_slots`), with the statistics of
   the residuals it leaves (`residual_stats`, per cell if `per_cell`); `local`, `local_sigma`,
   `local_shrink`: the `Prior` fields of the stage-1 guess's level."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from diffrecon_jax import prior as prior_lib
+from diffrecon_jax.diffrecon import prior as prior_lib
 
 # Windows per compiled call: bounds host memory on large grids; one shape, one compile.
 _BATCH = 256
