@@ -158,7 +158,7 @@ def test_ncep_air(shared_data_dir):
   assert d.timestamps[1] == np.datetime64("2013-01-02T00:00")
   assert d.external.shape == (730, 7 + 1 + 1 + 2)
 
-  c = ncep_air.load_ncep_air(store, crop=(slice(0, 24), slice(2, 50)))
+  c = ncep_air.load_ncep_air(store, window=(slice(0, 24), slice(2, 50)))
   assert c.values.shape == (2920, 24, 48, 1)
   np.testing.assert_array_equal(c.values, s.values[:, :24, 2:50])
 

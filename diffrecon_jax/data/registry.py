@@ -1,9 +1,9 @@
 """Dataset name -> loader, and the one place that maps a config's `data` section to its arguments.
 
-Every loader returns a `SpatioTemporalSeries`. `path` is accepted for every dataset and passed as
-the loader's location argument (`data_dir`, `path` or `zarr_path`); "" and None mean "default"
-(the embedded copy for nytaxi / nybike). User paths are resolved to absolute paths here, so a
-relative `--config.data.path` means "relative to the directory the command was started in".
+Every loader returns a `SpatioTemporalSeries` and takes its file or folder as `path`; "" and
+None mean "default" (the embedded copy for nytaxi / nybike). User paths are resolved to absolute
+paths here, so a relative `--config.data.path` means "relative to the directory the command was
+started in".
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from typing import Callable
 from diffrecon_jax.data import bikenyc14, custom, ncep_air, nyc_dsan, tapbj, taxibj
 from diffrecon_jax.data.series import DataError, SpatioTemporalSeries
 
-# name -> (loader, name of its location argument)
-_LOADERS: dict[str, tuple[Callable[..., SpatioTemporalSeries], str]] = {
-    "nytaxi": (nyc_dsan.load_nytaxi, "data_dir"),
-    "nybike": (nyc_dsan.load_nybike, "data_dir"),
-    "bikenyc14": (bikenyc14.load_bikenyc14, "path"),
-    "taxibj": (taxibj.load_taxibj, "data_dir"),
-    "tapbj": (tapbj.load_tapbj, "path"),
-    "ncep_air": (ncep_air.load_ncep_air, "zarr_path"),
-    "custom": (custom.load_array, "path"),
+# name -> loader
+_LOADERS: dict[str, Callable[..., SpatioTemporalSeries]] = {
+    "nytaxi": nyc_dsan.load_nytaxi,
+    "nybike": nyc_dsan.load_nybike,
+    "bikenyc14": bikenyc14.load_bikenyc14,
+    "taxibj": taxibj.load_taxibj,
+    "tapbj": tapbj.load_tapbj,
+    "ncep_air": ncep_air.load_ncep_air,
+    "custom": custom.load_array,
 }
 DATASET_NAMES = tuple(_LOADERS)
 # Datasets without an embedded copy: a path is required.
@@ -35,10 +35,8 @@ def load_dataset(name: str, /, **kwargs) -> SpatioTemporalSeries:
   """
   if name not in _LOADERS:
     raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-  loader, location_arg = _LOADERS[name]
+  loader = _LOADERS[name]
   kwargs = {k: v for k, v in kwargs.items() if not (isinstance(v, str) and v == "")}
-  if "path" in kwargs and location_arg != "path":
-    kwargs[location_arg] = kwargs.pop("path")
   if name == "tapbj":
     kwargs.setdefault("path", None)  # so a missing path gives the manual-download message.
   try:
@@ -48,7 +46,7 @@ def load_dataset(name: str, /, **kwargs) -> SpatioTemporalSeries:
   except (OSError, ValueError, KeyError, EOFError) as e:
     # A truncated, pickled or mislabelled file reaches the readers' own errors: name the file
     # and what it must be, in one line.
-    where = kwargs.get(location_arg) or "the default location"
+    where = kwargs.get("path") or "the default location"
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise DataError(f"{where}: not a readable {name!r} dataset file ({type(e).__name__}: "
                     f"{first}); check the file, its format and extension (see the loader's "
