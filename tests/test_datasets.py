@@ -430,8 +430,8 @@ def test_taxibj_checksum_and_missing_files(tmp_path):
 # ---- registry ---------------------------------------------------------------------------------
 
 def test_registry(shared_data_dir):
-  assert set(registry.DATASET_NAMES) == {"nytaxi", "nybike", "bikenyc14", "taxibj", "tapbj",
-                                         "ncep_air", "custom"}
+  assert set(registry.names()) == {"nytaxi", "nybike", "bikenyc14", "taxibj", "tapbj",
+                                   "ncep_air", "custom"}
   with pytest.raises(ValueError, match="unknown dataset 'foo'.*nytaxi.*ncep_air"):
     registry.load_dataset("foo")
   s = registry.load_dataset("nybike", path="")  # config default "" = embedded.

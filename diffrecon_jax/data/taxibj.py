@@ -50,7 +50,7 @@ TEMPERATURE_RANGE = (-25.0, 45.0)
 WIND_SPEED_RANGE = (0.0, 50.0)
 SLOTS_PER_DAY = 48
 
-_MANUAL_DOWNLOAD = (
+MANUAL_DOWNLOAD = (
     "TaxiBJ cannot be downloaded automatically. Manual download: follow the data-release "
     "links in data/TaxiBJ/README.md of the ST-ResNet/DeepST repository "
     "(https://github.com/lucktroy/DeepST), get BJ13..16_M32x32_T30_InOut.h5, BJ_Meteorology.h5 "
@@ -75,7 +75,7 @@ def sha256_of(path: pathlib.Path) -> str:
 
 def _require(path: pathlib.Path) -> pathlib.Path:
   if not path.is_file():
-    raise DataError(f"TaxiBJ file {path.name} is missing from {path.parent}. {_MANUAL_DOWNLOAD}")
+    raise DataError(f"TaxiBJ file {path.name} is missing from {path.parent}. {MANUAL_DOWNLOAD}")
   return path
 
 
@@ -142,7 +142,7 @@ def load_taxibj(path: Union[str, pathlib.Path], year: int = 13,
     missing (module docstring); external (T, 75) float32 (see module docstring).
   """
   if path is None:
-    raise DataError(f"TaxiBJ needs the folder of its files (path). {_MANUAL_DOWNLOAD}")
+    raise DataError(f"TaxiBJ needs the folder of its files (path). {MANUAL_DOWNLOAD}")
   folder = pathlib.Path(path)
   flow_path = _require(folder / flow_file_name(year))
   met_path = _require(folder / METEOROLOGY_FILE)
