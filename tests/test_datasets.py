@@ -158,7 +158,7 @@ def test_ncep_air(shared_data_dir):
   assert d.timestamps[1] == np.datetime64("2013-01-02T00:00")
   assert d.external.shape == (730, 7 + 1 + 1 + 2)
 
-  c = ncep_air.load_ncep_air(store, crop=(slice(0, 24), slice(2, 50)))
+  c = ncep_air.load_ncep_air(store, window=(slice(0, 24), slice(2, 50)))
   assert c.values.shape == (2920, 24, 48, 1)
   np.testing.assert_array_equal(c.values, s.values[:, :24, 2:50])
 
@@ -430,8 +430,8 @@ def test_taxibj_checksum_and_missing_files(tmp_path):
 # ---- registry ---------------------------------------------------------------------------------
 
 def test_registry(shared_data_dir):
-  assert set(registry.DATASET_NAMES) == {"nytaxi", "nybike", "bikenyc14", "taxibj", "tapbj",
-                                         "ncep_air", "custom"}
+  assert set(registry.names()) == {"nytaxi", "nybike", "bikenyc14", "taxibj", "tapbj",
+                                   "ncep_air", "custom"}
   with pytest.raises(ValueError, match="unknown dataset 'foo'.*nytaxi.*ncep_air"):
     registry.load_dataset("foo")
   s = registry.load_dataset("nybike", path="")  # config default "" = embedded.

@@ -4,10 +4,13 @@
   python -m diffrecon_jax.main --config=configs/custom.py --workdir=runs/mygrid \
       --config.data.path=grid.nc --config.data.variable=flow --config.data.aggregation=sum
 
-Everything the loader (`diffrecon_jax.data.custom.load_array`) needs is a field here; the model,
-training and evaluation sections are the CPU defaults of `configs/default.py` (`:gpu` for the
-full-size variant). Relative paths are taken from the directory the command is started in.
+Every option of the loader (`diffrecon_jax.data.custom.load_array`) is a field here; an unset
+one ("" or None) takes the loader's default. The model, training and evaluation sections are the
+CPU defaults of `configs/default.py` (`:gpu` for the full-size variant). Relative paths are taken
+from the directory the command is started in.
 """
+import ml_collections
+
 from diffrecon_jax.configs import default
 
 
@@ -17,11 +20,12 @@ def get_config(arg: str = "cpu"):
   c.data.path = ""              # required: the .npy / .npz / .nc file or Zarr directory.
   c.data.variable = ""          # array / variable inside .npz / NetCDF / Zarr; "" = the only
                                 # candidate (an error lists the names when there are several).
-  c.data.aggregation = "sum"    # Definition 1 of the paper: "sum" for counts (a coarse cell is
+  c.data.aggregation = ""       # Definition 1 of the paper: "sum" for counts (a coarse cell is
                                 # the total of its fine cells), "mean" for intensive quantities
-                                # (PM2.5, temperature).
-  c.data.interval_minutes = 60  # minutes between slices; ignored when the file has a time axis
-                                # (NetCDF/Zarr CF time, or `timestamps_key`).
+                                # (PM2.5, temperature); "" = the loader's default.
+  c.data.interval_minutes = ml_collections.FieldReference(None, field_type=int)  # minutes
+                                # between slices; None = the loader's default; ignored when the
+                                # file has a time axis (NetCDF/Zarr CF time, or `timestamps_key`).
   c.data.start = ""             # ISO time of the first slice ("2021-01-01T00:00") when the file
                                 # has no time axis; "" = 1970-01-01, so calendar features are
                                 # placeholders: set it for real dates.
@@ -30,7 +34,8 @@ def get_config(arg: str = "cpu"):
                                 # variable's CF time coordinate when there is one.
   c.data.external_key = ""      # array with (T, F) external features; "" = calendar features
                                 # (day of week, slot of day) from the timestamps.
-  c.data.layout = "THWC"        # axis order of the stored array ("THW" for one channel).
+  c.data.layout = ""            # axis order of the stored array, a permutation of "THWC"
+                                # ("THW" for one channel); "" = the loader's default.
   c.data.scale_factor = 2       # N: the coarse grid is (H/N, W/N); paper Table I uses 4.
   c.data.crop = "fit"           # drop the bottom/right rows/cols that N does not divide (user
                                 # grids rarely divide exactly); "" = error instead.

@@ -24,9 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- data (paper Sec. V-A; docs/evaluation.md) ----
   c.data = ml_collections.ConfigDict()
-  c.data.name = "nytaxi"          # registry name (diffrecon_jax/data/registry.py).
+  c.data.name = "nytaxi"          # registry name (diffrecon_jax/data/registry.py); a field named
+                                  # like one of its loader's parameters is passed to it.
   c.data.path = ""                # file/folder for datasets that are not embedded; "" = embedded.
-  c.data.variable = ""            # variable name inside NetCDF/Zarr/npz files (custom, tapbj).
+  c.data.variable = ""            # variable name inside NetCDF/Zarr/npz files (custom, tapbj);
+                                  # "" = the loader's default.
   c.data.scale_factor = 2         # N, magnification (paper Table I uses 4: 8x8 -> 32x32).
   c.data.crop = ""                # "" = grid must be divisible by N (error otherwise); "fit" =
                                   # crop the bottom/right rows/cols that N does not divide.

@@ -8,6 +8,8 @@ Reanalysis 1 surface air temperature `air.sig995.<year>.nc`, 4x-daily (psl.noaa.
 glob such as 'DIR/air.sig995.201[34].nc'; the loader takes their `air` variable and CF time).
 xarray's tutorial `air_temperature` dataset is this grid cut to 2013-2014 over North America.
 """
+import ml_collections
+
 from diffrecon_jax.configs import default
 
 
@@ -15,7 +17,9 @@ def get_config(arg: str = "cpu"):
   c = default.base_config()
   c.data.name = "ncep_air"
   c.data.path = "../shared/data/NCEP_air_temperature/air_temperature.zarr"
-  c.data.daily = False      # True: daily means (730 slices), like TAPBJ's daily maps.
+  c.data.daily = ml_collections.FieldReference(None, field_type=bool)  # None: the loader's
+                            # default (data/ncep_air.py); True: daily means (730 slices), like
+                            # TAPBJ's daily maps.
   c.data.scale_factor = 4   # paper Table I: N = 4.
   c.data.crop = "fit"       # 25x53 is not divisible by 4: drop the last row and column.
   c.data.history = 8        # ours: two days of 6-hourly maps (the daily period 4 is visible).

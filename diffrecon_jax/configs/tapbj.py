@@ -12,7 +12,8 @@ def get_config(arg: str = "cpu"):
   c = default.base_config()
   c.data.name = "tapbj"
   c.data.path = ""          # required: the user's TAP export.
-  c.data.variable = "pm25"  # variable name inside NetCDF/Zarr/npz.
+  c.data.variable = ""      # PM2.5 variable inside NetCDF/Zarr/npz; "" = the loader's name
+                            # for it (data/tapbj.py).
   c.data.scale_factor = 4   # paper Table I: 8x8 -> 32x32.
   c.data.crop = "fit"       # user grids rarely divide by 4 exactly.
   c.data.history = 7        # ours: one week of daily maps.

@@ -25,6 +25,7 @@ multiple of the interval (slices off one regular grid).
 """
 from __future__ import annotations
 
+import inspect
 import pathlib
 from typing import Optional, Union
 
@@ -163,3 +164,9 @@ def load_with_labels(path: PathLike, name: str = "custom", variable: Optional[st
       axes=gridded.series_axes(labels) if labels and layout.upper() in ("THWC", "THW") else (),
       interval_minutes=int(interval_minutes), channel_names=channels, source=str(path))
   return series, labels or gridded.Labels(variable=var or "values")
+
+
+# `load_array` shows the options of `load_with_labels` as its own signature: the registry reads a
+# loader's options from its signature, and their defaults stay written once, above.
+load_array.__signature__ = inspect.signature(load_with_labels).replace(
+    return_annotation="SpatioTemporalSeries")

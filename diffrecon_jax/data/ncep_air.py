@@ -10,8 +10,9 @@ xarray's tutorial `air_temperature` dataset holds: the loader reads the store, t
 file(s) (one, a folder, or a glob such as 'DIR/air.sig995.*.nc'; xarray, `data/gridded.py`).
 
 Temperature is intensive, so aggregation is "mean". The grid (25 x 53) is not cropped here;
-making it divisible by the magnification N is the coarse-graining module's job (`crop` exists
-for callers that want a fixed window, e.g. (slice(0, 24), slice(2, 50))).
+making it divisible by the magnification N is the coarse-graining module's job (`window` exists
+for callers that want a fixed window, e.g. (slice(0, 24), slice(2, 50)); it is not called `crop`
+because the registry would pass it the config's `data.crop`, which is the pipeline's).
 """
 from __future__ import annotations
 
@@ -37,20 +38,20 @@ def day_of_year_features(timestamps: np.ndarray) -> tuple[np.ndarray, tuple]:
   return feats.astype(np.float32), ("doy_sin", "doy_cos")
 
 
-def load_ncep_air(zarr_path: Union[str, pathlib.Path], daily: bool = False,
-                  crop: Optional[tuple] = None) -> SpatioTemporalSeries:
+def load_ncep_air(path: Union[str, pathlib.Path], daily: bool = False,
+                  window: Optional[tuple] = None) -> SpatioTemporalSeries:
   """Loads the NCEP air temperature store.
 
   Args:
-    zarr_path: the `air_temperature.zarr` directory (or the folder that contains it).
+    path: the `air_temperature.zarr` directory (or the folder that contains it).
     daily: average the four 6-hourly fields of each day -> 730 daily slices (timestamp 00:00).
-    crop: optional (row slice, column slice) applied to the (25, 53) grid.
+    window: optional (row slice, column slice) applied to the (25, 53) grid.
 
   Returns:
     values (T, 25, 53, 1) float32 Kelvin, T = 2920 (6-hourly) or 730 (daily); external =
     calendar features (4 slots per day, or 1 when daily) + day-of-year sin/cos.
   """
-  store = pathlib.Path(zarr_path)
+  store = pathlib.Path(path)
   if (store.is_dir() and not (store / ".zmetadata").exists()
       and (store / "air_temperature.zarr").is_dir()):
     store = store / "air_temperature.zarr"
@@ -80,10 +81,10 @@ def load_ncep_air(zarr_path: Union[str, pathlib.Path], daily: bool = False,
     interval = 1440
 
   axes = gridded.series_axes(got.labels)  # lat / lon in degrees
-  if crop is not None:
-    rows, cols = crop
+  if window is not None:
+    rows, cols = window
     values = values[:, rows, cols]
-    axes = tuple((name, coord[cut], unit) for (name, coord, unit), cut in zip(axes, crop))
+    axes = tuple((name, coord[cut], unit) for (name, coord, unit), cut in zip(axes, window))
   values = np.ascontiguousarray(values, dtype=np.float32)
 
   cal, cal_names = calendar_features(timestamps, 1440 // interval)

@@ -60,9 +60,9 @@ def _check_calendar(external: np.ndarray, timestamps: np.ndarray, folder: pathli
                     f"{timestamps[0]} at slot {i} ({timestamps[i]}); wrong folder or start date")
 
 
-def _load_city(key: str, data_dir: Optional[Union[str, pathlib.Path]]) -> SpatioTemporalSeries:
+def _load_city(key: str, path: Optional[Union[str, pathlib.Path]]) -> SpatioTemporalSeries:
   name, start, units, raw_source = _CITIES[key]
-  folder = EMBEDDED_DIR / name if data_dir is None else pathlib.Path(data_dir)
+  folder = EMBEDDED_DIR / name if path is None else pathlib.Path(path)
   flows, exts = [], []
   for split in SPLITS:
     flow = _load_npz_key(folder / f"flow_{split}.npz", "flow")
@@ -85,19 +85,19 @@ def _load_city(key: str, data_dir: Optional[Union[str, pathlib.Path]]) -> Spatio
              f"{raw_source})")
 
 
-def load_nytaxi(data_dir: Optional[Union[str, pathlib.Path]] = None) -> SpatioTemporalSeries:
+def load_nytaxi(path: Optional[Union[str, pathlib.Path]] = None) -> SpatioTemporalSeries:
   """NYC taxi in/out flow: values (4320, 16, 12, 2) float32, 30 min from 2016-01-01 00:00.
 
   Args:
-    data_dir: folder with flow_*.npz / ex_knlg_*.npz; None = the copy embedded in the package.
+    path: folder with flow_*.npz / ex_knlg_*.npz; None = the copy embedded in the package.
   """
-  return _load_city("nytaxi", data_dir)
+  return _load_city("nytaxi", path)
 
 
-def load_nybike(data_dir: Optional[Union[str, pathlib.Path]] = None) -> SpatioTemporalSeries:
+def load_nybike(path: Optional[Union[str, pathlib.Path]] = None) -> SpatioTemporalSeries:
   """NYC Citi Bike in/out flow: values (4320, 14, 8, 2) float32, 30 min from 2016-08-01 00:00.
 
   Args:
-    data_dir: folder with flow_*.npz / ex_knlg_*.npz; None = the copy embedded in the package.
+    path: folder with flow_*.npz / ex_knlg_*.npz; None = the copy embedded in the package.
   """
-  return _load_city("nybike", data_dir)
+  return _load_city("nybike", path)

@@ -192,7 +192,7 @@ def load_series(config) -> SpatioTemporalSeries:
   (prepared from the loader on first use; `data/tfds_builders.py`).
   """
   from diffrecon_jax.data import registry  # local: the loaders are only needed here.
-  tfds_dir = registry.absolute_path(config.data.get("tfds_dir", ""))
+  tfds_dir = registry.absolute_path(config.data.tfds_dir)
   if tfds_dir is not None:
     from diffrecon_jax.data import tfds_builders  # local: TFDS is slow to import.
     return tfds_builders.load_or_prepare(config.data, tfds_dir)
@@ -259,13 +259,13 @@ def build_task(series: SpatioTemporalSeries, scale: int, history: int, crop: boo
 def prepare_task(config, series: Optional[SpatioTemporalSeries] = None) -> TaskData:
   """The TaskData of a config (loads the dataset unless `series` is given).
 
-  The gap rule is `config.data.gap_rule` ("skip" or "fill"), "skip" when the config has none.
+  The gap rule is `config.data.gap_rule` ("skip" or "fill").
   """
   if series is None:
     series = load_series(config)
   return build_task(series, int(config.data.scale_factor), int(config.data.history),
                     crop=(config.data.crop == "fit"), train_patterns=tuple(config.patterns.train),
-                    gap_rule=config.data.get("gap_rule", "skip") or "skip")
+                    gap_rule=config.data.gap_rule)
 
 
 def eval_slices(task: TaskData, split: str, span: Optional[int] = None) -> tuple:

@@ -1,7 +1,7 @@
 """TaxiBJ (Beijing taxi in/out flow, 32 x 32, 30 min) in the official ST-ResNet layout.
 
 Zhang, Zheng, Qi, "Deep Spatio-Temporal Residual Networks for Citywide Crowd Flows Prediction",
-AAAI 2017. The files are not redistributed with this package; `data_dir` must hold
+AAAI 2017. The files are not redistributed with this package; `path` must be a folder holding
   BJ{yy}_M32x32_T30_InOut.h5  `data` (T, 2, 32, 32) [inflow, outflow], `date` YYYYMMDDSS (SS=01..48)
   BJ_Meteorology.h5           `date`, `Temperature` (T,), `WindSpeed` (T,), `Weather` (T, 17)
   BJ_Holiday.txt              one YYYYMMDD per line
@@ -50,11 +50,11 @@ TEMPERATURE_RANGE = (-25.0, 45.0)
 WIND_SPEED_RANGE = (0.0, 50.0)
 SLOTS_PER_DAY = 48
 
-_MANUAL_DOWNLOAD = (
+MANUAL_DOWNLOAD = (
     "TaxiBJ cannot be downloaded automatically. Manual download: follow the data-release "
     "links in data/TaxiBJ/README.md of the ST-ResNet/DeepST repository "
     "(https://github.com/lucktroy/DeepST), get BJ13..16_M32x32_T30_InOut.h5, BJ_Meteorology.h5 "
-    "and BJ_Holiday.txt, put them in one folder and pass it as data_dir "
+    "and BJ_Holiday.txt, put them in one folder and pass it as path "
     "(--config.data.path=...).")
 
 
@@ -75,7 +75,7 @@ def sha256_of(path: pathlib.Path) -> str:
 
 def _require(path: pathlib.Path) -> pathlib.Path:
   if not path.is_file():
-    raise DataError(f"TaxiBJ file {path.name} is missing from {path.parent}. {_MANUAL_DOWNLOAD}")
+    raise DataError(f"TaxiBJ file {path.name} is missing from {path.parent}. {MANUAL_DOWNLOAD}")
   return path
 
 
@@ -127,12 +127,12 @@ def _minmax(x: np.ndarray, lo_hi: tuple) -> np.ndarray:
   return (x - lo) / (hi - lo)
 
 
-def load_taxibj(data_dir: Union[str, pathlib.Path], year: int = 13,
+def load_taxibj(path: Union[str, pathlib.Path], year: int = 13,
                 verify_checksum: bool = True) -> SpatioTemporalSeries:
   """Loads one TaxiBJ year.
 
   Args:
-    data_dir: folder with BJ{yy}_M32x32_T30_InOut.h5, BJ_Meteorology.h5 and BJ_Holiday.txt.
+    path: folder with BJ{yy}_M32x32_T30_InOut.h5, BJ_Meteorology.h5 and BJ_Holiday.txt.
     year: 13 (2013-07-01 .. 10-30, the paper's TaxiBJ), 14, 15 or 16.
     verify_checksum: check the sha256 of the flow and meteorology files.
 
@@ -141,9 +141,9 @@ def load_taxibj(data_dir: Union[str, pathlib.Path], year: int = 13,
     (duplicates dropped); timestamps (T,) sorted, on the 30-min grid, with gaps where slots are
     missing (module docstring); external (T, 75) float32 (see module docstring).
   """
-  if data_dir is None:
-    raise DataError(f"TaxiBJ needs data_dir. {_MANUAL_DOWNLOAD}")
-  folder = pathlib.Path(data_dir)
+  if path is None:
+    raise DataError(f"TaxiBJ needs the folder of its files (path). {MANUAL_DOWNLOAD}")
+  folder = pathlib.Path(path)
   flow_path = _require(folder / flow_file_name(year))
   met_path = _require(folder / METEOROLOGY_FILE)
   hol_path = _require(folder / HOLIDAY_FILE)

@@ -97,7 +97,7 @@ def build_tfds(name: str, data_dir: Union[str, pathlib.Path],
   """Prepares dataset `name` as array_record under `data_dir` and returns its data sources.
 
   Args:
-    name: registry name (DATASET_NAMES).
+    name: registry name (`registry.names()`).
     data_dir: TFDS data dir; files go to <data_dir>/diffrecon_<name>/<DATA_VERSION>/.
     series: an already loaded (e.g. sliced) series to write instead of calling the loader.
     **loader_kwargs: passed to `registry.load_dataset`.
@@ -143,6 +143,8 @@ def load_or_prepare(data, tfds_dir: Union[str, pathlib.Path]) -> SpatioTemporalS
   it; later calls read the array_record files only. A copy prepared from other loader
   arguments (another file, year, variable...) is an error naming both.
   """
+  # The key: what the loader runs with, defaults written out (`registry.loader_kwargs`), so a
+  # config that leaves an option unset and one that states its default share a copy.
   kwargs = json.dumps(registry.loader_kwargs(data), sort_keys=True, default=str)
   version_dir = pathlib.Path(tfds_dir) / f"diffrecon_{data.name}" / DATA_VERSION
   if not version_dir.is_dir():
