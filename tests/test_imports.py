@@ -76,3 +76,66 @@ def test_no_import_cycle_in_the_package():
   graph = import_graph()
   assert len(graph) > 20 and "diffrecon_jax.data.pipeline" in graph
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def layers() -> dict:
+  """{entry: (layer number, layer name)} from WORKSPACE.md's "Layers" block: lines
+  `layer N  NAME  entry entry ...`, an entry a module or package under diffrecon_jax."""
+  text = (REPO_ROOT / "WORKSPACE.md").read_text()
+  out = {}
+  for line in text.splitlines():
+    if line.startswith("layer "):
+      _, number, name, *entries = line.split()
+      for entry in entries:
+        out[entry] = (int(number), name)
+  return out
+
+
+def layer_of(module: str, table: dict) -> tuple:
+  """The layer of `module` (dotted, under diffrecon_jax): its longest matching entry."""
+  rel = module[len(PACKAGE) + 1:] if module != PACKAGE else PACKAGE
+  parts = rel.split(".")
+  for k in range(len(parts), 0, -1):
+    if ".".join(parts[:k]) in table:
+      return table[".".join(parts[:k])]
+  raise AssertionError(f"{module} is in no layer of WORKSPACE.md's Layers block: place it")
+
+
+# Peers of one layer that must not import each other (WORKSPACE.md): the model and the baselines.
+SEPARATE = (("diffrecon_jax.baselines", "diffrecon_jax.diffrecon"),)
+
+
+def layer_violations(graph: dict, table: dict) -> list:
+  """["a (layer) imports b (higher layer)"] for every import against the layers."""
+  bad = []
+  for module, imports in sorted(graph.items()):
+    mine = layer_of(module, table)
+    for target in sorted(imports):
+      theirs = layer_of(target, table)
+      if theirs[0] > mine[0]:
+        bad.append(f"{module} ({mine[1]}) imports {target} ({theirs[1]})")
+      for a, b in SEPARATE:
+        for x, y in ((a, b), (b, a)):
+          if (module == x or module.startswith(x + ".")) and (
+              target == y or target.startswith(y + ".")):
+            bad.append(f"{module} imports {target}: {x} and {y} never import each other")
+  return bad
+
+
+def test_the_layer_checker_finds_an_upward_import():
+  table = {"data": (2, "data"), "run": (5, "apps"), "baselines": (4, "methods"),
+           "diffrecon": (4, "methods")}
+  graph = {"diffrecon_jax.data.x": {"diffrecon_jax.run"},
+           "diffrecon_jax.baselines.b": {"diffrecon_jax.diffrecon.model"},
+           "diffrecon_jax.run": {"diffrecon_jax.data.x"}}
+  assert layer_violations(graph, table) == [
+      "diffrecon_jax.baselines.b imports diffrecon_jax.diffrecon.model: diffrecon_jax.baselines "
+      "and diffrecon_jax.diffrecon never import each other",
+      "diffrecon_jax.data.x (data) imports diffrecon_jax.run (apps)"]
+
+
+def test_imports_follow_the_layers_written_in_workspace():
+  table = layers()
+  assert table["data"][0] < table["diffrecon"][0] == table["baselines"][0] < table["run"][0]
+  bad = layer_violations(import_graph(), table)
+  assert not bad, "\n".join(bad)
