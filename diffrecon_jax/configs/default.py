@@ -11,6 +11,8 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.config_version = 2  # the config format (diffrecon/settings.py: CONFIG_VERSION); a saved
+                        # config of an earlier version is upgraded by settings.migrate.
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
   c.method = "diffrecon"  # "diffrecon" or a baseline: "interp", "climatology" (deterministic) or
                           # "srcnn" / "srresnet" / "urbanfm" / "fode" / "stcf" (trained when
