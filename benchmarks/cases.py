@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import settings
 from diffrecon_jax.diffrecon import train
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.models.unet import bottleneck_shape
@@ -137,7 +138,8 @@ def build_real(name: str, config: Any, task: pipeline.TaskData) -> Built:
   params = random_params(models, case.shapes)
   setup_s = time.perf_counter() - t0
   clip = model.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
-  return Built(case, models, params, clip, train.joint_settings(config, task, models), setup_s)
+  joint = train.joint_settings(settings.TrainSettings.from_config(config), task)
+  return Built(case, models, params, clip, joint, setup_s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from benchmarks.cases import Case, count_params
 from benchmarks.timing import (cost_flops, device_peak_bytes, log, memory_bytes, timed_reps)
 from diffrecon_jax import parallel
 from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import settings
 from diffrecon_jax.diffrecon import train
 
 
@@ -106,9 +107,9 @@ def train_bench(case: Case, models: model.Models, params: Any, batch: dict, phas
 def sampling_settings(config, sampler: str, steps: int,
                       n_samples: int) -> model.SamplingSettings:
   """`config.sampling` with another sampler, step count and sample count."""
-  s = config.sampling.copy_and_resolve_references()
-  s.sampler, s.steps, s.n_samples = sampler, int(steps), int(n_samples)
-  return model.SamplingSettings.from_config(s, int(config.diffusion.num_steps))
+  c = config.copy_and_resolve_references()
+  c.sampling.sampler, c.sampling.steps, c.sampling.n_samples = sampler, int(steps), int(n_samples)
+  return settings.SamplingSettings.from_config(c)
 
 
 def sampling_key(config) -> jax.Array:

@@ -68,8 +68,7 @@ def resolve_table(config, task) -> dict:
   """The calendar table for `config` (`config.climatology.table`) on `task`: a fixed one as
   given, "auto" chosen on the validation split (`choose_table`), or, where the validation split
   has no slice to score, by the calendar rule (`climatology.choose_period`)."""
-  section = config.get("climatology", None)
-  spec = str(section.get("table", "auto")) if section is not None else "auto"
+  spec = str(config.climatology.table)  # configs/default.py; saved configs: settings.migrate
   if spec != "auto":
     clim_lib.parse_table(spec)  # a clear error for a misspelt table
     return {"table": spec, "chosen_by": "config (climatology.table)"}

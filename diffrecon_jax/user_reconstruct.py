@@ -219,7 +219,7 @@ def reconstruct_file(config, workdir: str) -> dict:
   slices = np.asarray(slices, np.int64)
   view = observed_task(obs, meta, pathlib.Path(path).stem)
   t0 = time.perf_counter()
-  pieces = evaluate_lib.contiguous_pieces(slices, int(saved.eval.get("chunk_slices", 0)))
+  pieces = evaluate_lib.contiguous_pieces(slices, int(saved.eval.chunk_slices))
   parts = [method.reconstruct(view, piece) for piece in pieces]
   seconds = time.perf_counter() - t0
   out = interval_outputs(parts, members=bool(rc.save_samples))

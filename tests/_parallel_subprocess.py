@@ -32,21 +32,23 @@ REAL_ADAM_EPS = 1e-3
 def run_layouts(name: str, models, config, task, compiles: list, out: dict) -> None:
   from diffrecon_jax import parallel
   from diffrecon_jax.diffrecon import model
+  from diffrecon_jax.diffrecon import settings
   from diffrecon_jax.diffrecon import train
   params = jax.device_get(jax.jit(lambda k: model.init_params(models, task.shapes, k))(
       jax.random.PRNGKey(0)))
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     out[f"{name}/init" + jax.tree_util.keystr(path)] = np.asarray(leaf)
   spec = train.BatchSpec.from_task(config, task)
-  opt = train.make_optimizer("joint", config.train)
+  tc = settings.TrainSettings.from_config(config)
+  opt = train.make_optimizer("joint", tc)
   for layout, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     key = f"{name}/{layout}"
     mesh = parallel.make_mesh(devices)
     arrays = parallel.put_replicated(train.training_arrays(task, models), mesh)
     state = parallel.put_replicated(
         train.phase_start_state(opt, params, params, jax.random.PRNGKey(1)), mesh)
-    step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 2,
-                                    train.joint_settings(config, task, models))
+    step_fn = train.make_train_step("joint", models, opt, tc, spec, mesh, 2,
+                                    train.joint_settings(tc, task))
     losses, norms = [], []
     for call in range(3):
       if call == 1:

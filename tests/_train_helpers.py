@@ -87,7 +87,7 @@ def standin_models(config, scale, stats=None, aggregation="sum", prior=None):
   d = config.diffusion
   return model.Models(StandInC(), StandInF(scale=scale),
                       diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start, d.beta_end),
-                      prediction=d.get("prediction", "eps"))
+                      prediction=d.prediction)
 
 
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

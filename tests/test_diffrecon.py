@@ -11,6 +11,7 @@ import pytest
 
 from diffrecon_jax.configs import default
 from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import settings as settings_lib
 from diffrecon_jax.models import diffusion
 from diffrecon_jax.data import coarsen, nyc_dsan, pipeline
 
@@ -42,23 +43,23 @@ def test_x0_clip_bound_is_a_factor_of_the_largest_train_value():
 
 def test_sampling_settings_come_from_the_sampling_section_alone():
   config = default.get_config()
-  s = model.SamplingSettings.from_config(config.sampling, config.diffusion.num_steps)
+  s = settings_lib.SamplingSettings.from_config(config)
   assert (s.sampler, s.steps, s.eta, s.n_samples, s.consistent) == ("ddim", 4, 1.0, 4, True)
   assert s.describe() == {"name": "ddim", "steps": 4, "n_samples": 4, "eta": 1.0,
                           "point": "posterior_mean", "ensemble": "members"}
   config.sampling.sampler = "ddpm"
-  s = model.SamplingSettings.from_config(config.sampling, 50)
+  s = settings_lib.SamplingSettings.from_config(config)
   assert s.steps == 50 and "eta" not in s.describe()  # DDPM always takes the T training steps
   config.sampling.sampler = "euler"
   with pytest.raises(ValueError, match="sampling.sampler"):
-    model.SamplingSettings.from_config(config.sampling, 50)
+    settings_lib.SamplingSettings.from_config(config)
   config.sampling.sampler = "ddim"
   config.sampling.ensemble = "independent"
   with pytest.raises(ValueError, match="sampling.ensemble"):
-    model.SamplingSettings.from_config(config.sampling, 50)
+    settings_lib.SamplingSettings.from_config(config)
   config.sampling.ensemble, config.sampling.n_samples = "members", 1
   with pytest.raises(ValueError, match="n_samples >= 2"):
-    model.SamplingSettings.from_config(config.sampling, 50)
+    settings_lib.SamplingSettings.from_config(config)
 
 
 # ---- x0 prediction: the sampler's noise derived from it, and the one-pass posterior mean -------
@@ -87,8 +88,9 @@ def test_x0_prediction_samples_the_data_and_its_posterior_mean_is_the_mean():
   net = GaussianX0(tuple(np.asarray(schedule.alpha_bars).tolist()))
   models = model.Models(c=net, f=net, schedule=schedule, prediction="x0")
   shape = (500, 4, 4, 1)
-  settings = model.SamplingSettings(sampler="ddim", steps=200, eta=1.0, n_samples=1,
-                                        point="posterior_mean")
+  settings = dataclasses.replace(
+      settings_lib.SamplingSettings.from_config(default.get_config()), steps=200, eta=1.0,
+      n_samples=1, point="posterior_mean", ensemble="shared_completion")
   out = model._sample(models, net, {}, {}, shape, jax.random.PRNGKey(0), settings, None)
   x = np.asarray(out["samples"])
   assert abs(x.mean() - MU) < 0.02 and abs(x.std() - SIGMA) < 0.02, (x.mean(), x.std())

@@ -12,6 +12,7 @@ from diffrecon_jax import parallel
 
 from diffrecon_jax.diffrecon import checkpoints
 from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import settings
 from diffrecon_jax.diffrecon import train
 from tests import _train_helpers as helpers
 
@@ -35,11 +36,12 @@ def joint_setup():
   models = helpers.standin_models(config, task.scale)
   mesh = parallel.make_mesh()
   params = jax.jit(lambda k: model.init_params(models, task.shapes, k))(jax.random.PRNGKey(0))
-  opt = train.make_optimizer("joint", config.train)
+  tc = settings.TrainSettings.from_config(config)
+  opt = train.make_optimizer("joint", tc)
   spec = train.BatchSpec.from_task(config, task)
-  joint = train.joint_settings(config, task, models)
+  joint = train.joint_settings(tc, task)
   assert joint.weight_c == 0.0
-  step_fn = train.make_train_step("joint", models, opt, config.train, spec, mesh, 1, joint)
+  step_fn = train.make_train_step("joint", models, opt, tc, spec, mesh, 1, joint)
   arrays = parallel.put_replicated(task.device_arrays(), mesh)
 
   def fresh_state():
@@ -53,7 +55,7 @@ def joint_setup():
 def test_optimizer_freezes_the_other_stage_in_pretraining():
   params = {"c": {"w": jnp.ones((3, 2)), "b": jnp.ones((2,))}, "f": {"w": jnp.ones((4,))}}
   grads = jax.tree_util.tree_map(lambda p: 0.5 * jnp.ones_like(p), params)
-  cfg = helpers.tiny_config().train
+  cfg = settings.TrainSettings.from_config(helpers.tiny_config())
   for phase, frozen, trained in (("stage_c", "f", "c"), ("stage_f", "c", "f"),
                                  ("joint", None, "cf")):
     opt = train.make_optimizer(phase, cfg)
@@ -164,8 +166,9 @@ def test_file_training_patterns_reach_the_compiled_step(tmp_path):
   models = helpers.standin_models(config, task.scale)
   mesh = parallel.make_mesh()
   params = model.init_params(models, task.shapes, jax.random.PRNGKey(0))
-  opt = train.make_optimizer("stage_c", config.train)
-  step_fn = train.make_train_step("stage_c", models, opt, config.train, spec, mesh, 1,
+  tc = settings.TrainSettings.from_config(config)
+  opt = train.make_optimizer("stage_c", tc)
+  step_fn = train.make_train_step("stage_c", models, opt, tc, spec, mesh, 1,
                                   sample_batch=recording_sampler)
   state = train.phase_start_state(opt, params, jax.tree_util.tree_map(jnp.copy, params),
                                   jax.random.PRNGKey(1))

@@ -11,6 +11,8 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.config_version = 2  # the config format (diffrecon/settings.py: CONFIG_VERSION); a saved
+                        # config of an earlier version is upgraded by settings.migrate.
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
   c.method = "diffrecon"  # "diffrecon" or a baseline: "interp", "climatology" (deterministic) or
                           # "srcnn" / "srresnet" / "urbanfm" / "fode" / "stcf" (trained when
@@ -65,26 +67,18 @@ def base_config() -> ml_collections.ConfigDict:
                                     # by the train split's per-slot shares; prior.py). Ours.
   c.diffusion.coarse_residual = True  # ours: Diffusion-C diffuses the residual over the
                                     # climatological first guess (prior.coarse_guess).
-  c.diffusion.guess_local_level = True  # ours (measured): a hidden cell of Diffusion-C's first
-                                    # guess at the level of its own earlier observations in the
-                                    # window (prior.local_level), not the map's one level
-                                    # (False: the baseline's guess). nytaxi val, random patterns:
-                                    # completion MAE -2-4%, fine MAE -0.3-0.6%.
-  c.diffusion.guess_local_sigma = 0.0  # ours (measured): 0 = the cell's own observations; 0.7
-                                    # (Gaussian over neighbours) cost fixed 0.6 MAE 3.83 -> 3.88.
-  c.diffusion.guess_local_shrink = 1.0  # ours (measured on the guess alone, 0.25/0.5/1): weight
-                                    # of the map's level (nytaxi best 0.5, nybike 1).
-  c.diffusion.prior_slot_sigma_minutes = 20.0  # ours (measured): the prior's slot-of-week
-                                    # means smoothed over neighbouring slots (a Gaussian of this
-                                    # many minutes; prior.smooth_over_slots): fewer training weeks'
-                                    # noise in the shares. Share split of the true coarse map, val
-                                    # MAE: nytaxi 2.745 -> 2.690, nybike 1.408 -> 1.363 (20 best of
-                                    # 20/30/45/60 on nytaxi); 0 = the baseline's raw means.
-  c.diffusion.residual_scaling = "cell"  # ours (measured): divide both residuals by their
-                                    # train-split std, so they have the unit scale the schedule
-                                    # is made for: "channel" (one std per channel, ~0.07 of the
-                                    # data on nytaxi), "cell" (per cell and channel: nytaxi's
-                                    # range 0.008-0.30; val mean MAE 3.538 -> 3.484), "" = none.
+  c.diffusion.guess_local_level = True  # ours (measured on nytaxi val; WORKSPACE.md): a hidden
+                                    # cell's first guess at the level of its own earlier
+                                    # observations (prior.local_level), not the map's one level.
+  c.diffusion.guess_local_sigma = 0.0  # ours (measured; WORKSPACE.md): 0 = the cell's own
+                                    # observations, > 0 = a Gaussian over its neighbours.
+  c.diffusion.guess_local_shrink = 1.0  # ours (measured; WORKSPACE.md): weight of the map's level.
+  c.diffusion.prior_slot_sigma_minutes = 20.0  # ours (measured; WORKSPACE.md): the slot means
+                                    # smoothed over neighbouring slots by a Gaussian of this many
+                                    # minutes (prior.smooth_over_slots); 0 = the raw means.
+  c.diffusion.residual_scaling = "cell"  # ours (measured; WORKSPACE.md): divide both residuals
+                                    # by their train-split std per "channel" or per "cell" (and
+                                    # channel), so they have the schedule's unit scale; "" = none.
   c.diffusion.prediction = "x0"     # what the denoisers output: "eps" (DDPM, the paper) or
                                     # "x0" (ours: gives the one-pass posterior mean, below).
 
@@ -153,11 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- training (Sec. IV-E) ----
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16           # ours (CPU); global batch, sharded over the `data` axis.
-  c.train.steps_c = 8000            # pre-training steps of Diffusion-C; ours, measured on the
-                                    # nytaxi val split (mean MAE over the nine patterns, steps
-                                    # c/f/joint): 2000/2000/500 3.612, 4000/4000/500 3.582,
-                                    # 8000/8000/1000 3.538 (climatology 3.612); the most that
-                                    # fits the 15-minute CPU run with the evaluation.
+  c.train.steps_c = 8000            # pre-training steps of Diffusion-C; ours (measured on nytaxi
+                                    # val; WORKSPACE.md): the most that fits the 15-minute CPU run.
   c.train.steps_f = 8000            # pre-training steps of Diffusion-F; as steps_c.
   c.train.steps_joint = 1000        # joint steps; as steps_c.
   c.train.lr_c = 1e-3               # CSDI: 1e-3 (Adam).

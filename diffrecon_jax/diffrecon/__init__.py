@@ -5,6 +5,8 @@
   denoisers.py      their networks: U-Net + ST-PointFormer (Sec. IV-B), U-Net + T-PatternNet
                     (Sec. IV-C), built on st_pointformer.py, t_patternnet.py, grid_stack.py
                     and the shared models/unet.py;
+  settings.py       the typed settings every module reads, built once from the config
+                    (configs/default.py holds every default), and `migrate` for saved configs;
   prior.py          the climatology prior the residuals are taken over (ours);
   train.py          the compiled train step and the three-phase loop with its checkpoints;
   method.py         the trained model as an evaluated method (`DiffReconMethod`);

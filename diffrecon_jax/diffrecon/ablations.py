@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffrecon_jax.diffrecon import settings
+
 ABLATIONS = ("noPre", "noJoint", "noSTPointFormer", "noTPatternNet", "noFG")
 
 
 def check(config: ml_collections.ConfigDict) -> str:
   """The config's ablation ("" = none); a ValueError names a bad one."""
-  name = str(config.get("ablation", "") or "")
+  name = str(settings.read(config, "ablation"))
   if name and name not in ABLATIONS:
     raise ValueError(f"unknown ablation {name!r}; expected '' or one of {ABLATIONS}")
   if name and config.method != "diffrecon":

@@ -54,6 +54,7 @@ from diffrecon_jax import metrics as metrics_lib
 from diffrecon_jax import paths
 from diffrecon_jax.data import coarsen as coarsen_lib
 from diffrecon_jax.data import patterns as patterns_lib
+from diffrecon_jax.diffrecon import settings as settings_lib
 
 # Nominal levels of the central intervals fitted and reported (the reliability diagram's x axis).
 LEVELS = metrics_lib.LEVELS
@@ -251,16 +252,13 @@ def attach(method, config, workdir, task) -> None:
   (`config.calibration`: on the first `val_slices` validation slices under every evaluation
   pattern). Does nothing when `calibration.enabled` is off or the method has no ensemble.
   task: `pipeline.TaskData`, or a function returning it (called only when fitting)."""
-  settings = config.get("calibration", None)
-  if settings is None or not settings.get("enabled", False):
+  settings = settings_lib.CalibrationSettings.from_config(config)
+  if not settings.enabled:
     return
   if not hasattr(method, "calibration") or int(getattr(method, "n_samples", 0)) < 2:
     return
-  val_slices = int(settings.get("val_slices", 0))
-  smoke = int(config.get("eval", {}).get("max_slices", 0))
-  if smoke:  # a smoke run (eval.max_slices) fits on as few validation slices as it scores
-    val_slices = min(val_slices, smoke) if val_slices else smoke
-  rule = str(settings.get("spread_rule", "spread_skill"))
+  val_slices = settings.fit_slices  # a smoke run fits on as few slices as it scores
+  rule = settings.spread_rule
   cal = load(workdir, method.sampler, val_slices, rule)
   if cal is None:
     logging.info("fitting the calibration on the validation split (%s slices, %d patterns)",
@@ -402,7 +400,7 @@ class _GroupScores:
             np.concatenate(self.std) if self.std else np.zeros(0, np.float32), self.crps)
 
 
-SPREAD_RULES = ("spread_skill", "crps")
+SPREAD_RULES = settings_lib.SPREAD_RULES
 
 
 def fit_from_scores(scores: dict, n_samples: int, levels: tuple = LEVELS,

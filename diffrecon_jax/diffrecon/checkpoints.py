@@ -17,6 +17,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from diffrecon_jax.diffrecon import settings
+
 ITEMS = ("state", "meta")
 
 
@@ -151,5 +153,15 @@ def _tuplify(x: Any) -> Any:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of `config.to_json()` (JSON lists become tuples, as in the config files)."""
-  return ml_collections.ConfigDict(_tuplify(json.loads(text)))
+  """A saved config (checkpoint metadata, config.json) read back: the inverse of
+  `config.to_json()` (JSON lists become tuples, as in the config files), upgraded by
+  `settings.migrate` to the current version (a config saved before a field existed gets the
+  value that reproduces the behaviour it was saved with)."""
+  return settings.migrate(ml_collections.ConfigDict(_tuplify(json.loads(text))))
+
+
+def same_config(saved_json, config: ml_collections.ConfigDict) -> bool:
+  """Whether a checkpoint's saved config (JSON text or None) is `config`, once migrated."""
+  if saved_json is None:
+    return False
+  return json.loads(config_from_json(saved_json).to_json()) == json.loads(config.to_json())

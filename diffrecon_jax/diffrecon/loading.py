@@ -22,6 +22,7 @@ from diffrecon_jax.diffrecon import calibration
 from diffrecon_jax.diffrecon import checkpoints
 from diffrecon_jax.diffrecon import model
 from diffrecon_jax.diffrecon import prior as prior_lib
+from diffrecon_jax.diffrecon import settings
 from diffrecon_jax.diffrecon import train as train_lib
 from diffrecon_jax.diffrecon.method import DiffReconMethod
 
@@ -65,10 +66,11 @@ def from_workdir(workdir: str, config=None, task=None,
                       task if task is not None else pipeline.prepare_task(saved))
     return prepared[0]
 
+  sampling = settings.SamplingSettings.from_config(saved)
   needs_task = model.clip_bounds_need_train_split(models)
-  clip = model.x0_clip_bounds(float(saved.sampling.x0_clip_factor), models,
+  clip = model.x0_clip_bounds(sampling.x0_clip_factor, models,
                               task_of() if needs_task else None)
-  method = DiffReconMethod(saved, params, models, clip)
+  method = DiffReconMethod(saved, params, models, clip, sampling)
   method.name = ablations.method_name(saved)
   if ablations.check(saved) != "noFG" and parallel.is_main_process():
     # Process 0 alone samples and writes the workdir's files.
@@ -126,7 +128,7 @@ def _load_finished(mngr, phase: str, step: int, workdir: epath.Path, mesh,
   meta = checkpoints.read(checkpoints.read_meta, mngr, step)
   if not meta.get("finished"):
     return None
-  config = checkpoints.config_from_json(meta["config"])
+  config = checkpoints.config_from_json(meta["config"])  # migrated to the current version
   kwargs = {}
   path = prior_lib.prior_path(workdir)
   if model.uses_prior(config) and path.exists():
@@ -137,7 +139,7 @@ def _load_finished(mngr, phase: str, step: int, workdir: epath.Path, mesh,
   key = jax.random.PRNGKey(0)
   abstract_params = jax.eval_shape(
       lambda k: model.init_params(models, meta["shapes"], k), key)
-  opt = train_lib.make_optimizer(phase, config.train)
+  opt = train_lib.make_optimizer(phase, settings.TrainSettings.from_config(config))
   abstract = checkpoints.with_sharding(jax.eval_shape(
       lambda p, e, k: train_lib.phase_start_state(opt, p, e, k), abstract_params, abstract_params, key),
       parallel.replicated(mesh))

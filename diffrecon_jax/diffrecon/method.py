@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ import numpy as np
 from diffrecon_jax.batching import BALANCE_BATCHES_FOR, balanced_batch_size, concurrent_batches
 from diffrecon_jax.diffrecon import calibration as calibration_lib
 from diffrecon_jax.diffrecon import model
+from diffrecon_jax.diffrecon import settings as settings_lib
 
 
 class DiffReconMethod:
@@ -45,13 +47,16 @@ class DiffReconMethod:
   name = "diffrecon"
 
   def __init__(self, config, params: dict, models: model.Models,
-               x0_clip: tuple = (None, None)):
-    """config: the run's config (its `sampling`, `eval`, `seed` and `diffusion.num_steps` are
-    read); params: {'c', 'f'} parameters; x0_clip: (coarse, fine) bounds on each reverse step's
-    estimate of s_0 in normalised units (`diffrecon.x0_clip_bounds`: computed from the train
-    split when the method is built), or None for no clip."""
-    self.settings = model.SamplingSettings.from_config(config.sampling,
-                                                           int(config.diffusion.num_steps))
+               x0_clip: tuple = (None, None),
+               sampling: Optional[settings_lib.SamplingSettings] = None):
+    """config: the run's config (its `sampling`, `eval.batch_size`, `seed` and
+    `diffusion.num_steps` are read); params: {'c', 'f'} parameters; x0_clip: (coarse, fine)
+    bounds on each reverse step's estimate of s_0 in normalised units
+    (`model.x0_clip_bounds`: computed from the train split when the method is built), or None
+    for no clip; sampling: the config's `settings.SamplingSettings` when the caller has read
+    them already."""
+    self.settings = (settings_lib.SamplingSettings.from_config(config) if sampling is None
+                     else sampling)
     self.x0_clip = tuple(x0_clip)
     self.params = params
     self.models = models
@@ -62,8 +67,7 @@ class DiffReconMethod:
     self.sampler = self.settings.describe()
     # Sampler noise: `sampling.prng_impl` ("rbg" on the default configs: measured faster on CPU
     # than threefry) or JAX's default when "".
-    self._rng = jax.random.key(int(config.seed) + 1,
-                               impl=config.sampling.get("prng_impl", "") or None)
+    self._rng = jax.random.key(int(config.seed) + 1, impl=self.settings.prng_impl or None)
     settings, clip = self.settings, self.x0_clip
     # (params, *arrays, rng): the argument order `_batched` calls with; slots are the
     # climatology slots of the windows (B, t), zeros when the model has no prior.

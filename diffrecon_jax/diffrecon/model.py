@@ -34,6 +34,8 @@ import numpy as np
 
 from diffrecon_jax.models import diffusion
 from diffrecon_jax.diffrecon import prior as prior_lib
+from diffrecon_jax.diffrecon import settings as settings_lib
+from diffrecon_jax.diffrecon.settings import SamplingSettings
 from diffrecon_jax import calendar_choice
 
 Array = jax.Array
@@ -101,76 +103,64 @@ class Models:
 
 def uses_prior(config: ml_collections.ConfigDict) -> bool:
   """Whether the config's model needs the climatology prior (`prior.fit_prior`)."""
-  d = config.diffusion
-  return bool(d.get("coarse_residual", False)) or (
-      bool(d.get("fine_residual", False)) and d.get("fine_base", "uniform") == "climatology")
+  return settings_lib.PriorSettings.from_config(config).uses_prior
 
 
 def build_models(config: ml_collections.ConfigDict, scale: int, stats: Optional[dict] = None,
                  aggregation: str = "sum", prior: Optional[prior_lib.Prior] = None) -> Models:
-  """Diffusion-C / Diffusion-F from config.model_c / config.model_f, schedule from config.diffusion.
+  """Diffusion-C / Diffusion-F from config.model_c / config.model_f, the rest of the model from
+  `settings.ModelSettings` of the config (read here, once).
 
-  With config.diffusion.fine_residual and the task's normalisation `stats`, Diffusion-F works on
-  the residual over `fine_base` ("uniform": the coarse map's even spread; "climatology": its
-  split by the prior's shares); with config.diffusion.coarse_residual Diffusion-C works on the
-  residual over the prior's first guess. `prior` (`prior.fit_prior` of the task, or loaded from
-  a workdir) is required when `uses_prior(config)`.
+  With diffusion.fine_residual and the task's normalisation `stats`, Diffusion-F works on the
+  residual over `fine_base` ("uniform": the coarse map's even spread; "climatology": its split
+  by the prior's shares); with diffusion.coarse_residual Diffusion-C works on the residual over
+  the prior's first guess. `prior` (`prior.fit_prior` of the task, or loaded from a workdir) is
+  required when `uses_prior(config)`.
   """
+  return _build(settings_lib.ModelSettings.from_config(config), config, scale, stats,
+                aggregation, prior)
+
+
+def _build(ms: settings_lib.ModelSettings, config: ml_collections.ConfigDict, scale: int,
+           stats: Optional[dict], aggregation: str, prior: Optional[prior_lib.Prior]) -> Models:
   from diffrecon_jax.diffrecon import denoisers  # local: the model zoo is heavy to import.
-  d = config.diffusion
-  schedule = diffusion.make_schedule(d.schedule, int(d.num_steps), float(d.beta_start),
-                                     float(d.beta_end))
-  if uses_prior(config) and prior is None:
+  d, p = ms.diffusion, ms.prior
+  schedule = diffusion.make_schedule(d.schedule, d.num_steps, d.beta_start, d.beta_end)
+  if p.uses_prior and prior is None:
     raise ValueError("this config uses the climatology prior (diffusion.coarse_residual or "
                      "diffusion.fine_base='climatology') but none was given: pass "
                      "prior=prior.fit_prior(task), or train again if the workdir lacks "
                      f"{prior_lib.PRIOR_FILE}")
   base, feed_f = None, False
-  if d.get("fine_residual", False):
+  if p.fine_residual:
     if stats is None:
       raise ValueError("diffusion.fine_residual needs the task's normalisation stats")
-    kind = d.get("fine_base", "uniform")
-    if kind == "uniform":
+    if p.fine_base == "uniform":
       base = functools.partial(uniform_fine_base, stats=stats, scale=int(scale),
                                aggregation=aggregation)
-    elif kind == "climatology":
+    else:  # "climatology" (the choices are checked by `PriorSettings`)
       base, feed_f = functools.partial(prior_lib.fine_base, prior), True
-    else:
-      raise ValueError(f"diffusion.fine_base must be 'uniform' or 'climatology', got {kind!r}")
   return Models(c=denoisers.DiffusionCNet(**config.model_c.to_dict()),
                 f=denoisers.DiffusionFNet(scale=int(scale), **config.model_f.to_dict()),
-                schedule=schedule, fine_base=base, prior=prior if uses_prior(config) else None,
-                coarse_residual=bool(d.get("coarse_residual", False)), feed_prior_f=feed_f,
-                loss_c_on_hidden=bool(config.train.get("loss_c_on_hidden", False)),
-                residual_scaling=_choice(d, "diffusion", "residual_scaling",
-                                         ("", "channel", "cell")) != "",
-                prediction=_choice(d, "diffusion", "prediction", ("eps", "x0")),
-                point_fraction=float(config.train.get("point_fraction", 0.0)),
-                point_loss=_choice(config.train, "train", "point_loss", ("l2", "l1")))
-
-
-def _choice(section: ml_collections.ConfigDict, name: str, key: str, allowed: tuple) -> str:
-  """section[key] (default allowed[0]) after checking it is one of `allowed`."""
-  value = section.get(key, allowed[0])
-  if value not in allowed:
-    raise ValueError(f"{name}.{key} must be one of {allowed}, got {value!r}")
-  return value
+                schedule=schedule, fine_base=base, prior=prior if p.uses_prior else None,
+                coarse_residual=p.coarse_residual, feed_prior_f=feed_f,
+                loss_c_on_hidden=ms.loss.loss_c_on_hidden,
+                residual_scaling=p.residual_scaling != "", prediction=d.prediction,
+                point_fraction=ms.loss.point_fraction, point_loss=ms.loss.point_loss)
 
 
 def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
   """`build_models` for a prepared `pipeline.TaskData`, fitting the prior on its train split
   when the config uses one."""
-  per_cell = _choice(config.diffusion, "diffusion", "residual_scaling",
-                     ("", "channel", "cell")) == "cell"
-  d = config.diffusion
+  ms = settings_lib.ModelSettings.from_config(config)
+  p = ms.prior
   prior = prior_lib.fit_prior(
-      task, per_cell=per_cell, local=bool(d.get("guess_local_level", False)),
-      local_sigma=float(d.get("guess_local_sigma", 0.0)),
-      local_shrink=float(d.get("guess_local_shrink", 1.0)),
-      slot_sigma_minutes=float(d.get("prior_slot_sigma_minutes", 0.0)),
+      task, per_cell=p.residual_scaling == "cell", local=p.guess_local_level,
+      local_sigma=p.guess_local_sigma, local_shrink=p.guess_local_shrink,
+      slot_sigma_minutes=p.slot_sigma_minutes,
       table=calendar_choice.resolve_table(config, task)["table"]
-  ) if uses_prior(config) else None
-  return build_models(config, task.scale, task.stats, task.series.aggregation, prior)
+  ) if p.uses_prior else None
+  return _build(ms, config, task.scale, task.stats, task.series.aggregation, prior)
 
 
 def dummy_inputs(shapes: dict, batch_size: int = 1, models: Optional[Models] = None) -> tuple:
@@ -339,16 +329,18 @@ class JointSettings:
 
   weight_c, weight_f: loss = weight_c * L_C + weight_f * L_F (`train.joint_weight_c/_f`).
   x0_clip: bound on Diffusion-C's one-step estimate that completes the coarse window, normalised
-    units (`x0_clip_bound`), or None.
+    units (`x0_clip_bound` of `train.joint_x0_clip_factor`), or None.
+  Built from `settings.TrainSettings` and the task by `train.joint_settings`.
   """
-  weight_c: float = 1.0
-  weight_f: float = 1.0
-  x0_clip: Optional[float] = None
+  weight_c: float
+  weight_f: float
+  x0_clip: Optional[float]
 
 
 def phase_loss(phase: str, models: Models, params: dict, batch: dict, rng: Array,
-               joint: JointSettings = JointSettings()) -> tuple:
-  """(total loss, metrics dict) of one phase on one batch; differentiable in params."""
+               joint: Optional[JointSettings] = None) -> tuple:
+  """(total loss, metrics dict) of one phase on one batch; differentiable in params. `joint`
+  is needed by the joint phase only."""
   k_c, k_f = jax.random.split(rng)
   if phase == "stage_c":
     l_c, _ = loss_c(models, params["c"], batch, k_c)
@@ -358,11 +350,13 @@ def phase_loss(phase: str, models: Models, params: dict, batch: dict, rng: Array
     return l_f, {"loss": l_f, "loss_f": l_f}
   if phase != "joint":
     raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+  if joint is None:
+    raise ValueError("the joint phase needs its JointSettings (train.joint_settings)")
   return joint_loss(models, params, batch, rng, joint)
 
 
 def joint_loss(models: Models, params: dict, batch: dict, rng: Array,
-               joint: JointSettings = JointSettings()) -> tuple:
+               joint: JointSettings) -> tuple:
   """The joint objective of Sec. IV-E, w_c L_C + w_f L_F, in one differentiable graph.
 
   L_C as in stage C; its x0_hat completes the current coarse map (`complete_current`), and L_F is
@@ -462,61 +456,6 @@ def x0_clip_bounds(factor: float, models: Models, task=None) -> tuple:
         values = values - np.asarray(models.fine_base(jnp.asarray(task.coarse[lo:hi]), None))
     bounds.append(x0_clip_bound(factor, values))
   return tuple(bounds)
-
-
-ENSEMBLES = ("members", "shared_completion")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-  """The sampler, from `config.sampling` (hashable: static under jit).
-
-  sampler: "ddim" (S = `steps` steps) or "ddpm" (ancestral, all T training steps).
-  steps: S for DDIM (ignored by DDPM, which always takes T).
-  eta: DDIM stochasticity (0 = deterministic chain, 1 = DDPM-like noise).
-  n_samples: samples per input.
-  consistent: fine maps pool exactly to the completed coarse map (needs the residual target).
-  point: the point estimate: "median" (per-cell median of the samples; stage 1 completes with
-    it) or "posterior_mean" (one pass of an x0-predicting denoiser on pure noise, its estimate
-    of E[target | conditioning]: the MSE-optimal point without sampling noise; stage 1 then
-    draws no samples at all, the fine samples serve the sample metrics only).
-  ensemble: how the S ensemble members arise: "members" (each member draws its own completion
-    of the hidden coarse cells with Diffusion-C, with one noise draw shared by every slice so a
-    member's history window is coherent in time, and its own fine map from its own window:
-    member m's fine map pools to member m's completion; `sample_coarse_members`,
-    `sample_fine_members`) or "shared_completion" (one completed coarse map per slice, every
-    fine sample pools to it: the spread of the hidden coarse cells never enters the samples).
-  """
-  sampler: str = "ddim"
-  steps: int = 10
-  eta: float = 1.0
-  n_samples: int = 2
-  consistent: bool = True
-  point: str = "median"
-  ensemble: str = "shared_completion"
-
-  @classmethod
-  def from_config(cls, sampling: ml_collections.ConfigDict, num_train_steps: int):
-    if sampling.sampler not in ("ddim", "ddpm"):
-      raise ValueError(f"sampling.sampler must be 'ddim' or 'ddpm', got {sampling.sampler!r}")
-    steps = int(sampling.steps) if sampling.sampler == "ddim" else int(num_train_steps)
-    ensemble = str(sampling.get("ensemble", "shared_completion"))
-    if ensemble not in ENSEMBLES:
-      raise ValueError(f"sampling.ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-    if ensemble == "members" and int(sampling.n_samples) < 2:
-      raise ValueError("sampling.ensemble='members' needs sampling.n_samples >= 2 (a spread)")
-    return cls(sampler=str(sampling.sampler), steps=steps, eta=float(sampling.eta),
-               n_samples=int(sampling.n_samples), consistent=bool(sampling.consistent),
-               point=_choice(sampling, "sampling", "point", ("median", "posterior_mean")),
-               ensemble=ensemble)
-
-  def describe(self) -> dict:
-    """The `sampler` entry of results.json."""
-    d = {"name": self.sampler, "steps": self.steps, "n_samples": self.n_samples,
-         "point": self.point, "ensemble": self.ensemble}
-    if self.sampler == "ddim":
-      d["eta"] = self.eta
-    return d
 
 
 def posterior_mean(models: Models, net: nn.Module, params, cond: dict, shape: tuple) -> Array:

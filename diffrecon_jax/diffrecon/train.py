@@ -46,12 +46,13 @@ from diffrecon_jax import parallel
 from diffrecon_jax import paths
 from diffrecon_jax import preemption
 from diffrecon_jax.diffrecon import prior as prior_lib
+from diffrecon_jax.diffrecon import settings as settings_lib
+from diffrecon_jax.diffrecon.settings import TrainSettings
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 
 Array = jax.Array
 PHASES = model.PHASES
-_STEPS_FIELD = {"stage_c": "steps_c", "stage_f": "steps_f", "joint": "steps_joint"}
 # Component losses first: a NaN is reported under the loss it starts in.
 _METRIC_NAMES = {"stage_c": ("loss_c", "loss", "grad_norm"),
                  "stage_f": ("loss_f", "loss", "grad_norm"),
@@ -90,13 +91,15 @@ class BatchSpec:
 
   @classmethod
   def from_task(cls, config: ml_collections.ConfigDict, task) -> "BatchSpec":
+    """The spec of `task`'s train split under config.train.batch_size."""
     kinds, ratios, *layouts = patterns_lib.encode_train_patterns(task.patterns_train,
                                                                  task.coarse_shape)
     lo, hi = task.train_range
     # Tuples all the way down: the spec is a static (hashable) argument of the jitted step.
     layouts = (tuple(tuple(map(tuple, np.asarray(l).tolist())) for l in layouts[0])
                if layouts else None)
-    return cls(int(config.train.batch_size), int(task.history), (int(lo), int(hi)),
+    return cls(int(settings_lib.read(config, "train.batch_size")), int(task.history),
+               (int(lo), int(hi)),
                (tuple(int(k) for k in kinds), tuple(float(r) for r in ratios))
                + ((layouts,) if layouts else ()))
 
@@ -105,17 +108,16 @@ def _label_tree(params: dict) -> dict:
   return {name: jax.tree_util.tree_map(lambda _, n=name: n, sub) for name, sub in params.items()}
 
 
-def make_optimizer(phase: str, train_cfg: ml_collections.ConfigDict
-                   ) -> optax.GradientTransformation:
+def make_optimizer(phase: str, train_cfg: TrainSettings) -> optax.GradientTransformation:
   """The phase's optimizer over {'c', 'f'} parameters.
 
   Global-norm clipping over both models, then AdamW per model (`optax.multi_transform`) with the
   phase's rate; the model that does not train in a pre-training phase gets `set_to_zero`, so
-  neither its gradient nor weight decay moves it. `train_cfg.adam_eps` (default 1e-8, optax's)
-  is Adam's denominator floor: it bounds the step lr * g / (rms(g) + eps) of a parameter whose
+  neither its gradient nor weight decay moves it. `train_cfg.adam_eps` is Adam's denominator
+  floor: it bounds the step lr * g / (rms(g) + eps) of a parameter whose
   gradient is rounding noise (the denoisers have a few the loss is invariant to).
   """
-  eps = float(train_cfg.get("adam_eps", 1e-8))
+  eps = float(train_cfg.adam_eps)
 
   def adamw(lr):
     return optax.adamw(float(lr), eps=eps, weight_decay=float(train_cfg.weight_decay))
@@ -144,9 +146,9 @@ def phase_start_state(optimizer: optax.GradientTransformation, params: dict, ema
 # The compiled step
 # --------------------------------------------------------------------------------------------
 def make_train_step(phase: str, models: model.Models, optimizer: optax.GradientTransformation,
-                    train_cfg: ml_collections.ConfigDict, spec: BatchSpec, mesh,
+                    train_cfg: TrainSettings, spec: BatchSpec, mesh,
                     steps_per_call: int,
-                    joint: model.JointSettings = model.JointSettings(),
+                    joint: Optional[model.JointSettings] = None,
                     sample_batch: Callable[..., dict] = pipeline.sample_train_batch) -> Callable:
   """`steps_per_call` fused train steps as one jitted, sharded function.
 
@@ -154,6 +156,7 @@ def make_train_step(phase: str, models: model.Models, optimizer: optax.GradientT
   replicated, see `parallel.put_replicated`); state is donated; metrics maps each name of the
   phase ('loss', 'loss_c' / 'loss_f', 'grad_norm') to a (steps_per_call,) float32 array, one
   value per fused step (so a non-finite value is located to its step; the host averages).
+  `joint` (`joint_settings`) is needed by the joint phase only.
   """
   parallel.check_batch_size(spec.batch_size, mesh)
   repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -278,16 +281,13 @@ class _MetricsLog:
     return record
 
 
-def joint_settings(config: ml_collections.ConfigDict, task,
-                   models: model.Models) -> model.JointSettings:
-  """The joint objective's weights and x0 clip (the one rule of `diffrecon.x0_clip_bound`, on
-  the normalised coarse train split) from config.train."""
+def joint_settings(train_cfg: TrainSettings, task) -> model.JointSettings:
+  """The joint objective's weights and x0 clip (the one rule of `model.x0_clip_bound`, on the
+  normalised coarse train split of `task`)."""
   lo, hi = task.split.range("train")
-  tc = config.train
   return model.JointSettings(
-      weight_c=float(tc.joint_weight_c), weight_f=float(tc.joint_weight_f),
-      x0_clip=model.x0_clip_bound(float(tc.get("joint_x0_clip_factor", 0.0)),
-                                      task.coarse[lo:hi]))
+      weight_c=train_cfg.joint_weight_c, weight_f=train_cfg.joint_weight_f,
+      x0_clip=model.x0_clip_bound(train_cfg.joint_x0_clip_factor, task.coarse[lo:hi]))
 
 
 def training_arrays(task, models: model.Models) -> dict:
@@ -306,7 +306,7 @@ class _Phase:
   total: int
   models: model.Models
   optimizer: optax.GradientTransformation
-  train_cfg: ml_collections.ConfigDict
+  train_cfg: TrainSettings
   spec: BatchSpec
   joint: model.JointSettings
   mesh: Any
@@ -337,13 +337,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
   workdir.mkdir(parents=True, exist_ok=True)
   task = pipeline.prepare_task(config) if task is None else task
   mesh = parallel.make_mesh() if mesh is None else mesh
-  tc = config.train
+  tc = TrainSettings.from_config(config)
   spec = BatchSpec.from_task(config, task)
   parallel.check_batch_size(spec.batch_size, mesh)
   repl = parallel.replicated(mesh)
   if models is None:
     models = model.build_models_for_task(config, task)
-  joint = joint_settings(config, task, models)
+  joint = joint_settings(tc, task)
   if models.prior is not None and jax.process_index() == 0:
     # The climatology the model corrects travels with its checkpoints (evaluation reads it).
     models.prior.save(prior_lib.prior_path(workdir))
@@ -358,21 +358,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
 
   state: Optional[TrainState] = None
   summary = {}
-  board = (curves.TensorBoard(workdir) if bool(tc.tensorboard) and jax.process_index() == 0
+  board = (curves.TensorBoard(workdir) if tc.tensorboard and jax.process_index() == 0
            else None)
   # SIGTERM (spot VMs, Colab) saves at the step reached and stops (preemption.py).
   with preemption.Watcher() as watcher, _finally(board, workdir):
     for p_idx, phase in enumerate(PHASES):
-      total = int(tc[_STEPS_FIELD[phase]])
+      total = tc.steps(phase)
       optimizer = make_optimizer(phase, tc)
       start_fn = lambda p, e, k, opt=optimizer: phase_start_state(opt, p, e, k)
       abstract = checkpoints.with_sharding(
           jax.eval_shape(start_fn, abstract_params, abstract_params, base_key), repl)
-      mngr = checkpoints.manager(workdir, phase, int(tc.keep_checkpoints))
+      mngr = checkpoints.manager(workdir, phase, tc.keep_checkpoints)
       try:
         latest, restored, meta = checkpoints.restore_for_resume(mngr, phase, abstract, workdir)
         if latest is not None:
-          if meta.get("config") != base_meta["config"]:
+          if not checkpoints.same_config(meta.get("config"), config):
             logging.warning("[%s] the checkpoint's config differs from the current one; "
                             "resuming anyway", phase)
           state = copy_state(restored)  # jit outputs: reliably donatable.
@@ -387,7 +387,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
             # EMA starts at the initial parameters; a separate buffer since the state is donated.
             params, ema = jax.jit(
                 lambda k: (lambda p: (p, jax.tree_util.tree_map(jnp.copy, p)))(
-                    model.init_params(models, task.shapes, k, tc.get("init_prng_impl", "rbg"))),
+                    model.init_params(models, task.shapes, k, tc.init_prng_impl)),
                 out_shardings=repl)(jax.random.fold_in(base_key, 0))
           else:
             params, ema = state.params, state.ema_params
@@ -422,8 +422,8 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
   """Trains phase `ctx.name` from state.step to `ctx.total`, saving every
   `train.checkpoint_every` steps and at the end; returns (state, last logged record)."""
   phase, total, tc, spec, mesh = ctx.name, ctx.total, ctx.train_cfg, ctx.spec, ctx.mesh
-  k_every, log_every = int(tc.checkpoint_every), int(tc.log_every)
-  steps_per_call = max(1, int(tc.steps_per_call))
+  k_every, log_every = tc.checkpoint_every, tc.log_every
+  steps_per_call = max(1, tc.steps_per_call)
   step = int(parallel.to_host(state.step))
   fns: dict = {}
   log = _MetricsLog(ctx.workdir, phase, total, step, ctx.board)
