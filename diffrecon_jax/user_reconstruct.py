@@ -10,7 +10,7 @@ data is read when the model has its climatology prior (the default).
 
 Each slice s with 2 * history slices before it, one interval apart, is reconstructed: stage 1
 completes the coarse maps of s's window, each from its own window of observations (as in an
-evaluation, `diffrecon_method`), stage 2 infers the fine map. Written to `reconstruct.output`
+evaluation, `diffrecon/method.py`), stage 2 infers the fine map. Written to `reconstruct.output`
 (default `workdir/reconstruction/<input name>`) as .nc and .npz:
   fine (n, N*I, N*J, C)      the point estimate (`sampling.point`)
   fine_q05, fine_q95         the 90% interval of every fine cell: the recalibrated interval

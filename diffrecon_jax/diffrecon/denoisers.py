@@ -9,7 +9,7 @@ at the bottleneck. Call convention (as `diffusion.EpsFn` after closing over para
 The sequence encoders read only the conditioning, never x_tau or tau, so S_inter is the same at
 every reverse step and for every sample of one input. Samplers compute it once per input with
 `model.apply(params, None, None, cond, inter_only=True)` and pass it back as `inter=` at each step
-(`diffrecon_method`): on the CPU config this removes the ST-PointFormer from the DDIM loop.
+(`method.py`): on the CPU config this removes the ST-PointFormer from the DDIM loop.
 
 All shapes (t, I, J, C, N) are read from the inputs, so one class serves every dataset; a set of
 parameters is tied to the shapes it was initialised with (the sequence encoders' position tables

@@ -18,7 +18,7 @@ Everything the paper's equations define lives here, in the order data flows thro
     step) and `sample_fine` (stage 2: fine samples and their point estimate), and the one clipping
     rule for x0 estimates (`x0_clip_bound`).
 The training loop, state and checkpoints are in `train.py`; batching a split through the
-samplers is `diffrecon_method.DiffReconMethod`.
+samplers is `method.DiffReconMethod`.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ rediscover" of CorrDiff-style residual diffusion):
   - stage 2, `fine_base`: each completed coarse value split over its N x N cells by the
     climatology's shares of the block at the slot (`sum`), or the coarse value plus the
     climatology's anomaly from the block mean (`mean`). Diffusion-F diffuses fine - base; the base
-    pools exactly to the coarse map, so `diffrecon.block_mean_zero` keeps fine maps consistent.
+    pools exactly to the coarse map, so `model.block_mean_zero` keeps fine maps consistent.
 Both are pure jnp (they run inside the jitted train step and the samplers) and read the slot of
 each slice from its timestamp (`Prior.slots`), never from its index.
 
@@ -172,7 +172,7 @@ def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0,
   train step draws them (masks from the training patterns, fixed `seed`), and fine maps minus
   `fine_base` on every training slice. A residual over a good first guess is small (std ~0.07
   of the normalised data on nytaxi), far below the unit scale the noise schedule is made for;
-  dividing by its std restores that scale (`diffrecon.Models.residual_scaling`)."""
+  dividing by its std restores that scale (`model.Models.residual_scaling`)."""
   from diffrecon_jax.data import patterns as patterns_lib  # local: data -> prior, not back.
   from diffrecon_jax.data import pipeline
   slots = jnp.asarray(prior.slots(task.series.timestamps))

@@ -9,9 +9,9 @@ Three phases run in order, each with its own optimizer and Orbax checkpoint dire
                                         conditioned on the pseudo-complete coarse window.
   joint    (config.train.steps_joint)  both learn, end to end: w_c L_C + w_f L_F where L_F is
                                         conditioned on Diffusion-C's differentiable completion of
-                                        the current coarse map (`diffrecon.joint_loss`).
+                                        the current coarse map (`model.joint_loss`).
 
-The losses and the models are the DiffRecon model's (`diffrecon.py`); this module owns the state,
+The losses and the models are the DiffRecon model's (`model.py`); this module owns the state,
 the optimizers, the compiled step, the loop, the EMA and the checkpoints.
 
 One compiled step serves every phase and every device layout: `jax.jit` over a one-axis Mesh,
@@ -327,7 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
     workdir: output folder: stage_c/, stage_f/, joint/ (Orbax), metrics.jsonl.
     task: optional prepared `pipeline.TaskData` (default: `pipeline.prepare_task(config)`).
     mesh: optional mesh (default: every device on the 'data' axis).
-    models: the denoisers to train (default: `diffrecon.build_models` of the config; tests pass
+    models: the denoisers to train (default: `model.build_models` of the config; tests pass
       small stand-ins).
   Returns:
     {'state': final TrainState, 'phases': {phase: {'start_step', 'end_step', 'total',
