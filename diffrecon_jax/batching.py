@@ -1,12 +1,17 @@
-"""Fixed-size sampler batches shared by the diffusion methods (DiffRecon, DiffUFlow).
+"""Fixed-size batches of every method's compiled calls (DiffRecon, its prior, the baselines).
 
-A sampler program is compiled for one batch shape; a split into (nearly) equal batches keeps
-every worker of `eval.concurrent_batches` busy to the end, and the partition depends on the
-config alone, so the random key of every batch does too.
+A compiled program sees one batch shape: `run_batched` runs a function over fixed-size batches,
+the last one padded. For the samplers, a split into (nearly) equal batches keeps every worker of
+`eval.concurrent_batches` busy to the end, and the partition depends on the config alone, so
+the random key of every batch does too.
 """
 from __future__ import annotations
 
+import concurrent.futures
+from typing import Callable, Optional, Sequence
+
 import jax
+import numpy as np
 
 
 # Batches are split for this many workers whatever `eval.concurrent_batches` is, so the batch
@@ -34,9 +39,45 @@ def balanced_batch_size(n: int, max_batch: int, workers: int, multiple: int = 8)
 def concurrent_batches(config) -> int:
   """Sampler batches run at once: `config.eval.concurrent_batches`, or when it is 0, 2 on CPU
   (XLA:CPU leaves a core idle with one program; measured) and 1 on accelerators."""
-  n = int(config.eval.get("concurrent_batches", 0))
+  n = int(config.eval.concurrent_batches)
   if n < 0:
     raise ValueError(f"eval.concurrent_batches must be >= 0 (0 = automatic), got {n}")
   if n == 0:
     n = 2 if jax.default_backend() == "cpu" else 1
   return n
+
+
+def run_batched(fn: Callable, arrays: Sequence[np.ndarray], size: int, *,
+                rng: Optional[jax.Array] = None, workers: int = 1, first_alone: bool = True,
+                out_axis: int = 0) -> list:
+  """`fn` over fixed-size batches of `arrays` (each (n, ...), batched along axis 0).
+
+  Batch k holds rows [k * size, (k + 1) * size); the last one is padded to `size` rows with
+  copies of its last row (one compiled shape) and the padding is cut from every output.
+  fn(*batch) -> an array or a tuple of arrays with the batch on `out_axis`; with `rng`, it is
+  called as fn(*batch, fold_in(rng, k)), so a batch's key does not depend on how many run at
+  once. `workers` > 1 runs batches in threads; `first_alone` runs batch 0 before the others (it
+  compiles). Returns the list of outputs, each concatenated along `out_axis`. n >= 1.
+  """
+  n = arrays[0].shape[0]
+  if n < 1 or size < 1:
+    raise ValueError(f"run_batched: need n >= 1 rows and size >= 1, got {n}, {size}")
+  starts = list(range(0, n, size))
+  cut = lambda r, real: np.asarray(r)[(slice(None),) * out_axis + (slice(0, real),)]
+
+  def one(k: int) -> list:
+    part = [a[starts[k]:starts[k] + size] for a in arrays]
+    real = part[0].shape[0]
+    if real < size:
+      part = [np.concatenate([p, np.repeat(p[-1:], size - real, axis=0)]) for p in part]
+    res = fn(*part) if rng is None else fn(*part, jax.random.fold_in(rng, k))
+    return [cut(r, real) for r in (res if isinstance(res, tuple) else (res,))]
+
+  outs = [one(0)] if first_alone else []
+  rest = range(len(outs), len(starts))
+  if workers > 1 and len(rest) > 1:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      outs += list(pool.map(one, rest))
+  else:
+    outs += [one(k) for k in rest]
+  return [np.concatenate(parts, axis=out_axis) for parts in zip(*outs)]

@@ -1,8 +1,9 @@
 """Scores methods by the evaluation contract (docs/evaluation.md); writes results.json / .md.
 
-A *method* is any object with `name`, `sampler` (dict or None) and
+A *method* is any object of the `methods.Method` protocol: `name`, `sampler` (dict or None) and
 `reconstruct(view: ObservedTask, slices (n,)) -> {"coarse": (n,I,J,C), "fine": (n,NI,NJ,C),
-"samples": (S,n,NI,NJ,C) or None}` in physical units. The evaluation draws every pattern's mask
+"samples": (S,n,NI,NJ,C) or None}` in physical units; one that learns may have `fit(view)`
+(`methods.Trainable`). Every method is built by name from `methods.REGISTRY`. The evaluation draws every pattern's mask
 over the whole series (history windows included) from a recorded seed, saves it under
 `workdir/masks/`, and hands the method an `ObservedTask` built by `observe`: the coarse series with
 the hidden cells already NaN, the mask, the always-observed external features, and the truth of

@@ -26,9 +26,9 @@ training continues from its last checkpoint. Ablations that train a phase exactl
 does (noJoint: both pre-training phases, noFG: Diffusion-C's) start from DiffRecon's finished
 checkpoints of those phases (`ablations.SHARED_PHASES`) instead of training them again.
 
-Methods (`--methods`, comma-separated names or groups):
+Methods (`--methods`, comma-separated names or groups of `methods.REGISTRY`):
   references  interp, climatology
-  baselines   srcnn, srresnet, urbanfm, fode, stcf, urbansta, diffuflow (those installed)
+  baselines   srcnn, srresnet, urbanfm, fode, stcf, urbansta, diffuflow
   diffrecon   DiffRecon, prior (its climatology prior alone, no network) and diffrecon_paper
               (the paper's model as published: the `:paper` variant, same steps and masks)
   ablations   diffrecon and diffrecon-noPre, diffrecon-noJoint, diffrecon-noSTPointFormer,
@@ -57,59 +57,37 @@ from diffrecon_jax import curves
 from diffrecon_jax import parallel
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import figures
-from diffrecon_jax import nofg
+from diffrecon_jax import methods as methods_lib
+from diffrecon_jax.methods import MAIN, PAPER, PRIOR
 from diffrecon_jax import run as run_lib
 from diffrecon_jax.smoke import smoke_config
-from diffrecon_jax.baselines import supervised
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.diffrecon.prior_method import PriorMethod
 
-REFERENCES = ("interp", "climatology")
-# The paper's seven baselines (Sec. V-A.4) in its column order; those this install has.
-PAPER_BASELINES = ("srcnn", "srresnet", "urbanfm", "fode", "stcf", "urbansta", "diffuflow")
-# noFG replaces Diffusion-F by these (paper Fig. 9).
-NOFG_NETWORKS = ("srcnn", "urbanfm", "fode", "stcf")
-MAIN = "diffrecon"
-# DiffRecon's prior alone (prior_method.py), from the trained DiffRecon's own prior.npz: the
-# networks' contribution is the column difference.
-PRIOR = "prior"
-# The paper's model as published (configs/default.use_paper_architecture), trained and scored
-# beside DiffRecon with the same steps, patterns and masks.
-PAPER = "diffrecon_paper"
-LABELS = {MAIN: "DiffRecon as built here (with the climatology prior)",
-          PAPER: "the paper's model as published (`:paper`: no prior, eps prediction, DDPM "
-                 "over all T steps, median of the samples)",
-          PRIOR: "DiffRecon's prior alone (no network)"}
-
 
 def baselines() -> tuple:
-  """The paper's baselines this install can run, in the paper's order."""
-  return tuple(m for m in PAPER_BASELINES if m in run_lib.baseline_names())
+  """The paper's baselines (Sec. V-A.4), in the paper's order."""
+  return methods_lib.names("baselines")
 
 
 def ablation_methods() -> tuple:
   """Method names of the ablations: diffrecon-<switch>, and diffc-<net> for noFG."""
-  names = [f"diffrecon-{a}" for a in ablations.ABLATIONS if a != "noFG"]
-  return tuple(names + [f"diffc-{n}" for n in NOFG_NETWORKS if n in supervised.NETWORKS])
+  return methods_lib.names("ablations")
 
 
 def groups() -> dict:
-  own = (MAIN, PRIOR, PAPER)
-  return {"references": REFERENCES, "baselines": baselines(), "diffrecon": own,
-          "ablations": (MAIN,) + ablation_methods(),  # compared with DiffRecon, reuse its phases
-          "all": REFERENCES + baselines() + own + ablation_methods()}
-
-
-def is_diffrecon(method: str) -> bool:
-  """Whether `method` trains DiffRecon's networks (itself, the paper's model or an ablation)."""
-  return method in (MAIN, PAPER) or "-" in method
+  """Group name -> method names: the registry's groups, "ablations" with DiffRecon first (it is
+  compared with them and they reuse its phases), and "all"."""
+  g = {name: methods_lib.names(name) for name in methods_lib.GROUPS}
+  g["ablations"] = (MAIN,) + g["ablations"]
+  return dict(g, all=methods_lib.names())
 
 
 def parse_methods(spec: str) -> list:
   """"all" / group names / method names, comma-separated -> method names, each once, in the
-  order: references, baselines, DiffRecon, ablations (DiffRecon trains before the ablations
-  that reuse its phases). A ValueError names an unknown entry."""
+  registry's order: references, baselines, DiffRecon, ablations (DiffRecon trains before the
+  ablations that reuse its phases). A ValueError names an unknown entry."""
   g = groups()
   chosen = set()
   for part in filter(None, (p.strip() for p in str(spec).split(","))):
@@ -123,29 +101,6 @@ def parse_methods(spec: str) -> list:
   if not chosen:
     raise ValueError("--methods is empty")
   return [m for m in g["all"] if m in chosen]
-
-
-def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """The config a method runs with: `config` with its method (and ablation) fields set."""
-  c = config.copy_and_resolve_references()
-  c.ablation = ""
-  if method == PAPER:
-    from diffrecon_jax.configs import default as default_config  # the variant's one definition
-    default_config.use_paper_architecture(c)
-    c.method = MAIN
-    # Its DDPM chains cost ~12x DiffRecon's DDIM: its calibration is fitted on a quarter of the
-    # validation slices (ours: CPU budget; the point estimate does not depend on it).
-    if not int(c.calibration.val_slices):
-      c.calibration.val_slices = 270
-  elif method.startswith("diffrecon-"):
-    c.method, c.ablation = MAIN, method[len("diffrecon-"):]
-  elif method.startswith("diffc-"):
-    c.method, c.ablation = MAIN, "noFG"
-    c.ablation_fine_network = method[len("diffc-"):]
-  else:
-    c.method = method
-  nofg.check_ablation(c)
-  return c
 
 
 def training_dir(workdir: pathlib.Path, method: str, tag: str = "") -> pathlib.Path:
@@ -166,9 +121,7 @@ def _done(workdir: pathlib.Path, method: str, seed: int) -> bool:
 def _copy_shared_phases(workdir: pathlib.Path, method: str, tag: str = "") -> None:
   """Seeds an ablation's training folder with DiffRecon's finished phases that it would train
   identically (`ablations.SHARED_PHASES`), when DiffRecon has them and the ablation does not."""
-  cfg_ablation = ("noFG" if method.startswith("diffc-") else method[len("diffrecon-"):]
-                  if method.startswith("diffrecon-") else "")
-  phases = ablations.SHARED_PHASES.get(cfg_ablation, ())
+  phases = ablations.SHARED_PHASES.get(methods_lib.ablation_name(method), ())
   src, dst = training_dir(workdir, MAIN, tag), training_dir(workdir, method, tag)
   for phase in phases:
     if (dst / phase).exists() or not (src / phase).exists():
@@ -194,7 +147,8 @@ def _trained_method(config, workdir: pathlib.Path, method: str, task, tag: str =
   """(task, method object) of `method` under `config`, trained first when it is a diffusion
   method (resuming its checkpoints; `tag`: its training-layout folder)."""
   if config.method == PRIOR:  # DiffRecon's prior: trains (or reuses) DiffRecon itself
-    task_m, main = _trained_method(method_config(config, MAIN), workdir, MAIN, task, tag)
+    main_config = methods_lib.method_config(config, MAIN)
+    task_m, main = _trained_method(main_config, workdir, MAIN, task, tag)
     return task_m, PriorMethod(main.models.prior, task_m.history)
   if config.method == MAIN:
     tdir = training_dir(workdir, method, tag)
@@ -205,7 +159,7 @@ def _trained_method(config, workdir: pathlib.Path, method: str, task, tag: str =
       method_obj.name = PAPER
     return task_m, method_obj
   task_m = task if task is not None else pipeline.prepare_task(config)
-  return task_m, run_lib.baseline(method, config)
+  return task_m, methods_lib.build(method, config)
 
 
 def run_method(config, workdir: pathlib.Path, method: str, seeds: Sequence[int],
@@ -214,7 +168,7 @@ def run_method(config, workdir: pathlib.Path, method: str, seeds: Sequence[int],
   results documents, one per seed (read back for the seeds done earlier)."""
   todo = [s for s in seeds if not _done(workdir, method, s)]
   if todo:
-    c = method_config(config, method)
+    c = methods_lib.method_config(config, method)
     task_m, method_obj = _trained_method(c, workdir, method, task)
     for s in todo:
       _evaluate(c, method_obj, task_m, _seed_dir(workdir, method, s), s)
@@ -243,7 +197,7 @@ def run_method_on_layouts(config, workdir: pathlib.Path, method: str, seeds: Seq
   pattern's own layout (`layout_training_pattern`; a `fixed` layout once per mask seed) and is
   scored on it alone; the per-pattern results are joined into one document per seed, each entry
   with the pattern it was `trained_on`."""
-  if method in REFERENCES:
+  if methods_lib.REGISTRY[method].group == "references":
     return run_method(config, workdir, method, seeds, task)
   out = []
   for s in seeds:
@@ -254,7 +208,7 @@ def run_method_on_layouts(config, workdir: pathlib.Path, method: str, seeds: Seq
         part = workdir / method / "layout" / f"{label}_seed{s}"
         train_spec = layout_training_pattern(task, spec, s, workdir / "layouts")
         if not (part / "results.json").exists():
-          c = method_config(config, method)
+          c = methods_lib.method_config(config, method)
           c.patterns.train, c.patterns.eval = (train_spec,), (spec,)
           tag = label if train_spec == spec else f"{label}_seed{s}"
           task_m, method_obj = _trained_method(c, workdir, method, task, tag)
@@ -269,24 +223,24 @@ def run_method_on_layouts(config, workdir: pathlib.Path, method: str, seeds: Seq
 
 
 def training_budget(config: ml_collections.ConfigDict, method: str) -> dict:
-  """What `method` trains under `config` (`method_config`'s): {"training": words with its
+  """What `method` trains under `config` (`methods.method_config`'s): {"training": words with its
   steps per phase, "batch": maps per step (None without training)}; every learning method's
   budget in one place, so the comparison lists them side by side."""
-  c = method_config(config, method)
+  c = methods_lib.method_config(config, method)
   t = c.train
-  if method in REFERENCES:
+  if methods_lib.REGISTRY[method].group == "references":
     return {"training": "none (statistics of the train split)", "batch": None}
   if method == PRIOR:
     return {"training": "none (DiffRecon's prior: train-split statistics)", "batch": None}
   if method == "urbansta":  # its budget as its builder resolves it (-1 = DiffRecon's)
-    u = run_lib.baseline(method, c)
+    u = methods_lib.build(method, c)
     return {"training": f"STA {u.steps['sta']} + FIN {u.steps['fin']} + joint "
                         f"{u.steps['joint']} steps", "batch": u.batch_size}
   if method == "diffuflow":
-    d = run_lib.baseline(method, c)
+    d = methods_lib.build(method, c)
     return {"training": f"{d.steps} steps; {d.n_samples} samples x DDIM-{d.sampling_steps}, "
                         f"{d.point}", "batch": d.batch_size}
-  if is_diffrecon(method):
+  if methods_lib.trains_diffrecon(method):
     phases = {"noPre": f"joint {t.steps_joint}",
               "noJoint": f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f}",
               "noFG": f"Diffusion-C {t.steps_c} + joint {t.steps_joint}; "
@@ -352,7 +306,8 @@ def write_tables(workdir: pathlib.Path, docs: dict, units: str = "",
     text += [comparison.markdown(rows, methods, main, others),
              "CRPS of a deterministic method is its MAE (docs/evaluation.md). Bold: best of the "
              "row; underlined: second."]
-    named = [f"- {m}: {LABELS[m]}" for m in methods if m in LABELS]
+    named = [f"- {m}: {methods_lib.REGISTRY[m].label}" for m in methods
+             if methods_lib.REGISTRY[m].label]
     if named:
       text += ["", "Columns:"] + named
     if budgets:
@@ -420,7 +375,8 @@ def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int
                  "results found, not run again" if done else f"running, mask seeds {seeds}",
                  time.time() - start)
     t0 = time.time()
-    if not done and task is None and (train_on_eval_layout or not is_diffrecon(m)):
+    needs_task = train_on_eval_layout or not methods_lib.trains_diffrecon(m)
+    if not done and task is None and needs_task:
       task = pipeline.prepare_task(config)
     runner = run_method_on_layouts if train_on_eval_layout else run_method
     docs[m] = runner(config, workdir, m, seeds, task)
@@ -436,7 +392,7 @@ def run_experiments(config, workdir, methods: Sequence[str], seeds: Sequence[int
   # evaluated them); the other learners train inside their evaluation (wall time).
   budgets = {m: dict(training_budget(config, m), wall_s=timing.get(m),
                      train_s=training_seconds(training_dir(workdir, m))
-                     if is_diffrecon(m) else None) for m in methods}
+                     if methods_lib.trains_diffrecon(m) else None) for m in methods}
   (workdir / "budgets.json").write_text(json.dumps(budgets, indent=1))
   written = write_tables(workdir, docs, units, budgets)
   for name, path in written.items():

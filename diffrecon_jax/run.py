@@ -1,20 +1,17 @@
 """The one dispatcher: what `main` does, importable from a notebook.
 
-`run(config, workdir, mode)` runs a mode for `config.method`:
+`run(config, workdir, mode)` runs a mode for `config.method`, a name of `methods.REGISTRY`:
   - "diffrecon" (the two-stage diffusion model): train (`train.train`), evaluate from the workdir's
     checkpoints alone, train_and_evaluate, or reconstruct (writes the reconstructed maps);
-  - a baseline name (`BASELINES`): evaluate only (they have nothing to train);
-  - a supervised baseline name (`supervised.NETWORKS`: srcnn, srresnet, urbanfm, fode,
-    stcf): evaluate only;
-    the network is trained on the train split when it is evaluated (`baselines/supervised.py`).
-  - a baseline with its own module (`OWN_MODULE_BASELINES`: urbansta, diffuflow): evaluate
-    only, trained on the train split when it is evaluated.
+  - a method built from the config (`methods.buildable()`: the references climatology and interp,
+    the supervised networks, urbansta, diffuflow): evaluate only; a baseline that learns is
+    trained on the train split when it is evaluated.
 Every evaluation writes results.json / results.md into the workdir by docs/evaluation.md;
-DiffRecon's results carry the `REFERENCES` (climatology and interp) beside them, on the same masks.
+DiffRecon's results carry its prior and the references (`methods.names("references")`) beside
+them, on the same masks.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import time
 
@@ -26,23 +23,20 @@ from diffrecon_jax.diffrecon import ablations
 from diffrecon_jax.diffrecon import loading
 from diffrecon_jax.diffrecon import model
 from diffrecon_jax import evaluate as evaluate_lib
+from diffrecon_jax import methods as methods_lib
 from diffrecon_jax import parallel
 from diffrecon_jax import nofg
 from diffrecon_jax import paths
 from diffrecon_jax import provenance
 from diffrecon_jax.diffrecon import train as train_lib
 from diffrecon_jax import user_reconstruct
-from diffrecon_jax.baselines import climatology, interp, supervised
+from diffrecon_jax.baselines import climatology
 from diffrecon_jax.data import patterns as patterns_lib
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.data import registry
 from diffrecon_jax.diffrecon.prior_method import PriorMethod
 
 MODES = ("train", "evaluate", "train_and_evaluate", "reconstruct")
-BASELINES = {"interp": interp.InterpBaseline, "climatology": climatology.ClimatologyBaseline}
-# Deterministic references scored beside every learned method, on the same masks
-# (docs/evaluation.md): the floor and the bar.
-REFERENCES = ("climatology", "interp")
 
 
 def resolve_workdir(workdir) -> str:
@@ -63,7 +57,7 @@ def resolve_data_paths(config) -> None:
   reconstruct started elsewhere (which may refit the calibration on the training data) must
   find the same files."""
   for key in ("path", "tfds_dir"):
-    value = config.data.get(key, "")
+    value = config.data[key]
     if value:
       config.data[key] = registry.absolute_path(value)
 
@@ -71,33 +65,9 @@ def resolve_data_paths(config) -> None:
 def setup_compilation_cache(config) -> None:
   """Persistent compilation cache from config.train.compilation_cache_dir (JAX itself also
   honours the JAX_COMPILATION_CACHE_DIR environment variable)."""
-  path = config.train.get("compilation_cache_dir", "")
+  path = config.train.compilation_cache_dir
   if path:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(str(path)))
-
-
-# Baselines with their own modules (trained when evaluated): name -> module with `build(config)`.
-OWN_MODULE_BASELINES = {"urbansta": "diffrecon_jax.baselines.urbansta",
-                        "diffuflow": "diffrecon_jax.baselines.diffuflow"}
-
-
-def baseline_names() -> tuple:
-  """Every baseline `--config.method` accepts besides "diffrecon"."""
-  return tuple(BASELINES) + tuple(supervised.NETWORKS) + tuple(OWN_MODULE_BASELINES)
-
-
-def baseline(name: str, config=None):
-  """The baseline `name`; a trained one takes its hyperparameters from `config`."""
-  if name in BASELINES:
-    return BASELINES[name]()
-  if name not in baseline_names():
-    raise ValueError(f"unknown method {name!r}; expected 'diffrecon' or one of "
-                     f"{list(baseline_names())}")
-  if config is None:
-    raise ValueError(f"baseline {name!r} needs the config (its hyperparameters)")
-  if name in supervised.NETWORKS:
-    return supervised.build(name, config)
-  return importlib.import_module(OWN_MODULE_BASELINES[name]).build(config)
 
 
 def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
@@ -112,7 +82,7 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
     res = evaluate_lib.evaluate_method(
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
-        chunk=int(config.eval.get("chunk_slices", 0)), workdir=workdir,
+        chunk=int(config.eval.chunk_slices), workdir=workdir,
         figures_dir=paths.as_path(workdir) / "figures" if figures and m is methods[0] else None,
         predictions=predictions)
     doc = evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
@@ -140,15 +110,15 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   if parallel.is_main_process():  # several processes: one writes the shared files.
     (wd / "config.json").write_text(config.to_json_best_effort(indent=1))
     provenance.record(wd, origin)
-  if config.method != "diffrecon":
+  if config.method != methods_lib.MAIN:
+    method = methods_lib.build(config.method, config)  # a ValueError names an unknown one
     if mode in ("train", "reconstruct"):
       raise ValueError(f"method {config.method!r} has nothing to train or trains when it is "
                        f"evaluated; use --mode=evaluate")
     if not parallel.is_main_process():
       return _evaluated_elsewhere()
     task = pipeline.prepare_task(config)
-    return evaluate_methods(config, workdir, task, [baseline(config.method, config)],
-                            origin=origin)
+    return evaluate_methods(config, workdir, task, [method], origin=origin)
   setup_compilation_cache(config)
   nofg.check_ablation(config)
   if mode in ("train", "train_and_evaluate"):
@@ -158,7 +128,7 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
     train_lib.train(trained, workdir, task=task, models=models)
     if mode == "train":
       return []
-  if mode == "reconstruct" and config.get("reconstruct", {}).get("input", ""):
+  if mode == "reconstruct" and config.reconstruct.input:
     # The user's own observations: a one-process job (a few maps need no second host).
     return [user_reconstruct.reconstruct_file(config, workdir)]
   # Every process restores (Orbax reads a checkpoint collectively); process 0 alone evaluates,
@@ -176,10 +146,16 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
 def references_for(method, task) -> list:
   """The deterministic references scored beside a trained DiffRecon `method`: its own prior
   without the networks (`prior`, when the model has one: the networks' contribution is the
-  column difference), then `REFERENCES`."""
+  column difference), then the registry's references."""
   prior = getattr(getattr(method, "models", None), "prior", None)
   own = [PriorMethod(prior, task.history)] if prior is not None else []
-  return own + [BASELINES[name]() for name in REFERENCES]
+  return own + [methods_lib.build(name) for name in reference_names()]
+
+
+def reference_names() -> tuple:
+  """The registry's references in the order results.md lists them beside a trained model: the
+  floor (climatology), then the bar (interp); the comparison's column order reversed."""
+  return tuple(reversed(methods_lib.names("references")))
 
 
 def _evaluated_elsewhere() -> list:

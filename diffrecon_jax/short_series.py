@@ -33,7 +33,8 @@ from diffrecon_jax import smoke
 from diffrecon_jax.data import example_grid
 
 CASES = ("nytaxi:first", "nytaxi:last", "nybike:first", "nybike:last")
-REFERENCES = ("prior", "climatology", "interp")
+# What a DiffRecon workdir scores beside it (`run.references_for`).
+REFERENCES = ("prior",) + run_lib.reference_names()
 SLICES_PER_DAY = 48  # both embedded datasets are at 30 minutes
 
 

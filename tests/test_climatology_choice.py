@@ -128,6 +128,6 @@ def test_a_trained_diffrecon_is_scored_beside_its_prior():
   method = type("M", (), {"models": prior_like})()
   task_like = type("T", (), {"history": 2})()
   names = [m.name for m in run.references_for(method, task_like)]
-  assert names == ["prior"] + list(run.REFERENCES)
+  assert names == ["prior"] + list(run.reference_names())
   no_prior = type("M", (), {"models": type("Models", (), {"prior": None})()})()
-  assert [m.name for m in run.references_for(no_prior, task_like)] == list(run.REFERENCES)
+  assert [m.name for m in run.references_for(no_prior, task_like)] == list(run.reference_names())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffrecon_jax.configs import default, tapbj
-from diffrecon_jax import evaluate, run
+from diffrecon_jax import evaluate, methods, run
 from diffrecon_jax.data import pipeline
 from diffrecon_jax.data.series import DataError, SpatioTemporalSeries
 from tests.conftest import REPO_ROOT
@@ -46,7 +46,7 @@ def test_interp_writes_results_for_all_nine_patterns(tmp_path):
 def test_more_missing_costs_more_and_metrics_are_in_physical_units():
   config = default.get_config()
   task = pipeline.prepare_task(config)
-  res = evaluate.evaluate_method(task, run.baseline("interp"), ("random:0.2", "random:0.8"),
+  res = evaluate.evaluate_method(task, methods.build("interp"), ("random:0.2", "random:0.8"),
                                  seed=0, max_slices=200)
   assert res[0]["mae"] < res[1]["mae"]
   # physical units: the error of predicting zero everywhere is the mean flow (tens of trips)
@@ -60,7 +60,7 @@ def test_user_mask_file_is_accepted(tmp_path):
   m = np.ones((8, 6))
   m[:2, :2] = 0
   np.save(tmp_path / "sensors.npy", m)
-  res = evaluate.evaluate_method(task, run.baseline("interp"), (f"file:{tmp_path}/sensors.npy",),
+  res = evaluate.evaluate_method(task, methods.build("interp"), (f"file:{tmp_path}/sensors.npy",),
                                  seed=0, max_slices=20)
   assert res[0]["pattern"] == "file" and res[0]["missing_ratio"] == pytest.approx(4 / 48, abs=1e-4)
 
@@ -176,7 +176,7 @@ def test_a_series_with_holes_is_scored_only_where_spans_are_whole(gap_rule):
   from diffrecon_jax.data import example_grid
   series = example_grid.example_series(drop_every=97)  # real nybike flows, 44 slots missing
   task = pipeline.build_task(series, scale=2, history=3, gap_rule=gap_rule)
-  method = _Recording(run.baseline("interp"))
+  method = _Recording(methods.build("interp"))
   (res,) = evaluate.evaluate_method(task, method, ("random:0.4",), seed=0, chunk=100)
   report = res["slices"]
   lo, hi = task.split.range("test")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffrecon_jax.configs import nytaxi
-from diffrecon_jax import comparison, experiments, run
+from diffrecon_jax import comparison, experiments, methods, run
 from diffrecon_jax.diffrecon import checkpoints
 from diffrecon_jax.diffrecon import loading
 
@@ -69,14 +69,14 @@ def test_parse_methods_orders_groups_and_names_unknown_ones():
 
 def test_method_config_sets_method_and_ablation():
   c = nytaxi.get_config()
-  m = experiments.method_config(c, "diffc-urbanfm")
+  m = methods.method_config(c, "diffc-urbanfm")
   assert (m.method, m.ablation, m.ablation_fine_network) == ("diffrecon", "noFG", "urbanfm")
-  m = experiments.method_config(c, "diffrecon-noPre")
+  m = methods.method_config(c, "diffrecon-noPre")
   assert (m.method, m.ablation) == ("diffrecon", "noPre")
-  m = experiments.method_config(c, "srcnn")
+  m = methods.method_config(c, "srcnn")
   assert (m.method, m.ablation) == ("srcnn", "")
   assert c.method == "diffrecon" and c.ablation == ""
-  m = experiments.method_config(c, experiments.PAPER)
+  m = methods.method_config(c, experiments.PAPER)
   assert (m.method, m.ablation, m.diffusion.prediction, m.sampling.point, m.sampling.sampler) == (
       "diffrecon", "", "eps", "median", "ddpm")
   assert m.calibration.val_slices == 270  # a quarter of nytaxi's validation slices
@@ -166,7 +166,7 @@ def test_phases_taken_from_diffrecon_equal_training_them(smoke_run, tmp_path):
   """noJoint starts from DiffRecon's finished stage_c and stage_f: the parameters are the ones it
   would have trained itself."""
   workdir, _, _ = smoke_run
-  c = experiments.method_config(experiments.smoke_config(nytaxi.get_config()),
+  c = methods.method_config(experiments.smoke_config(nytaxi.get_config()),
                                 "diffrecon-noJoint")
   run.run(c, str(tmp_path / "fresh"), "train")
   fresh = loading.load_for_sampling(str(tmp_path / "fresh"))[1]

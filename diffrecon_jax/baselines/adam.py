@@ -1,5 +1,6 @@
-"""The Adam loop of the trained baselines: a jitted step on a seeded key per step, the losses
-kept, the mean loss logged at a cadence (supervised.train_network, stcf.pretrain_encoder)."""
+"""The one Adam loop of the trained baselines: a jitted step on a seeded key per step, the losses
+kept, the mean loss logged at a cadence (supervised.train_network, stcf.pretrain_encoder, the
+three stages of urbansta.UrbanSTAMethod, diffuflow.DiffUFlowMethod.fit)."""
 from __future__ import annotations
 
 import time

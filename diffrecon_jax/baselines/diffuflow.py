@@ -35,18 +35,15 @@ state; a switch); sizes, steps and sample counts are set for the CPU budget (con
 """
 from __future__ import annotations
 
-import concurrent.futures
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
+from diffrecon_jax import batching
 from diffrecon_jax.models import diffusion
-from diffrecon_jax.baselines import interp, supervised
+from diffrecon_jax.baselines import adam, interp, supervised
 from diffrecon_jax.models.unet import UNet
 
 Array = jax.Array
@@ -201,7 +198,7 @@ class DiffUFlowMethod:
 
   def fit(self, view) -> None:
     """Trains on `view`'s train split (once per distinct train split)."""
-    key = supervised._train_key(view)
+    key = supervised.train_key(view)
     if key == self._key:
       return
     v0 = int(view.split.val_start)
@@ -211,10 +208,10 @@ class DiffUFlowMethod:
     self._scale, self._aggregation = int(view.scale), view.aggregation
     coarse, masks = supervised.training_inputs(view, self.train_patterns, self.seed,
                                                self.time_weight, with_masks=True)
-    x, _ = supervised._finite_or_zero(view.coarse_norm.apply(coarse))        # (P+1, T, I, J, C)
-    fine, w = supervised._finite_or_zero(np.asarray(view.train_fine, np.float32))
+    x, _ = supervised.finite_or_zero(view.coarse_norm.apply(coarse))        # (P+1, T, I, J, C)
+    fine, w = supervised.finite_or_zero(np.asarray(view.train_fine, np.float32))
     ext = np.asarray(view.external[:v0], np.float32)
-    true_coarse, _ = supervised._finite_or_zero(view.coarse_norm.apply(view.train_coarse))
+    true_coarse, _ = supervised.finite_or_zero(view.coarse_norm.apply(view.train_coarse))
     self._stats = {k: jnp.asarray(v, jnp.float32) for k, v in (
         ("coarse_mean", view.coarse_norm.mean), ("coarse_std", view.coarse_norm.std),
         ("fine_mean", view.fine_norm.mean), ("fine_std", view.fine_norm.std))}
@@ -234,13 +231,10 @@ class DiffUFlowMethod:
                        jnp.ones((1, t) + x.shape[2:4]))
     params = self.net.init(key_init, jnp.zeros((1,) + fine.shape[1:]), jnp.zeros((1,), jnp.int32),
                            dummy)
-    tx = optax.adam(self.lr)
-    opt_state = tx.init(params)
     data = tuple(jnp.asarray(a) for a in (x, masks, fine, w, ext))
     sched, bs = self.schedule, self.batch_size
 
-    @jax.jit
-    def step(params, opt_state, rng, data):
+    def loss_fn(params, data, rng):
       x, masks, fine, w, ext = data
       k_copy, k_slice, k_tau, k_noise = jax.random.split(rng, 4)
       p = jax.random.randint(k_copy, (bs,), 0, n_copies)
@@ -252,21 +246,13 @@ class DiffUFlowMethod:
       tau = diffusion.sample_tau(k_tau, bs, sched.num_steps)
       noise = jax.random.normal(k_noise, x0.shape)
       x_tau = diffusion.q_sample(sched, x0, tau, noise)
-      loss_fn = lambda p_: diffusion.eps_loss(self.net.apply(p_, x_tau, tau, cond), noise, w[s])
-      value, grads = jax.value_and_grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, value
+      return diffusion.eps_loss(self.net.apply(params, x_tau, tau, cond), noise, w[s])
 
     logging.info("diffuflow: training %d steps on %d train maps (%d input copies)", self.steps,
                  v0, n_copies)
-    losses, start = [], time.time()
-    for k in range(self.steps):
-      params, opt_state, value = step(params, opt_state, jax.random.fold_in(key_batch, k), data)
-      losses.append(value)
-      if self.log_every > 0 and ((k + 1) % self.log_every == 0 or k + 1 == self.steps):
-        logging.info("diffuflow: step %d/%d loss %.4f (%.1f s)", k + 1, self.steps,
-                     float(jnp.mean(jnp.stack(losses[-self.log_every:]))), time.time() - start)
-    self.params, self.losses = params, np.asarray(jnp.stack(losses), np.float32)
+    self.params, self.losses = adam.minimise(params, loss_fn, data, steps=self.steps, lr=self.lr,
+                                             key=key_batch, log_every=self.log_every,
+                                             name="diffuflow")
     self._sample = jax.jit(self._sample_batch)
     self._key = key
 
@@ -300,23 +286,10 @@ class DiffUFlowMethod:
     last one padded by repeating its last map, so one compiled shape), batch k drawn with
     `fold_in(rng, k)`; trains first."""
     self.fit(view)
-    n = windows.shape[0]
-    size = max(1, min(self.eval_batch, n))
-    starts = list(range(0, n, size))
-
-    def one(k: int) -> np.ndarray:
-      part = [a[starts[k]:starts[k] + size] for a in (windows, external, masks)]
-      real = part[0].shape[0]
-      part = [np.concatenate([p, np.repeat(p[-1:], size - real, axis=0)]) for p in part]
-      return np.asarray(self._sample(self.params, *part, jax.random.fold_in(rng, k)))[:, :real]
-
-    outs = [one(0)]  # alone: it compiles
-    if self.workers > 1 and len(starts) > 2:
-      with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-        outs += list(pool.map(one, range(1, len(starts))))
-    else:
-      outs += [one(k) for k in range(1, len(starts))]
-    return np.concatenate(outs, axis=1).astype(np.float32)
+    (samples,) = batching.run_batched(
+        lambda *part: self._sample(self.params, *part), [windows, external, masks],
+        min(self.eval_batch, windows.shape[0]), rng=rng, workers=self.workers, out_axis=1)
+    return samples.astype(np.float32)
 
   def reconstruct(self, view, slices: np.ndarray) -> dict:
     """view: evaluate.ObservedTask; slices (n,) -> dict(coarse (n, I, J, C) interp-completed
@@ -334,7 +307,7 @@ class DiffUFlowMethod:
                                     self.time_weight, fallback=view.coarse_norm.mean)
     windows = np.maximum(slices[:, None] + np.arange(-h, 1)[None, :], 0)  # (n, t)
     pos = np.searchsorted(need, windows)
-    norm, _ = supervised._finite_or_zero(view.coarse_norm.apply(completed))
+    norm, _ = supervised.finite_or_zero(view.coarse_norm.apply(completed))
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), int(slices[0]))
     masks = np.asarray(view.mask, np.float32)[windows]
     samples = self.sample(view, norm[pos], np.asarray(view.external, np.float32)[slices], masks,
@@ -348,7 +321,6 @@ def build(config) -> DiffUFlowMethod:
   """DiffUFlow with its fields from `config.diffuflow` (steps -1: `config.train.steps_f`), seed
   `config.seed`, training patterns `config.patterns.train` (when `train_masked`) and batches run
   at once as DiffRecon's sampler (`eval.concurrent_batches`)."""
-  from diffrecon_jax.batching import concurrent_batches
   d = config.diffuflow
   return DiffUFlowMethod(
       features=int(d.features), base_channels=int(d.base_channels),
@@ -362,4 +334,5 @@ def build(config) -> DiffUFlowMethod:
       n2_normalize=bool(d.n2_normalize), x0_clip_factor=float(d.x0_clip_factor),
       train_patterns=tuple(config.patterns.train) if d.train_masked else (),
       time_weight=float(d.interp_time_weight), eval_batch=d.eval_batch,
-      workers=concurrent_batches(config), seed=int(config.seed), log_every=int(d.log_every))
+      workers=batching.concurrent_batches(config), seed=int(config.seed),
+      log_every=int(d.log_every))

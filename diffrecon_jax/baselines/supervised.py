@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from diffrecon_jax import batching
 from diffrecon_jax.baselines import adam, interp
 from diffrecon_jax.data import patterns as patterns_lib
 
 LOSSES = ("l2", "l1")
 
 
-def _finite_or_zero(x: np.ndarray) -> tuple:
+def finite_or_zero(x: np.ndarray) -> tuple:
   """(x with NaN -> 0, 1.0 where x was finite) as float32."""
   ok = np.isfinite(x)
   return np.where(ok, x, 0.0).astype(np.float32), ok.astype(np.float32)
@@ -111,7 +112,7 @@ def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
                        log_every=log_every, name=name)
 
 
-def _train_key(view) -> str:
+def train_key(view) -> str:
   """What training reads from a view, hashed: views of one task under different masks share it."""
   h = hashlib.sha1()
   v0 = int(view.split.val_start)
@@ -159,7 +160,7 @@ class SupervisedBaseline:
 
   def fit(self, view) -> None:
     """Trains on `view`'s train split (once per distinct train split)."""
-    key = _train_key(view)
+    key = train_key(view)
     if key == self._key:
       return
     v0 = int(view.split.val_start)
@@ -168,8 +169,8 @@ class SupervisedBaseline:
                        f"{view.train_coarse.shape[0]} slices, the training split {v0}")
     coarse = training_inputs(view, self.train_patterns, self.seed, self.time_weight)
     copies = coarse.shape[0]
-    x, _ = _finite_or_zero(view.coarse_norm.apply(coarse.reshape((-1,) + coarse.shape[2:])))
-    y, w = _finite_or_zero(view.fine_norm.apply(np.asarray(view.train_fine, np.float32)))
+    x, _ = finite_or_zero(view.coarse_norm.apply(coarse.reshape((-1,) + coarse.shape[2:])))
+    y, w = finite_or_zero(view.fine_norm.apply(np.asarray(view.train_fine, np.float32)))
     ext = np.asarray(view.external[:v0], np.float32)
     tile = lambda a: np.concatenate([a] * copies)
     logging.info("%s: training %d steps on %d train maps (%d input copies)", self.name,
@@ -200,16 +201,13 @@ class SupervisedBaseline:
     -> (n, N*I, N*J, C) float32 physical fine maps. Trains first if needed (`fit`)."""
     self.fit(view)
     slices = np.asarray(slices, np.int64)
-    x, _ = _finite_or_zero(view.coarse_norm.apply(np.asarray(coarse, np.float32)))
+    x, _ = finite_or_zero(view.coarse_norm.apply(np.asarray(coarse, np.float32)))
     ext = np.asarray(view.external, np.float32)[slices]
-    b = max(1, min(self.eval_batch, len(slices)))
-    fine = [np.zeros((0,) + view.fine_shape + (x.shape[-1],), np.float32)]
-    for k in range(0, len(slices), b):
-      m = min(b, len(slices) - k)
-      # The last batch is padded to the others' size: one compiled shape per call.
-      pad = lambda a: np.concatenate([a[k:k + m], np.zeros((b - m,) + a.shape[1:], a.dtype)])
-      fine.append(np.asarray(self._apply(self.params, pad(x), pad(ext)))[:m])
-    return view.fine_norm.inverse(np.concatenate(fine)).astype(np.float32)
+    if not len(slices):
+      return np.zeros((0,) + view.fine_shape + (x.shape[-1],), np.float32)
+    (fine,) = batching.run_batched(lambda *part: self._apply(self.params, *part), [x, ext],
+                                   min(self.eval_batch, len(slices)))
+    return view.fine_norm.inverse(fine).astype(np.float32)
 
 
 NETWORKS = ("srcnn", "srresnet", "urbanfm", "fode", "stcf")

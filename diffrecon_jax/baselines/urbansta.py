@@ -32,16 +32,14 @@ data count as hidden inputs and carry no loss.
 """
 from __future__ import annotations
 
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from diffrecon_jax.baselines import supervised, urbanfm
+from diffrecon_jax import batching
+from diffrecon_jax.baselines import adam, supervised, urbanfm
 from diffrecon_jax.data import patterns as patterns_lib
 
 
@@ -188,9 +186,9 @@ class UrbanSTAMethod:
       raise ValueError(f"urbansta: train_fine / train_coarse have {view.train_fine.shape[0]} / "
                        f"{view.train_coarse.shape[0]} slices, the training split {v0}")
     raw = np.asarray(view.train_coarse, np.float32)
-    coarse, _ = supervised._finite_or_zero(view.coarse_norm.apply(raw))
+    coarse, _ = supervised.finite_or_zero(view.coarse_norm.apply(raw))
     valid = np.isfinite(raw).all(-1).astype(np.float32)
-    fine, fine_w = supervised._finite_or_zero(
+    fine, fine_w = supervised.finite_or_zero(
         view.fine_norm.apply(np.asarray(view.train_fine, np.float32)))
     patterns = [patterns_lib.parse_pattern(spec) for spec in self.train_patterns
                 ] or [patterns_lib.parse_pattern("random:0.0")]
@@ -221,31 +219,17 @@ class UrbanSTAMethod:
     return _weighted_mse(pred, batch["target"], weight[..., None])
 
   def _adam(self, stage: str, params, loss_fn, lr: float, seed: int):
-    """`steps[stage]` Adam steps of loss_fn(params, key) -> scalar; returns the params and
-    records the losses in self.losses[stage]."""
-    steps = self.steps[stage]
-    tx = optax.adam(lr)
-
-    @jax.jit
-    def step(params, opt_state, key):
-      value, grads = jax.value_and_grad(loss_fn)(params, key)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, value
-
-    opt_state, losses, start = tx.init(params), [], time.time()
-    key = jax.random.PRNGKey(seed)
-    for s in range(steps):
-      params, opt_state, value = step(params, opt_state, jax.random.fold_in(key, s))
-      losses.append(value)
-      if self.log_every and ((s + 1) % self.log_every == 0 or s + 1 == steps):
-        logging.info("urbansta %s: step %d/%d loss %.4f (%.1f s)", stage, s + 1, steps,
-                     float(jnp.mean(jnp.stack(losses[-self.log_every:]))), time.time() - start)
-    self.losses[stage] = np.asarray(jnp.stack(losses) if losses else jnp.zeros(0), np.float32)
+    """`steps[stage]` Adam steps (`adam.minimise`) of loss_fn(params, key) -> scalar; returns
+    the params and records the losses in self.losses[stage]."""
+    # The train arrays stay closed over (no data argument): the compiled step is as before.
+    params, self.losses[stage] = adam.minimise(
+        params, lambda p, _, key: loss_fn(p, key), (), steps=self.steps[stage], lr=lr,
+        key=jax.random.PRNGKey(seed), log_every=self.log_every, name=f"urbansta {stage}")
     return params
 
   def fit(self, view) -> None:
     """Trains the three stages on `view`'s train split (once per distinct train split)."""
-    key = supervised._train_key(view)
+    key = supervised.train_key(view)
     if key == self._key:
       return
     sta, fin = self._networks(view)
@@ -304,19 +288,12 @@ class UrbanSTAMethod:
     mask = np.asarray(view.mask, np.float32)
     ext = np.asarray(view.external, np.float32)
     inputs = (obs[win], mask[win], ext[win], ext[slices])
-    b = max(1, min(self.eval_batch, len(slices)))
-    coarse, fine = [], []
-    for k in range(0, len(slices), b):
-      m = min(b, len(slices) - k)
-      # The last batch is padded to the others' size: one compiled shape per call.
-      pad = lambda a: np.concatenate([a[k:k + m], np.zeros((b - m,) + a.shape[1:], a.dtype)])
-      c_out, f_out = self._apply(self.params, *map(pad, inputs))
-      coarse.append(np.asarray(c_out)[:m])
-      fine.append(np.asarray(f_out)[:m])
-    coarse = view.coarse_norm.inverse(np.concatenate(coarse)).astype(np.float32)
+    coarse, fine = batching.run_batched(lambda *part: self._apply(self.params, *part), inputs,
+                                        min(self.eval_batch, len(slices)))
+    coarse = view.coarse_norm.inverse(coarse).astype(np.float32)
     observed = view.mask[slices][..., None] > 0
     coarse = np.where(observed, view.coarse_obs[slices], coarse).astype(np.float32)
-    fine = view.fine_norm.inverse(np.concatenate(fine)).astype(np.float32)
+    fine = view.fine_norm.inverse(fine).astype(np.float32)
     return {"coarse": coarse, "fine": fine, "samples": None}
 
 

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffrecon_jax.batching import BALANCE_BATCHES_FOR, balanced_batch_size, concurrent_batches
+from diffrecon_jax.batching import (BALANCE_BATCHES_FOR, balanced_batch_size, concurrent_batches,
+                                    run_batched)
 from diffrecon_jax.diffrecon import calibration as calibration_lib
 from diffrecon_jax.diffrecon import model
 from diffrecon_jax.diffrecon import settings as settings_lib
@@ -180,29 +181,11 @@ class DiffReconMethod:
     once. The first batch of a stage at a new batch size runs alone (it compiles), then
     `self.workers` at a time.
     """
-    n = arrays[0].shape[0]
-    size = balanced_batch_size(n, self.batch, BALANCE_BATCHES_FOR)
-    starts = list(range(0, n, size))
-
-    def one(k: int) -> list:
-      part = [a[starts[k]:starts[k] + size] for a in arrays]
-      real = part[0].shape[0]
-      if real < size:
-        part = [np.concatenate([p, np.repeat(p[-1:], size - real, axis=0)]) for p in part]
-      res = fn(*part, jax.random.fold_in(rng, k))
-      return [np.asarray(r)[:real] for r in (res if isinstance(res, tuple) else (res,))]
-
-    outs = []
-    if (stage, size) not in self._compiled:
-      outs.append(one(0))
-      self._compiled.add((stage, size))
-    rest = range(len(outs), len(starts))
-    if self.workers > 1 and len(rest) > 1:
-      with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-        outs += list(pool.map(one, rest))
-    else:
-      outs += [one(k) for k in rest]
-    return [np.concatenate(parts, axis=0) for parts in zip(*outs)]
+    size = balanced_batch_size(arrays[0].shape[0], self.batch, BALANCE_BATCHES_FOR)
+    first_alone = (stage, size) not in self._compiled
+    outs = run_batched(fn, arrays, size, rng=rng, workers=self.workers, first_alone=first_alone)
+    self._compiled.add((stage, size))
+    return outs
 
   @property
   def _members(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from diffrecon_jax import batching
 from diffrecon_jax.diffrecon import prior as prior_lib
 
 # Windows per compiled call: bounds host memory on large grids; one shape, one compile.
@@ -49,15 +50,10 @@ class PriorMethod:
                        f"before)")
     slots = self.prior.slots(view.timestamps)
     idx = slices[:, None] + np.arange(-self.history, 1)[None, :]          # (n, t)
-    coarse, fine = [], []
-    for start in range(0, len(slices), _BATCH):
-      part = idx[start:start + _BATCH]
-      real = len(part)
-      if real < _BATCH and len(slices) > _BATCH:  # pad the last batch: one compiled shape
-        part = np.concatenate([part, np.repeat(part[-1:], _BATCH - real, axis=0)])
-      c, f = self._run(view.coarse_obs_norm[part], view.mask[part], slots[part])
-      coarse.append(np.asarray(c)[:real])
-      fine.append(np.asarray(f)[:real])
-    return {"coarse": view.coarse_norm.inverse(np.concatenate(coarse)).astype(np.float32),
-            "fine": view.fine_norm.inverse(np.concatenate(fine)).astype(np.float32),
+    # Windows (n, t): the arrays are gathered per batch, so host memory stays one batch's.
+    coarse, fine = batching.run_batched(
+        lambda part: self._run(view.coarse_obs_norm[part], view.mask[part], slots[part]), [idx],
+        min(_BATCH, len(slices)))
+    return {"coarse": view.coarse_norm.inverse(coarse).astype(np.float32),
+            "fine": view.fine_norm.inverse(fine).astype(np.float32),
             "samples": None}
