@@ -81,7 +81,7 @@ def study(workdir: str, patterns: tuple, n_slices: int, seed: int) -> dict:
     mask, _ = evaluate.eval_mask(task, patterns_lib.parse_pattern(spec), seed)
     view = evaluate.observe(task, mask, spec)
     rec = method.reconstruct(view, span)           # member completions of every span slice
-    slots = method._slots(view)
+    slots = method.slots(view)
     norm = lambda phys: np.asarray(task.coarse_norm.apply(phys), np.float32)
     inputs = {"true": task.coarse[idx], "point": norm(rec["coarse"])[win]}
     members = norm(rec["coarse_samples"])           # (S, len(span), I, J, C)

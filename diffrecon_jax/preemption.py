@@ -6,7 +6,7 @@ so training watches for the signal (`Watcher`): the handler only sets a flag, th
 between compiled calls (never inside one), saves a checkpoint at the step it has reached, waits
 for it to be written and raises `Preempted`. The command line turns that into exit code
 `EXIT_CODE` with a one-line message; the same command resumes from that checkpoint exactly (the
-compiled calls are a function of the step alone: `train._chunk`).
+compiled calls are a function of the step alone: `train.chunk_size`).
 
 Several processes: they must stop at one step (the save is collective), and a per-process flag
 would stop some and not others. There JAX's preemption service does it: `jax.distributed`

@@ -117,14 +117,14 @@ def test_non_finite_loss_raises_naming_phase_step_and_loss(joint_setup):
 def test_chunks_end_on_checkpoint_and_log_steps():
   plan, step = [], 0
   while step < 23:
-    n = train._chunk(step, 23, 4, 10, 5)
+    n = train.chunk_size(step, 23, 4, 10, 5)
     plan.append(n)
     step += n
   assert plan == [4, 1, 4, 1, 4, 1, 4, 1, 3]
   # Resuming at a checkpoint step (10) makes the same calls as the uninterrupted run.
   resumed, step = [], 10
   while step < 23:
-    n = train._chunk(step, 23, 4, 10, 5)
+    n = train.chunk_size(step, 23, 4, 10, 5)
     resumed.append(n)
     step += n
   assert resumed == plan[4:]

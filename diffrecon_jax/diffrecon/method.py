@@ -143,7 +143,7 @@ class DiffReconMethod:
     """Diffusion-C's one-pass completion (`coarse_weight` 1) of `slices` (n,) and the prior's
     first guess it corrects: (point, guess) physical (n,I,J,C). `coarse_weight` w gives the
     hidden cells guess + w (point - guess)."""
-    slices, slot = np.asarray(slices), self._slots(view)
+    slices, slot = np.asarray(slices), self.slots(view)
     idx = slices[:, None] + np.arange(-view.history, 1)[None, :]
     arrays = [view.coarse_obs_norm[idx], view.mask[idx], view.external[idx], slot[idx]]
     (point_c,) = self._batched("pc", functools.partial(self._point_c, self.params["c"]), arrays,
@@ -159,7 +159,7 @@ class DiffReconMethod:
     h, slices = view.history, np.asarray(slices)
     if slices[0] < 2 * h:
       raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
-    slot = self._slots(view)
+    slot = self.slots(view)
     span = np.arange(slices[0] - h, slices[-1] + 1)
     idx = span[:, None] + np.arange(-h, 1)[None, :]
     (point_c,) = self._batched("pc", functools.partial(self._point_c, self.params["c"]),
@@ -218,7 +218,7 @@ class DiffReconMethod:
     """(stage-1 key, stage-2 key) of a run of slices: fixed by its first slice and the seed."""
     return tuple(jax.random.split(jax.random.fold_in(self._rng, int(slices[0]))))
 
-  def _slots(self, view) -> np.ndarray:
+  def slots(self, view) -> np.ndarray:
     """(T,) climatology slot of every slice, zeros when the model has no prior."""
     return (self.models.prior.slots(view.timestamps) if self.models.needs_slots
             else np.zeros(len(view.timestamps), np.int32))
@@ -239,7 +239,7 @@ class DiffReconMethod:
     slices = np.asarray(slices)
     if slices[0] < view.history:
       raise ValueError(f"slice {slices[0]} has too little history (needs {view.history} before)")
-    completed = self._complete_norm(view, slices, self._slots(view), self._keys(slices)[0])
+    completed = self._complete_norm(view, slices, self.slots(view), self._keys(slices)[0])
     return view.coarse_norm.inverse(completed)
 
   def reconstruct(self, view, slices: np.ndarray) -> dict:
@@ -269,7 +269,7 @@ class DiffReconMethod:
     if slices[0] < 2 * h:
       raise ValueError(f"slice {slices[0]} has too little history (needs {2 * h} slices before)")
     return (h, slices, self._keys(slices), self._compile_f_aside(view, len(slices)),
-            self._slots(view))
+            self.slots(view))
 
   def _reconstruct_members(self, view, slices: np.ndarray) -> dict:
     """`reconstruct` with members that carry the completion's uncertainty (module docstring)."""

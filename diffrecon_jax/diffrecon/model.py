@@ -208,8 +208,8 @@ def denoise(models: Models, out: Array, x_tau: Array, tau: Array) -> tuple:
   """(eps_hat, x0_hat) from a denoiser's output under `models.prediction` (shapes of x_tau)."""
   s = models.schedule
   if models.prediction == "x0":
-    eps = ((x_tau - diffusion._bcast(s.sqrt_alpha_bars[tau], x_tau) * out)
-           / diffusion._bcast(s.sqrt_one_minus_alpha_bars[tau], x_tau))
+    eps = ((x_tau - diffusion.broadcast_to(s.sqrt_alpha_bars[tau], x_tau) * out)
+           / diffusion.broadcast_to(s.sqrt_one_minus_alpha_bars[tau], x_tau))
     return eps, out
   return out, diffusion.predict_x0(s, x_tau, tau, out)
 
@@ -225,7 +225,7 @@ def stage_loss(models: Models, out: Array, x0: Array, noise: Array, tau: Array,
   if models.point_loss == "l2":
     return diffusion.eps_loss(out, x0, weights)
   err = out.astype(jnp.float32) - x0.astype(jnp.float32)
-  last = diffusion._bcast(tau == models.schedule.num_steps - 1, err)
+  last = diffusion.broadcast_to(tau == models.schedule.num_steps - 1, err)
   return diffusion.weighted_mean(jnp.where(last, jnp.abs(err), jnp.square(err)), weights)
 
 

@@ -218,7 +218,7 @@ def check_finite(phase: str, first_step: int, metrics: dict) -> None:
         f"Lower the learning rate or set config.train.grad_clip.")
 
 
-def _chunk(step: int, total: int, steps_per_call: int, *everies: int) -> int:
+def chunk_size(step: int, total: int, steps_per_call: int, *everies: int) -> int:
   """Length of the next fused call: at most steps_per_call, never crossing a multiple of any
   `every` (checkpoint / log cadence) nor `total`. A function of `step` alone, so a resumed run
   makes the same calls as an uninterrupted one."""
@@ -438,7 +438,7 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
   logging.info("[%s] %d steps (from %d), global batch %d on %d device(s)", phase, total, step,
                spec.batch_size, mesh.devices.size)
   while step < total:
-    n = _chunk(step, total, steps_per_call, k_every, log_every)
+    n = chunk_size(step, total, steps_per_call, k_every, log_every)
     if n not in fns:
       fns[n] = make_train_step(phase, ctx.models, ctx.optimizer, tc, spec, mesh, n, ctx.joint)
     state, metrics = fns[n](state, arrays)

@@ -103,7 +103,7 @@ def make_schedule(kind: str = "quad", num_steps: int = 50, beta_start: float = 1
       posterior_variance=f32(posterior_variance), num_steps=num_steps)
 
 
-def _bcast(coef: Array, x: Array) -> Array:
+def broadcast_to(coef: Array, x: Array) -> Array:
   """(B,) -> (B, 1, ..., 1) to broadcast against x (B, ...)."""
   return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
 
@@ -121,8 +121,8 @@ def q_sample(schedule: Schedule, x0: Array, tau: Array, noise: Array) -> Array:
   Returns: (B, ...) noisy data.
   """
   tau = jnp.asarray(tau, jnp.int32)
-  return (_bcast(schedule.sqrt_alpha_bars[tau], x0) * x0
-          + _bcast(schedule.sqrt_one_minus_alpha_bars[tau], x0) * noise)
+  return (broadcast_to(schedule.sqrt_alpha_bars[tau], x0) * x0
+          + broadcast_to(schedule.sqrt_one_minus_alpha_bars[tau], x0) * noise)
 
 
 def predict_x0(schedule: Schedule, x_tau: Array, tau: Array, eps_hat: Array) -> Array:
@@ -131,8 +131,8 @@ def predict_x0(schedule: Schedule, x_tau: Array, tau: Array, eps_hat: Array) -> 
   x0_hat = (x_tau - sqrt(1 - abar_tau) eps_hat) / sqrt(abar_tau). Shapes as in `q_sample`.
   """
   tau = jnp.asarray(tau, jnp.int32)
-  return ((x_tau - _bcast(schedule.sqrt_one_minus_alpha_bars[tau], x_tau) * eps_hat)
-          / _bcast(schedule.sqrt_alpha_bars[tau], x_tau))
+  return ((x_tau - broadcast_to(schedule.sqrt_one_minus_alpha_bars[tau], x_tau) * eps_hat)
+          / broadcast_to(schedule.sqrt_alpha_bars[tau], x_tau))
 
 
 def eps_loss(eps_hat: Array, eps: Array, weights: Optional[Array] = None) -> Array:
