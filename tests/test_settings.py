@@ -160,3 +160,20 @@ def test_model_settings_group_the_three_records():
   assert model.diffusion == settings.DiffusionSettings.from_config(config)
   assert model.prior == settings.PriorSettings.from_config(config)
   assert model.loss == settings.LossSettings.from_config(config)
+
+
+def test_a_field_whose_absence_changed_nothing_comes_from_todays_defaults():
+  """A version-1 config saved before `train.tensorboard` existed (the nytaxi comparison's
+  DiffRecon was) loads: fields outside MIGRATIONS are filled from configs/default.py."""
+  config = default.get_config()
+  del config["config_version"]
+  del config.train["tensorboard"]
+  del config.train["log_every"]
+  migrated = settings.migrate(config)
+  assert migrated.train.tensorboard is False
+  assert migrated.train.log_every == default.get_config().train.log_every
+  settings.TrainSettings.from_config(migrated)  # reads every train field
+  today = default.get_config()  # a current config that lacks a field is not filled
+  del today.train["tensorboard"]
+  with pytest.raises(settings.MissingField, match="train.tensorboard"):
+    settings.TrainSettings.from_config(settings.migrate(today))

@@ -28,6 +28,8 @@ from typing import Any
 
 import ml_collections
 
+from diffrecon_jax.configs import default
+
 # The version configs/default.py writes (its `config_version` field).
 CONFIG_VERSION = 2
 
@@ -357,7 +359,9 @@ def version(config: ml_collections.ConfigDict) -> int:
 def migrate(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of a saved config upgraded to `CONFIG_VERSION`: each field of `MIGRATIONS` that
   its version lacked is added with the value that reproduces the behaviour it was saved with;
-  the fields it has are kept as saved. A current config comes back equal to itself."""
+  the fields it has are kept as saved. A field of neither (one whose absence never changed
+  what a run computes: `train.tensorboard`, log cadences, ...) comes from today's
+  `configs/default.base_config()`. A current config comes back equal to itself."""
   have = version(saved)
   if have > CONFIG_VERSION:
     raise ValueError(f"the saved config is of version {have}, newer than this code's "
@@ -366,8 +370,19 @@ def migrate(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for introduced, path, old in MIGRATIONS:
     if have < introduced:
       _set_missing(out, path, old)
+  if have < CONFIG_VERSION:
+    _fill_missing(out, default.base_config().to_dict())
   out.config_version = CONFIG_VERSION
   return out
+
+
+def _fill_missing(config: ml_collections.ConfigDict, base: dict) -> None:
+  """Adds every field of `base` (nested dicts) that `config` lacks, in place."""
+  for key, value in base.items():
+    if key not in config:
+      config[key] = value
+    elif isinstance(value, dict) and isinstance(config[key], ml_collections.ConfigDict):
+      _fill_missing(config[key], value)
 
 
 def _set_missing(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
