@@ -49,7 +49,7 @@ def concurrent_batches(config) -> int:
 
 def run_batched(fn: Callable, arrays: Sequence[np.ndarray], size: int, *,
                 rng: Optional[jax.Array] = None, workers: int = 1, first_alone: bool = True,
-                out_axis: int = 0) -> list:
+                out_axis: int = 0, devices: Optional[Sequence] = None) -> list:
   """`fn` over fixed-size batches of `arrays` (each (n, ...), batched along axis 0).
 
   Batch k holds rows [k * size, (k + 1) * size); the last one is padded to `size` rows with
@@ -57,7 +57,11 @@ def run_batched(fn: Callable, arrays: Sequence[np.ndarray], size: int, *,
   fn(*batch) -> an array or a tuple of arrays with the batch on `out_axis`; with `rng`, it is
   called as fn(*batch, fold_in(rng, k)), so a batch's key does not depend on how many run at
   once. `workers` > 1 runs batches in threads; `first_alone` runs batch 0 before the others (it
-  compiles). Returns the list of outputs, each concatenated along `out_axis`. n >= 1.
+  compiles). With several `devices`, batch k runs on devices[k % len(devices)] (its arrays and
+  key are put there; what `fn` closes over must be uncommitted, e.g. numpy, to follow them), at
+  least one thread per device: the same batches with the same keys as on one device, so the
+  outputs are identical. Returns the list of outputs, each concatenated along `out_axis`.
+  n >= 1.
   """
   n = arrays[0].shape[0]
   if n < 1 or size < 1:
@@ -70,9 +74,14 @@ def run_batched(fn: Callable, arrays: Sequence[np.ndarray], size: int, *,
     real = part[0].shape[0]
     if real < size:
       part = [np.concatenate([p, np.repeat(p[-1:], size - real, axis=0)]) for p in part]
-    res = fn(*part) if rng is None else fn(*part, jax.random.fold_in(rng, k))
+    key = None if rng is None else jax.random.fold_in(rng, k)
+    if devices is not None and len(devices) > 1:
+      part, key = jax.device_put((part, key), devices[k % len(devices)])
+    res = fn(*part) if key is None else fn(*part, key)
     return [cut(r, real) for r in (res if isinstance(res, tuple) else (res,))]
 
+  if devices is not None and len(devices) > 1:
+    workers = max(workers, len(devices))
   outs = [one(0)] if first_alone else []
   rest = range(len(outs), len(starts))
   if workers > 1 and len(rest) > 1:

@@ -116,11 +116,12 @@ def _real_params(models_json: str, scale: int, shapes_json: str, seed: int):
   return jax.jit(lambda k: model.init_params(models, shapes, k))(jax.random.PRNGKey(seed))
 
 
-def tiny_diffrecon(config=None, task=None, seed: int = 0):
+def tiny_diffrecon(config=None, task=None, seed: int = 0, devices=None):
   """`DiffReconMethod` with the real denoisers of `config` (default `tiny_config()` sampling with
   3 DDIM steps, batches of 8), freshly initialised from `seed`, clip bounds from `task`'s train
   split (default `tiny_task()`). Untrained, so its samples are noisy and differ from each other:
-  what the sampling-path tests need."""
+  what the sampling-path tests need. `devices`: where its batches run (default: every local
+  device)."""
   import json
   from diffrecon_jax.diffrecon import model
   from diffrecon_jax.diffrecon import method as diffrecon_method
@@ -137,4 +138,4 @@ def tiny_diffrecon(config=None, task=None, seed: int = 0):
   params = _real_params(models_json, int(task.scale), json.dumps(task.shapes, sort_keys=True),
                         int(seed))
   clip = model.x0_clip_bounds(float(config.sampling.x0_clip_factor), models, task)
-  return diffrecon_method.DiffReconMethod(config, params, models, clip)
+  return diffrecon_method.DiffReconMethod(config, params, models, clip, devices=devices)

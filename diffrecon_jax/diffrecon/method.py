@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrecon_jax import parallel
 from diffrecon_jax.batching import (BALANCE_BATCHES_FOR, balanced_batch_size, concurrent_batches,
                                     run_batched)
 from diffrecon_jax.diffrecon import calibration as calibration_lib
@@ -49,17 +50,21 @@ class DiffReconMethod:
 
   def __init__(self, config, params: dict, models: model.Models,
                x0_clip: tuple = (None, None),
-               sampling: Optional[settings_lib.SamplingSettings] = None):
+               sampling: Optional[settings_lib.SamplingSettings] = None,
+               devices: Optional[Sequence] = None):
     """config: the run's config (its `sampling`, `eval.batch_size`, `seed` and
     `diffusion.num_steps` are read); params: {'c', 'f'} parameters; x0_clip: (coarse, fine)
     bounds on each reverse step's estimate of s_0 in normalised units
     (`model.x0_clip_bounds`: computed from the train split when the method is built), or None
     for no clip; sampling: the config's `settings.SamplingSettings` when the caller has read
-    them already."""
+    them already; devices: where the sampler batches run (default: every local device; batch k
+    on device k mod their number, so the results do not depend on how many there are)."""
     self.settings = (settings_lib.SamplingSettings.from_config(config) if sampling is None
                      else sampling)
     self.x0_clip = tuple(x0_clip)
-    self.params = params
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    # Over several devices the parameters stay on the host and follow each batch to its device.
+    self.params = params if len(self.devices) < 2 else parallel.to_host(params)
     self.models = models
     self.n_samples = self.settings.n_samples
     self.batch = int(config.eval.batch_size)
@@ -179,11 +184,12 @@ class DiffReconMethod:
 
     Batch k always gets `fold_in(rng, k)`, so results do not depend on how many batches run at
     once. The first batch of a stage at a new batch size runs alone (it compiles), then
-    `self.workers` at a time.
+    `self.workers` at a time (at least one per device of `self.devices`).
     """
     size = balanced_batch_size(arrays[0].shape[0], self.batch, BALANCE_BATCHES_FOR)
     first_alone = (stage, size) not in self._compiled
-    outs = run_batched(fn, arrays, size, rng=rng, workers=self.workers, first_alone=first_alone)
+    outs = run_batched(fn, arrays, size, rng=rng, workers=self.workers, first_alone=first_alone,
+                       devices=self.devices)
     self._compiled.add((stage, size))
     return outs
 
