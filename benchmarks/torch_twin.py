@@ -9,8 +9,8 @@ registered under the flax module's name (e.g. `UNet_0.ResBlock_3.Conv_1`), so
 
 Also here: the training objective (eps-MSE, joint loss through x0_hat), AdamW + global-norm
 clipping + EMA step, and the DDPM / DDIM reverse chain with observed-cell imposition, all
-written like their JAX counterparts in diffrecon_jax/diffrecon.py (losses, samplers),
-diffrecon_jax/train.py (step) and diffrecon_jax/diffusion.py (reverse chain). The suite that
+written like their JAX counterparts in diffrecon_jax/diffrecon/model.py (losses, samplers),
+diffrecon_jax/diffrecon/train.py (step) and diffrecon_jax/models/diffusion.py (reverse chain). The suite that
 drives them is benchmarks/torch_side.py.
 """
 from __future__ import annotations

@@ -49,7 +49,7 @@ def tiny_task():
   return pipeline.prepare_task(tiny_config())
 
 
-# ---- stand-in denoisers: same call convention as models/denoisers.py, compile in ~1 s ----
+# ---- stand-in denoisers: same call convention as diffrecon/denoisers.py, compile in ~1 s ----
 # The real denoisers take ~1 min to compile a train step on 2 CPU cores; tests of the training
 # logic itself (optimizers, EMA, gradient flow, NaN checks) use these instead.
 class StandInC(nn.Module):

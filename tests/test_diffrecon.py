@@ -1,4 +1,4 @@
-"""Tests of diffrecon_jax/diffrecon.py that need no trained model: the stage-2 base and its
+"""Tests of diffrecon_jax/diffrecon/model.py that need no trained model: the stage-2 base and its
 consistency, the one x0 clipping rule, the sampler settings. (The losses are exercised by
 test_train.py, the samplers by test_diffrecon_method.py and test_diffusion.py.)"""
 import dataclasses

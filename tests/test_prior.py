@@ -1,4 +1,4 @@
-"""The climatology prior (diffrecon_jax/prior.py): the jnp first guesses equal the `climatology`
+"""The climatology prior (diffrecon_jax/diffrecon/prior.py): the jnp first guesses equal the `climatology`
 baseline's numpy completion and split, pool exactly, never read hidden values; the denoisers'
 first-guess and location inputs have the shapes they claim."""
 import dataclasses

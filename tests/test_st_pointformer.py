@@ -1,4 +1,4 @@
-"""Tests for models/grid_stack.py and models/st_pointformer.py (paper eqs. 14-25)."""
+"""Tests for diffrecon/grid_stack.py and diffrecon/st_pointformer.py (paper eqs. 14-25)."""
 import functools
 
 import chex

@@ -1,4 +1,4 @@
-"""Tests for models/t_patternnet.py (paper eqs. 26-34)."""
+"""Tests for diffrecon/t_patternnet.py (paper eqs. 26-34)."""
 import pathlib
 
 import chex

@@ -1,4 +1,4 @@
-"""Tests of diffrecon_jax/train.py: optimizers per phase, the joint step, EMA, NaN detection.
+"""Tests of diffrecon_jax/diffrecon/train.py: optimizers per phase, the joint step, EMA, NaN detection.
 
 The training logic is model-agnostic, so these use the stand-in denoisers of _train_helpers
 (the real ones compile for about a minute on 2 cores; test_resume / test_parallel run them).
