@@ -85,26 +85,21 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- sampling (paper Sec. IV-B, eqs. 6-7): chosen at evaluate time, replaced as a whole ----
   c.sampling = ml_collections.ConfigDict()
   c.sampling.sampler = "ddim"       # ours: DDIM on CPU (measured: DDPM chains cost ~20x more).
-  c.sampling.steps = 4              # S for DDIM; ours, measured on nytaxi val with the members
-                                    # and the recalibration below (benchmarks/README.md
-                                    # "Sampler"): 4 members x 4 steps gave the lowest CRPS of the
-                                    # members settings at today's sampling time. DDPM takes T.
+  c.sampling.steps = 4              # S for DDIM; ours (measured; WORKSPACE.md). DDPM takes T.
   c.sampling.eta = 1.0              # ours: stochastic DDIM so samples spread (CRPS is meaningful).
-  c.sampling.n_samples = 4          # ensemble members per map (CRPS, spread, intervals); ours,
-                                    # measured as `steps` (8 members: CRPS 1.88 vs 1.73, 2x time).
+  c.sampling.n_samples = 4          # ensemble members per map (CRPS, spread, intervals); ours
+                                    # (measured; WORKSPACE.md).
   c.sampling.ensemble = "members"   # ours: each member draws its own completion of the hidden
                                     # coarse cells and its fine map from it, so the spread holds
                                     # stage 1's uncertainty; "shared_completion" = one completion
-                                    # per slice for every member (measured: 90% band covers
-                                    # 0.22-0.26 of the truth on nytaxi).
+                                    # per slice for every member (measured; WORKSPACE.md).
   c.sampling.consistent = True      # ours: remove each N x N block's residual mean, so the fine
                                     # map pools exactly to the completed coarse map.
   c.sampling.x0_clip_factor = 1.2   # ours: clip each step's s_0 estimate to 1.2x the largest
                                     # |value| of the normalised train split (0 = no clip).
   c.sampling.point = "posterior_mean"  # "median" of the samples, or "posterior_mean": the
                                     # x0-denoiser's one-pass estimate (needs prediction "x0").
-  c.sampling.prng_impl = "rbg"      # measured: XLA's RngBitGenerator draws the sampler's noise
-                                    # ~8% faster per Diffusion-F batch on CPU than threefry;
+  c.sampling.prng_impl = "rbg"      # ours (measured; WORKSPACE.md): XLA's RngBitGenerator;
                                     # "" = JAX's default. Bits differ between backends.
 
   # ---- Diffusion-C: U-Net + ST-PointFormer (Sec. IV-C) ----
@@ -184,8 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- evaluation (docs/evaluation.md) ----
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64            # maps per sampler call (at most; see balanced_batch_size);
-                                    # measured on 2 CPU cores: a pattern of nytaxi's test split
-                                    # samples in ~12.3 s at 32-64 vs 14.5 s at 128 (cache-sized).
+                                    # ours (measured; WORKSPACE.md).
   c.eval.split = "test"             # "test" or "val".
   c.eval.max_slices = 0             # 0 = whole split; >0 evaluates the first n slices (smoke runs).
   c.eval.chunk_slices = 0           # 0 = the split in one piece; >0 bounds memory on big grids.
@@ -193,9 +187,8 @@ def base_config() -> ml_collections.ConfigDict:
                                     # and the 90% interval as CF NetCDF (workdir/predictions/),
                                     # for rescoring offline without rerunning.
   c.eval.save_members = False       # ours: with save_predictions, the ensemble members too.
-  c.eval.concurrent_batches = 0     # sampler batches run at once; 0 = automatic: 2 on CPU
-                                    # (measured: one XLA:CPU program keeps ~1 of 2 cores busy;
-                                    # two at once halve the time per batch), 1 on accelerators.
+  c.eval.concurrent_batches = 0     # sampler batches run at once; 0 = automatic: 2 on CPU,
+                                    # 1 on accelerators (measured; WORKSPACE.md).
 
   # ---- the calendar table of the climatology reference and of DiffRecon's prior ----
   c.climatology = ml_collections.ConfigDict()
@@ -238,9 +231,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- deterministic super-resolution baselines (baselines/supervised.py) ----
   # --config.method=srcnn|srresnet|urbanfm --mode=evaluate trains on the train split, then scores.
   c.baselines = ml_collections.ConfigDict()
-  c.baselines.steps = 10000         # ours (CPU budget), measured on nytaxi, 2 busy cores, val
-                                    # split, nine patterns: whole runs of 67 s (srcnn), 155 s
-                                    # (srresnet), 244 s (urbanfm); the papers train 10^5+ steps.
+  c.baselines.steps = 10000         # ours (CPU budget; WORKSPACE.md); the papers train 10^5+.
   c.baselines.batch_size = 32       # ours; UrbanFM: 16, SRResNet: 16.
   c.baselines.lr = 1e-3             # ours: Adam; SRResNet and UrbanFM use 1e-4 over far longer
                                     # runs, a short CPU budget needs the larger rate.

@@ -22,7 +22,7 @@ Both chains run as one compiled function per stage on fixed-size batches (the la
 so nothing recompiles across batches, patterns or splits. On CPU several batches run at once from
 a small thread pool (`eval.concurrent_batches`): XLA:CPU keeps about one core busy with one
 sampler program of many small ops, so two programs side by side on a 2-core machine halve the
-time per batch (measured 2150 -> 1073 ms per Diffusion-F batch; benchmarks/README.md).
+time per batch (measured; WORKSPACE.md, benchmarks/README.md).
 """
 from __future__ import annotations
 
