@@ -67,6 +67,7 @@ def run_batched(fn: Callable, arrays: Sequence[np.ndarray], size: int, *,
   if n < 1 or size < 1:
     raise ValueError(f"run_batched: need n >= 1 rows and size >= 1, got {n}, {size}")
   starts = list(range(0, n, size))
+  spread = list(devices) if devices is not None and len(devices) > 1 else None
   cut = lambda r, real: np.asarray(r)[(slice(None),) * out_axis + (slice(0, real),)]
 
   def one(k: int) -> list:
@@ -75,13 +76,13 @@ def run_batched(fn: Callable, arrays: Sequence[np.ndarray], size: int, *,
     if real < size:
       part = [np.concatenate([p, np.repeat(p[-1:], size - real, axis=0)]) for p in part]
     key = None if rng is None else jax.random.fold_in(rng, k)
-    if devices is not None and len(devices) > 1:
-      part, key = jax.device_put((part, key), devices[k % len(devices)])
+    if spread:
+      part, key = jax.device_put((part, key), spread[k % len(spread)])
     res = fn(*part) if key is None else fn(*part, key)
     return [cut(r, real) for r in (res if isinstance(res, tuple) else (res,))]
 
-  if devices is not None and len(devices) > 1:
-    workers = max(workers, len(devices))
+  if spread:
+    workers = max(workers, len(spread))
   outs = [one(0)] if first_alone else []
   rest = range(len(outs), len(starts))
   if workers > 1 and len(rest) > 1:

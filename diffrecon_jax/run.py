@@ -169,16 +169,13 @@ def load_method(config, workdir: str) -> tuple:
   a DiffReconMethod named after its ablation, if any, or for the noFG ablation Diffusion-C
   followed by its fine network. Model, data and training settings come from the checkpoint;
   what is chosen at evaluate time comes from `config` (`loading.EVALUATE_TIME_FIELDS`)."""
-  tasks = []
+  def checked_task(saved_config, meta):  # the saved config's data, checked against the checkpoint
+    task = pipeline.prepare_task(saved_config)
+    check_task_matches(task, meta)
+    return task
 
-  def task_of(saved_config, meta):
-    if not tasks:  # the data of the saved config, checked against the checkpoint's
-      tasks.append(pipeline.prepare_task(saved_config))
-      check_task_matches(tasks[0], meta)
-    return tasks[0]
-
-  method, saved_config, meta = loading.from_workdir(workdir, config, task_of)
-  task = task_of(saved_config, meta)
+  method, saved_config, _, task_of = loading.from_workdir(workdir, config, checked_task)
+  task = task_of()
   if ablations.check(saved_config) == "noFG":
     method = nofg.DiffCThenFine(method, nofg.fine_network(saved_config), method.name)
   return saved_config, task, method

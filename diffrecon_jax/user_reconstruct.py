@@ -214,7 +214,7 @@ def reconstruct_file(config, workdir: str) -> dict:
 
   # The calibration fitted when the workdir was evaluated; fitted here (on the validation split
   # of the training data the saved config names) when there is none for this sampler.
-  method, saved, meta = loading.from_workdir(workdir, config, check=check)
+  method, saved, meta, _ = loading.from_workdir(workdir, config, check=check)
   history = int(meta["shapes"]["window"]) - 1
   slices = np.asarray(slices, np.int64)
   view = observed_task(obs, meta, pathlib.Path(path).stem)

@@ -34,22 +34,22 @@ EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baseline
 
 def from_workdir(workdir: str, config=None, task=None,
                  check: Optional[Callable[..., None]] = None) -> tuple:
-  """(method, saved_config, meta) of the trained DiffRecon in `workdir`.
+  """(method, saved_config, meta, task_of) of the trained DiffRecon in `workdir`.
 
   Args:
     workdir: a training run's folder (its checkpoints, prior.npz, calibration.json).
     config: the config of this command, or None: its `EVALUATE_TIME_FIELDS` replace the saved
       ones; model, data and training settings always come from the checkpoint.
     task: the saved config's `pipeline.TaskData`, a function (saved_config, meta) -> TaskData,
-      or None
-      (`pipeline.prepare_task`); read only when needed (the clip bounds of a stage that does not
-      diffuse a residual over the prior, fitting a missing calibration).
+      or None (`pipeline.prepare_task`); read only when needed (the clip bounds of a stage that
+      does not diffuse a residual over the prior, fitting a missing calibration).
     check: called as check(saved_config, models, meta) before anything is computed (a
       reconstruct input checked against the model, before any calibration is fitted).
   Returns:
     a `DiffReconMethod` named after its ablation (`ablations.method_name`), with its calibration
     on process 0 (none for noFG, whose fine stage is not this model's), the saved config with
-    this command's evaluate-time fields, and the checkpoint's metadata.
+    this command's evaluate-time fields, the checkpoint's metadata, and `task_of()`: the task,
+    prepared at most once (here, or on the caller's first call).
   """
   saved, params, models, meta = load_for_sampling(workdir)
   params = parallel.local_copy(params)  # sampling runs on one process's devices.
@@ -75,7 +75,7 @@ def from_workdir(workdir: str, config=None, task=None,
   if ablations.check(saved) != "noFG" and parallel.is_main_process():
     # Process 0 alone samples and writes the workdir's files.
     calibration.attach(method, saved, workdir, task_of)
-  return method, saved, meta
+  return method, saved, meta, task_of
 
 
 def load_for_sampling(workdir: str, mesh=None,
@@ -141,7 +141,7 @@ def _load_finished(mngr, phase: str, step: int, workdir: epath.Path, mesh,
       lambda k: model.init_params(models, meta["shapes"], k), key)
   opt = train_lib.make_optimizer(phase, settings.TrainSettings.from_config(config))
   abstract = checkpoints.with_sharding(jax.eval_shape(
-      lambda p, e, k: train_lib.phase_start_state(opt, p, e, k), abstract_params, abstract_params, key),
-      parallel.replicated(mesh))
+      lambda p, e, k: train_lib.phase_start_state(opt, p, e, k), abstract_params,
+      abstract_params, key), parallel.replicated(mesh))
   state, meta = checkpoints.read(checkpoints.restore, mngr, step, abstract)
   return config, models, state, meta

@@ -10,12 +10,12 @@ features; nothing else of the task is read at sampling time):
   2. Diffusion-F draws fine samples for each slice conditioned on the window of completed coarse
      maps (through T-PatternNet) and the external features; the median is the point estimate.
      With `sampling.consistent` every sample pools exactly (sum or mean) to the completed
-     coarse map, and so does the point estimate (`diffrecon.sample_fine`).
+     coarse map, and so does the point estimate (`model.sample_fine`).
 With `sampling.ensemble = "members"` (the default) stage 1 also draws `n_samples` member
 completions of every slice (one noise draw per member for all slices: coherent histories) and
 stage 2 draws member m's fine map from a window of member m's completions, so the spread holds
 the completion's uncertainty and member m pools to its own completion; the point estimate is the
-same one-pass estimate (`diffrecon.sample_coarse_members`, `sample_fine_members`). A
+same one-pass estimate (`model.sample_coarse_members`, `sample_fine_members`). A
 `calibration` (fitted on the validation split, `calibration.py`) then re-scales the members and
 gives the intervals.
 Both chains run as one compiled function per stage on fixed-size batches (the last batch is padded),
