@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 from absl import logging
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -23,7 +24,8 @@ _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
     "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # How long a finished process waits at exit for the others (jax.distributed's shutdown barrier):
-# process 0 evaluates alone after training while the others wait there (JAX's default is 300 s).
+# process 0 scores the references (or a method that samples on one process) and writes the
+# files alone while the others wait there (JAX's default is 300 s).
 SHUTDOWN_TIMEOUT_S = 3600
 _initialized = False
 
@@ -140,12 +142,44 @@ def is_main_process() -> bool:
 def local_copy(tree: Any) -> Any:
   """Replicated global arrays -> the same values on this process's first local device.
 
-  For work one process does alone (evaluation on process 0): a computation on arrays that span
-  other processes' devices would wait for those processes to join it.
+  For work each process does on its own devices (sampler batches; see `batching.run_batched`),
+  or one process does alone: a computation on arrays that span other processes' devices would
+  wait for those processes to join it.
   """
   if jax.process_count() == 1:
     return tree
   return jax.device_put(to_host(tree), jax.local_devices()[0])
+
+
+def allgather(tree: Any) -> Any:
+  """Numpy arrays, the same shapes and dtypes on every process -> numpy arrays (P, ...): entry p
+  is process p's (exact: the values are moved, never combined). A collective: every process
+  calls it, in the same order as its other collectives. One process: each array with a leading
+  axis of 1."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)
+  return multihost_utils.process_allgather(tree)
+
+
+def broadcast_text(text: Optional[str]) -> Optional[str]:
+  """Process 0's `text` (None allowed) on every process (a collective, like `allgather`); the
+  others' argument is ignored. One process: `text` itself.
+
+  For a decision every process must take alike (whether a file process 0 reads exists): a
+  process that decided otherwise would wait for a collective the others never enter.
+  """
+  if jax.process_count() == 1:
+    return text
+  data = np.frombuffer(b"" if text is None else text.encode("utf-8"), np.uint8)
+  # The length first (-1 = None): every process must pass the same shapes.
+  length = int(multihost_utils.broadcast_one_to_all(
+      np.int32(-1 if text is None else data.size)))
+  if length <= 0:
+    return None if length < 0 else ""
+  if not is_main_process():
+    data = np.zeros(length, np.uint8)
+  data = np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)
+  return data.tobytes().decode("utf-8")
 
 
 def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:

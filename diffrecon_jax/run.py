@@ -9,6 +9,12 @@
 Every evaluation writes results.json / results.md into the workdir by docs/evaluation.md;
 DiffRecon's results carry its prior and the references (`methods.names("references")`) beside
 them, on the same masks.
+
+Several processes (`parallel.maybe_initialize_distributed`): all of them train, and all of them
+evaluate and reconstruct with a trained DiffRecon in lockstep, its sampler batches spread over
+every process's devices (`DiffReconMethod`, `batching.run_batched`; the calibration fit too);
+the references and the methods built from the config are scored by process 0 alone, which
+alone writes the files.
 """
 from __future__ import annotations
 
@@ -74,22 +80,33 @@ def evaluate_methods(config, workdir, task, methods: list, extra: dict = None,
                      figures: bool = True, origin: dict = None) -> list:
   """Scores `methods` (the first is the main one) and writes the results files; with
   `figures`, the main method's figures go to workdir/figures; `origin` (`provenance.collect`)
-  goes into every document as `provenance`."""
+  goes into every document as `provenance`.
+
+  In a multi-process run every process calls it: a method that samples across processes
+  (`samples_across_processes`) is scored by all of them in lockstep, any other only by process
+  0 (it enters no collective, so the order of the list is free). Process 0 alone writes files
+  (masks, figures, predictions, results) and returns the documents; the others return []."""
+  main = parallel.is_main_process()
   docs = []
-  predictions = evaluate_lib.PredictionsSpec.from_config(config, workdir, origin)
+  predictions = evaluate_lib.PredictionsSpec.from_config(config, workdir, origin) if main else None
   for m in methods:
+    if not main and not samples_across_processes(m):
+      continue
     climatology.prepare_reference(m, config, task)  # its calendar table, chosen on val
     res = evaluate_lib.evaluate_method(
         task, m, tuple(config.patterns.eval), seed=int(config.patterns.eval_mask_seed),
         split=config.eval.split, max_slices=int(config.eval.max_slices),
-        chunk=int(config.eval.chunk_slices), workdir=workdir,
-        figures_dir=paths.as_path(workdir) / "figures" if figures and m is methods[0] else None,
+        chunk=int(config.eval.chunk_slices), workdir=workdir if main else None,
+        figures_dir=(paths.as_path(workdir) / "figures" if main and figures and m is methods[0]
+                     else None),
         predictions=predictions)
     doc = evaluate_lib.results_document(task, m, res, int(config.patterns.eval_mask_seed),
                                         extra if m is methods[0] else None)
     if origin:
       doc["provenance"] = origin
     docs.append(doc)
+  if not main:
+    return _evaluated_elsewhere(sampled=True)
   evaluate_lib.write_results(workdir, docs)
   logging.info("wrote %s", paths.as_path(workdir) / "results.md")
   return docs
@@ -131,16 +148,35 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> list:
   if mode == "reconstruct" and config.reconstruct.input:
     # The user's own observations: a one-process job (a few maps need no second host).
     return [user_reconstruct.reconstruct_file(config, workdir)]
-  # Every process restores (Orbax reads a checkpoint collectively); process 0 alone evaluates,
-  # on its own devices, and writes the files.
-  saved_config, task, method = load_method(config, workdir)
-  if not parallel.is_main_process():
+  # Every process restores (Orbax reads a checkpoint collectively) and, for a DiffRecon that
+  # samples across processes, evaluates in lockstep (process 0 writes the files); noFG, whose
+  # fine network trains when it is evaluated, runs on process 0 alone.
+  saved_config, task, method = load_method(config, workdir, across_processes=True)
+  if not parallel.is_main_process() and not samples_across_processes(method):
     return _evaluated_elsewhere()
   if mode == "reconstruct":
-    return [reconstruct_to_files(saved_config, workdir, task, method)]
+    written = reconstruct_to_files(saved_config, workdir, task, method)
+    _log_batches(method)
+    return [written] if parallel.is_main_process() else _evaluated_elsewhere(sampled=True)
   extra = {"trained_on": list(saved_config.patterns.train)}
-  return evaluate_methods(saved_config, workdir, task, [method] + references_for(method, task),
+  docs = evaluate_methods(saved_config, workdir, task, [method] + references_for(method, task),
                           extra, origin=origin)
+  _log_batches(method)
+  return docs
+
+
+def samples_across_processes(method) -> bool:
+  """Whether `method` spreads its sampling over every process of a multi-process run (a
+  `DiffReconMethod` built with `across_processes`): then every process must call it alike."""
+  return bool(getattr(method, "across_processes", False))
+
+
+def _log_batches(method) -> None:
+  """How many of a method's sampler batches (calibration fit included) this process ran."""
+  if samples_across_processes(method):
+    logging.info("process %d of %d ran %d of the %d sampler batches of %s",
+                 jax.process_index(), jax.process_count(), method.batches_run["here"],
+                 method.batches_run["total"], method.name)
 
 
 def references_for(method, task) -> list:
@@ -158,23 +194,28 @@ def reference_names() -> tuple:
   return tuple(reversed(methods_lib.names("references")))
 
 
-def _evaluated_elsewhere() -> list:
-  logging.info("process %d of %d: evaluation and results files are process 0's",
-               jax.process_index(), jax.process_count())
+def _evaluated_elsewhere(sampled: bool = False) -> list:
+  """[] on a process > 0, logged: it `sampled` with the others, or left all to process 0."""
+  logging.info("process %d of %d: %s", jax.process_index(), jax.process_count(),
+               "sampled with the others; the other methods and the results files are process "
+               "0's" if sampled else "evaluation and results files are process 0's")
   return []
 
 
-def load_method(config, workdir: str) -> tuple:
+def load_method(config, workdir: str, across_processes: bool = False) -> tuple:
   """(config, task, method) from a workdir's newest finished checkpoint (`loading.from_workdir`):
   a DiffReconMethod named after its ablation, if any, or for the noFG ablation Diffusion-C
   followed by its fine network. Model, data and training settings come from the checkpoint;
-  what is chosen at evaluate time comes from `config` (`loading.EVALUATE_TIME_FIELDS`)."""
+  what is chosen at evaluate time comes from `config` (`loading.EVALUATE_TIME_FIELDS`).
+  across_processes: in a multi-process run, every process calls this and the DiffReconMethod
+  samples across all of them (`loading.from_workdir`; not the noFG ablation's)."""
   def checked_task(saved_config, meta):  # the saved config's data, checked against the checkpoint
     task = pipeline.prepare_task(saved_config)
     check_task_matches(task, meta)
     return task
 
-  method, saved_config, _, task_of = loading.from_workdir(workdir, config, checked_task)
+  method, saved_config, _, task_of = loading.from_workdir(workdir, config, checked_task,
+                                                          across_processes=across_processes)
   task = task_of()
   if ablations.check(saved_config) == "noFG":
     method = nofg.DiffCThenFine(method, nofg.fine_network(saved_config), method.name)
@@ -197,6 +238,8 @@ def reconstruct_to_files(config, workdir, task, method) -> dict:
   returns {pattern label: path}.
 
   The method sees what an evaluation shows it (`evaluate.observe`), on a val or test split.
+  A method that samples across processes is called by every process in lockstep; process 0
+  alone writes the files.
   """
   slices, _ = evaluate_lib.evaluation_slices(task, config.eval.split,
                                              int(config.eval.max_slices))
@@ -211,8 +254,9 @@ def reconstruct_to_files(config, workdir, task, method) -> dict:
     # (the noFG ablation) has no spread: its interval is the map itself.
     rec = user_reconstruct.interval_outputs(parts)
     path = paths.as_path(workdir) / f"reconstruction_{evaluate_lib.file_label(p.label)}.npz"
-    paths.save_npz(path, **rec, mask=mask[slices], slices=slices,
-                   timestamps=task.series.timestamps[slices], mask_seed=seed)
-    logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
+    if parallel.is_main_process():
+      paths.save_npz(path, **rec, mask=mask[slices], slices=slices,
+                     timestamps=task.series.timestamps[slices], mask_seed=seed)
+      logging.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
     written[p.label] = str(path)
   return written

@@ -11,15 +11,21 @@ exchange with the lost peer; a cluster manager would stop it), and both are rest
 same command: they resume from the last committed checkpoint and end with the uninterrupted
 run's parameters.
 
+Sampling spread over the processes: the one-process run's trained workdir is evaluated
+(--mode=evaluate, the calibration fitted anew) and reconstructed (--mode=reconstruct) by two
+processes, each sampling its share of the sampler batches (batch k on process k mod 2); the
+results, the calibration and the reconstructions equal the one-process run's exactly.
+
 By default the runs use the stand-in denoisers of _train_helpers (the multi-process logic is
-model-agnostic; 75-95 s on 2 cores for the four launches, seven processes); with
-DIFFRECON_SLOW_TESTS=1 the real ones, with Adam's eps at 1e-3 (_parallel_subprocess says why;
-measured 4.5 min).
+model-agnostic; 75-95 s on 2 cores for the four training launches, seven processes, and about
+40 s more for the three sampling launches); with DIFFRECON_SLOW_TESTS=1 the real ones, with
+Adam's eps at 1e-3 (_parallel_subprocess says why; measured 4.5 min).
 """
 import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,9 +61,9 @@ if SLOW:
   _OVERRIDES["--config.train.adam_eps"] = "1e-3"
 
 
-def _main_flags(workdir: pathlib.Path) -> list:
+def _main_flags(workdir: pathlib.Path, mode: str = "") -> list:
   return (["--config=configs/nytaxi.py", f"--workdir={workdir}"]
-          + [f"{k}={v}" for k, v in _OVERRIDES.items()])
+          + [f"{k}={v}" for k, v in _OVERRIDES.items()] + ([f"--mode={mode}"] if mode else []))
 
 
 def _free_port() -> int:
@@ -67,9 +73,10 @@ def _free_port() -> int:
 
 
 def _launch(root: pathlib.Path, name: str, workdir: pathlib.Path, processes: int, port: int = 0,
-            kill: tuple = (), term: tuple = ()) -> list:
-  """Starts `processes` processes of the entry point on `workdir`, outputs under root/<name>;
-  returns [(Popen, log path)]. With several processes they meet at 127.0.0.1:`port`."""
+            kill: tuple = (), term: tuple = (), mode: str = "") -> list:
+  """Starts `processes` processes of the entry point on `workdir` (in `mode`, default
+  train_and_evaluate), outputs under root/<name>; returns [(Popen, log path)]. With several
+  processes they meet at 127.0.0.1:`port`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=helpers.FAST_COMPILE_XLA_FLAGS,
              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -90,7 +97,7 @@ def _launch(root: pathlib.Path, name: str, workdir: pathlib.Path, processes: int
     with log.open("w") as f:
       procs.append((subprocess.Popen(
           [sys.executable, "-m", "tests._multihost_subprocess", str(root / name), *helper, "--",
-           *_main_flags(workdir), *dist],
+           *_main_flags(workdir, mode), *dist],
           cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT), log))
   return procs
 
@@ -242,12 +249,31 @@ def test_checkpoints_are_written_jointly_and_read_by_one_process(runs):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_process_zero_alone_evaluates_and_writes_the_results(runs):
+def _batches_run(log: str) -> tuple:
+  """(batches this process ran, batches in all) from its log line (`run._log_batches`)."""
+  found = re.findall(r"process \d+ of \d+ ran (\d+) of the (\d+) sampler batches", log)
+  assert len(found) == 1, log[-3000:]
+  return tuple(int(v) for v in found[0])
+
+
+def _both_sampled(logs: list) -> None:
+  """Each of the two processes ran some of the sampler batches, together all of them."""
+  (here_0, total), (here_1, total_1) = (_batches_run(log) for log in logs)
+  assert total == total_1 and here_0 + here_1 == total and here_0 > 0 and here_1 > 0, (
+      here_0, here_1, total)
+  # Batch k on process k mod 2: process 0 runs the odd batch out of every stage.
+  assert 0 <= here_0 - here_1 <= total // 2, (here_0, here_1, total)
+
+
+def test_both_processes_sample_and_process_zero_writes_the_results(runs):
   root, logs, _ = runs
   assert _out(root, "one", 0)[1]["evaluated"] == 3  # DiffRecon and the two references
-  assert [_out(root, "two", i)[1]["evaluated"] for i in (0, 1)] == [3, 0]
-  assert "evaluation and results files are process 0's" in logs["two"][1]
+  # DiffRecon is sampled by both processes, the references are scored by process 0 alone.
+  assert [_out(root, "two", i)[1]["evaluated"] for i in (0, 1)] == [3, 1]
+  assert "sampled with the others; the other methods and the results files" in logs["two"][1]
   assert "wrote" in logs["two"][0] and "results.md" not in logs["two"][1]
+  assert "calibration.json" in logs["two"][0] and "calibration.json" not in logs["two"][1]
+  _both_sampled(logs["two"])
   for name in ("results.json", "results_climatology.json", "results_interp.json"):
     one = json.loads((root / "wd_one" / name).read_text())
     two = json.loads((root / "wd_two" / name).read_text())
@@ -264,6 +290,73 @@ def test_process_zero_alone_evaluates_and_writes_the_results(runs):
           np.testing.assert_allclose(b[k], a[k], rtol=rtol, err_msg=f"{name} {k}")
   masks = sorted(p.name for p in (root / "wd_two" / "masks").iterdir())
   assert masks == sorted(p.name for p in (root / "wd_one" / "masks").iterdir()) and masks
+
+
+# What a run writes about itself rather than about its samples: timings and provenance.
+_RUN_RECORDS = ("seconds", "maps_per_second", "provenance")
+
+
+def _without_run_records(doc):
+  if isinstance(doc, dict):
+    return {k: _without_run_records(v) for k, v in doc.items() if k not in _RUN_RECORDS}
+  if isinstance(doc, list):
+    return [_without_run_records(v) for v in doc]
+  return doc
+
+
+@pytest.fixture(scope="module")
+def sampled(runs):
+  """The one-process run's trained workdir evaluated (calibration fitted anew) and then
+  reconstructed by two processes, and reconstructed by one; returns (root, logs)."""
+  root, _, _ = runs
+  keep = shutil.ignore_patterns("results*", "calibration.json", "masks", "figures", "log*.txt",
+                                "reconstruction*")
+  for name in ("wd_sampled_two", "wd_sampled_one"):
+    shutil.copytree(root / "wd_one", root / name, ignore=keep)
+  # The one-process reconstruction uses the calibration the one-process evaluation fitted.
+  shutil.copy2(root / "wd_one" / "calibration.json", root / "wd_sampled_one")
+  port = _free_port()
+  logs = {"evaluate": _wait(_launch(root, "eval_two", root / "wd_sampled_two", 2, port,
+                                    mode="evaluate"))}
+  logs["reconstruct"] = _wait(_launch(root, "rec_two", root / "wd_sampled_two", 2, port,
+                                      mode="reconstruct"))
+  _wait(_launch(root, "rec_one", root / "wd_sampled_one", 1, mode="reconstruct"))
+  return root, logs
+
+
+def test_two_processes_evaluate_a_workdir_exactly_like_one(sampled):
+  root, logs = sampled
+  assert [_out(root, "eval_two", i)[1]["evaluated"] for i in (0, 1)] == [3, 1]
+  _both_sampled(logs["evaluate"])
+  assert "results.md" not in logs["evaluate"][1]
+  one, two = root / "wd_one", root / "wd_sampled_two"
+  # The calibration (point weights, spread and interval scales) fitted on batches from both
+  # processes, then every metric of DiffRecon and of the references: the one-process numbers.
+  cal = [_without_run_records(json.loads((wd / "calibration.json").read_text()))
+         for wd in (one, two)]
+  assert cal[0] == cal[1] and cal[0]["spread_scale"], cal
+  for name in ("results.json", "results_climatology.json", "results_interp.json"):
+    docs = [_without_run_records(json.loads((wd / name).read_text())) for wd in (one, two)]
+    assert docs[0] == docs[1], name
+  assert json.loads((one / "results.json").read_text())["results"][0]["crps"] is not None
+  assert sorted(p.name for p in (two / "masks").iterdir()) == sorted(
+      p.name for p in (one / "masks").iterdir())
+
+
+def test_two_processes_reconstruct_exactly_like_one(sampled):
+  root, logs = sampled
+  _both_sampled(logs["reconstruct"])
+  # No calibration to fit: it was saved by the evaluation, and both processes read process 0's.
+  assert all("fitting the calibration" not in log for log in logs["reconstruct"])
+  files = sorted(p.name for p in (root / "wd_sampled_one").glob("reconstruction_*.npz"))
+  assert len(files) == 2, files  # one per evaluation pattern
+  assert files == sorted(p.name for p in (root / "wd_sampled_two").glob("reconstruction_*.npz"))
+  for name in files:
+    one, two = (np.load(root / wd / name) for wd in ("wd_sampled_one", "wd_sampled_two"))
+    assert {"fine", "fine_q05", "fine_q95", "coarse"} <= set(one.files), one.files
+    assert sorted(two.files) == sorted(one.files)
+    for k in one.files:
+      np.testing.assert_array_equal(two[k], one[k], err_msg=f"{name} {k}")
 
 
 def test_a_killed_host_and_a_restart_resume_from_the_last_committed_checkpoint(runs):

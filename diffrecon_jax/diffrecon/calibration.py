@@ -51,6 +51,7 @@ from absl import logging
 
 from diffrecon_jax import evaluate as evaluate_lib
 from diffrecon_jax import metrics as metrics_lib
+from diffrecon_jax import parallel
 from diffrecon_jax import paths
 from diffrecon_jax.data import coarsen as coarsen_lib
 from diffrecon_jax.data import patterns as patterns_lib
@@ -206,6 +207,11 @@ class Calibration:
     d["levels"] = list(self.levels)
     return d
 
+  @classmethod
+  def from_json(cls, d: dict) -> "Calibration":
+    """The inverse of `to_json` (TypeError / KeyError for a document of another layout)."""
+    return cls(**{**d, "levels": tuple(d["levels"])})
+
   def save(self, workdir) -> pathlib.Path:
     path = paths.as_path(workdir) / FILE_NAME
     paths.write_text_atomic(path, json.dumps(self.to_json(), indent=1))
@@ -220,8 +226,7 @@ def load(workdir, sampler: dict, val_slices: Optional[int] = None,
   if not path.exists():
     return None
   try:
-    d = json.loads(path.read_text())
-    cal = Calibration(**{**d, "levels": tuple(d["levels"])})
+    cal = Calibration.from_json(json.loads(path.read_text()))
   except (ValueError, TypeError, KeyError) as err:
     logging.warning("ignoring unreadable %s (%s); it will be refitted", path, err)
     return None
@@ -251,7 +256,11 @@ def attach(method, config, workdir, task) -> None:
   workdir's calibration for its sampler, fitting and saving it first when there is none
   (`config.calibration`: on the first `val_slices` validation slices under every evaluation
   pattern). Does nothing when `calibration.enabled` is off or the method has no ensemble.
-  task: `pipeline.TaskData`, or a function returning it (called only when fitting)."""
+  task: `pipeline.TaskData`, or a function returning it (called only when fitting).
+
+  A method that samples across processes (`across_processes`) is attached on every process
+  in lockstep: process 0 reads the file and hands its calibration (or its absence) to the
+  others, so all of them fit, or none does; process 0 alone writes the file."""
   settings = settings_lib.CalibrationSettings.from_config(config)
   if not settings.enabled:
     return
@@ -259,7 +268,14 @@ def attach(method, config, workdir, task) -> None:
     return
   val_slices = settings.fit_slices  # a smoke run fits on as few slices as it scores
   rule = settings.spread_rule
-  cal = load(workdir, method.sampler, val_slices, rule)
+  if getattr(method, "across_processes", False):
+    # One decision for all: a process that fitted alone would wait in the sampler's
+    # collectives for the others.
+    cal = load(workdir, method.sampler, val_slices, rule) if parallel.is_main_process() else None
+    text = parallel.broadcast_text(None if cal is None else json.dumps(cal.to_json()))
+    cal = None if text is None else Calibration.from_json(json.loads(text))
+  else:
+    cal = load(workdir, method.sampler, val_slices, rule)
   if cal is None:
     logging.info("fitting the calibration on the validation split (%s slices, %d patterns)",
                  val_slices or "all", len(config.patterns.eval))
@@ -271,7 +287,8 @@ def attach(method, config, workdir, task) -> None:
     cal = fit(method, task, specs, seed=seed, max_slices=val_slices, rule=rule)
     if weights:
       cal.point_weights = weights
-    logging.info("wrote %s", cal.save(workdir))
+    if parallel.is_main_process():
+      logging.info("wrote %s", cal.save(workdir))
   if has_point_weights(method) and cal.point_weights:
     method.coarse_weight = float(cal.point_weights["coarse"]["weight"])
     method.fine_weight = float(cal.point_weights["fine"]["weight"])

@@ -33,7 +33,8 @@ EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baseline
 
 
 def from_workdir(workdir: str, config=None, task=None,
-                 check: Optional[Callable[..., None]] = None) -> tuple:
+                 check: Optional[Callable[..., None]] = None,
+                 across_processes: bool = False) -> tuple:
   """(method, saved_config, meta, task_of) of the trained DiffRecon in `workdir`.
 
   Args:
@@ -45,14 +46,21 @@ def from_workdir(workdir: str, config=None, task=None,
       does not diffuse a residual over the prior, fitting a missing calibration).
     check: called as check(saved_config, models, meta) before anything is computed (a
       reconstruct input checked against the model, before any calibration is fitted).
+    across_processes: in a multi-process run, every process calls this (and then samples in
+      lockstep): the method spreads its sampler batches over every process's devices
+      (`DiffReconMethod`), and every process takes process 0's calibration or fits it with
+      the others; process 0 alone writes calibration.json. Otherwise (and always for noFG,
+      whose fine network trains on one process) only process 0 gets the calibration and the
+      method samples on this process's devices alone.
   Returns:
     a `DiffReconMethod` named after its ablation (`ablations.method_name`), with its calibration
-    on process 0 (none for noFG, whose fine stage is not this model's), the saved config with
-    this command's evaluate-time fields, the checkpoint's metadata, and `task_of()`: the task,
-    prepared at most once (here, or on the caller's first call).
+    (on process 0, or on every process when it samples across them; none for noFG, whose fine
+    stage is not this model's), the saved config with this command's evaluate-time fields, the
+    checkpoint's metadata, and `task_of()`: the task, prepared at most once (here, or on the
+    caller's first call).
   """
   saved, params, models, meta = load_for_sampling(workdir)
-  params = parallel.local_copy(params)  # sampling runs on one process's devices.
+  params = parallel.local_copy(params)  # each process samples on its own devices.
   for key in EVALUATE_TIME_FIELDS:
     if config is not None and key in config:
       saved[key] = config[key]
@@ -70,10 +78,12 @@ def from_workdir(workdir: str, config=None, task=None,
   needs_task = model.clip_bounds_need_train_split(models)
   clip = model.x0_clip_bounds(sampling.x0_clip_factor, models,
                               task_of() if needs_task else None)
-  method = DiffReconMethod(saved, params, models, clip, sampling)
+  nofg = ablations.check(saved) == "noFG"
+  method = DiffReconMethod(saved, params, models, clip, sampling,
+                           across_processes=across_processes and not nofg)
   method.name = ablations.method_name(saved)
-  if ablations.check(saved) != "noFG" and parallel.is_main_process():
-    # Process 0 alone samples and writes the workdir's files.
+  if not nofg and (method.across_processes or parallel.is_main_process()):
+    # Every process that samples fits (or reads) it; process 0 alone writes the file.
     calibration.attach(method, saved, workdir, task_of)
   return method, saved, meta, task_of
 

@@ -23,6 +23,10 @@ so nothing recompiles across batches, patterns or splits. On CPU several batches
 a small thread pool (`eval.concurrent_batches`): XLA:CPU keeps about one core busy with one
 sampler program of many small ops, so two programs side by side on a 2-core machine halve the
 time per batch (measured; WORKSPACE.md, benchmarks/README.md).
+The batches spread over every local device, and with `across_processes` over every process of a
+multi-process run (`batching.run_batched`: batch k on process k mod P, there on local device
+(k // P) mod D): every process then calls the same methods in the same order with the same
+arguments, and each returns the whole reconstruction, identical to a one-process run's.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffrecon_jax import parallel
-from diffrecon_jax.batching import (BALANCE_BATCHES_FOR, balanced_batch_size, concurrent_batches,
-                                    run_batched)
+from diffrecon_jax.batching import (BALANCE_BATCHES_FOR, balanced_batch_size, batches_here,
+                                    concurrent_batches, run_batched)
 from diffrecon_jax.diffrecon import calibration as calibration_lib
 from diffrecon_jax.diffrecon import model
 from diffrecon_jax.diffrecon import settings as settings_lib
@@ -51,18 +55,24 @@ class DiffReconMethod:
   def __init__(self, config, params: dict, models: model.Models,
                x0_clip: tuple = (None, None),
                sampling: Optional[settings_lib.SamplingSettings] = None,
-               devices: Optional[Sequence] = None):
+               devices: Optional[Sequence] = None, across_processes: bool = False):
     """config: the run's config (its `sampling`, `eval.batch_size`, `seed` and
     `diffusion.num_steps` are read); params: {'c', 'f'} parameters; x0_clip: (coarse, fine)
     bounds on each reverse step's estimate of s_0 in normalised units
     (`model.x0_clip_bounds`: computed from the train split when the method is built), or None
     for no clip; sampling: the config's `settings.SamplingSettings` when the caller has read
     them already; devices: where the sampler batches run (default: every local device; batch k
-    on device k mod their number, so the results do not depend on how many there are)."""
+    on device k mod their number, so the results do not depend on how many there are);
+    across_processes: in a multi-process run, spread the batches over every process too
+    (module docstring): then every process must make the same calls, in lockstep (each gathers
+    the others' batches); otherwise this process samples alone."""
     self.settings = (settings_lib.SamplingSettings.from_config(config) if sampling is None
                      else sampling)
     self.x0_clip = tuple(x0_clip)
     self.devices = list(jax.local_devices() if devices is None else devices)
+    self.across_processes = bool(across_processes) and jax.process_count() > 1
+    # Sampler batches run by this process and by all processes together (`_batched`).
+    self.batches_run = {"here": 0, "total": 0}
     # Over several devices the parameters stay on the host and follow each batch to its device.
     self.params = params if len(self.devices) < 2 else parallel.to_host(params)
     self.models = models
@@ -184,13 +194,18 @@ class DiffReconMethod:
 
     Batch k always gets `fold_in(rng, k)`, so results do not depend on how many batches run at
     once. The first batch of a stage at a new batch size runs alone (it compiles), then
-    `self.workers` at a time (at least one per device of `self.devices`).
+    `self.workers` at a time (at least one per device of `self.devices`); with
+    `across_processes`, this process runs its share and gathers the rest.
     """
-    size = balanced_batch_size(arrays[0].shape[0], self.batch, BALANCE_BATCHES_FOR)
+    n = arrays[0].shape[0]
+    size = balanced_batch_size(n, self.batch, BALANCE_BATCHES_FOR)
     first_alone = (stage, size) not in self._compiled
     outs = run_batched(fn, arrays, size, rng=rng, workers=self.workers, first_alone=first_alone,
-                       devices=self.devices)
+                       devices=self.devices, across_processes=self.across_processes)
     self._compiled.add((stage, size))
+    batches = -(-n // size)
+    self.batches_run["here"] += len(batches_here(batches, self.across_processes))
+    self.batches_run["total"] += batches
     return outs
 
   @property
