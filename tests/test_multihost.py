@@ -18,7 +18,7 @@ results, the calibration and the reconstructions equal the one-process run's exa
 
 By default the runs use the stand-in denoisers of _train_helpers (the multi-process logic is
 model-agnostic; 75-95 s on 2 cores for the four training launches, seven processes, and about
-40 s more for the three sampling launches); with DIFFRECON_SLOW_TESTS=1 the real ones, with
+30 s more for the three sampling launches); with DIFFRECON_SLOW_TESTS=1 the real ones, with
 Adam's eps at 1e-3 (_parallel_subprocess says why; measured 4.5 min).
 """
 import json
@@ -261,8 +261,8 @@ def _both_sampled(logs: list) -> None:
   (here_0, total), (here_1, total_1) = (_batches_run(log) for log in logs)
   assert total == total_1 and here_0 + here_1 == total and here_0 > 0 and here_1 > 0, (
       here_0, here_1, total)
-  # Batch k on process k mod 2: process 0 runs the odd batch out of every stage.
-  assert 0 <= here_0 - here_1 <= total // 2, (here_0, here_1, total)
+  # Batch k on process k mod 2: process 0 runs the odd batch out of a stage, if any.
+  assert here_0 >= here_1, (here_0, here_1, total)
 
 
 def test_both_processes_sample_and_process_zero_writes_the_results(runs):
