@@ -61,10 +61,11 @@ def train_bench(case: Case, models: model.Models, params: Any, batch: dict, phas
   """
   cfg = case.config
   mesh = parallel.make_mesh()
-  opt = train.make_optimizer(phase, cfg.train)
+  tc = settings.TrainSettings.from_config(cfg)
+  opt = train.make_optimizer(phase, tc)
   # Unused by `fixed_batch`; only its batch size is checked against the mesh.
   spec = train.BatchSpec(case.batch_size, case.window - 1, (0, 1), ((0,), (0.5,)))
-  step = train.make_train_step(phase, models, opt, cfg.train, spec, mesh, steps_per_call,
+  step = train.make_train_step(phase, models, opt, tc, spec, mesh, steps_per_call,
                                joint=joint, sample_batch=fixed_batch)
   start = jax.jit(lambda p: train.phase_start_state(
       opt, p, jax.tree_util.tree_map(jnp.copy, p), jax.random.PRNGKey(1)),

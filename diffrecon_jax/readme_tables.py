@@ -161,6 +161,7 @@ def datasets_table(stems: List[str]) -> str:
 
 TABLES: Dict[str, Callable[[], str]] = {
     "nytaxi_main": lambda: main_table("nytaxi_main"),
+    "nytaxi_full": lambda: main_table("nytaxi_full"),
     "nybike_main": lambda: main_table("nybike_main"),
     "nytaxi_interp": lambda: reference_table("nytaxi_main", "interp"),
     "more_datasets": lambda: datasets_table(["bikenyc14_main", "ncep_air_main"]),

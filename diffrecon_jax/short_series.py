@@ -143,6 +143,9 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Folder of every case's grid, run and the table.")
   flags.DEFINE_string("cases", ",".join(CASES), "Comma-separated DATASET:first|last.")
   flags.DEFINE_integer("days", 20, "Days of data per case (train on half of them).")
+  flags.DEFINE_string("variant", "full", "Variant of configs/custom.py every case runs with "
+                      "(`full`: the training budget of the committed tables; `cpu`: the "
+                      "default's shorter one).")
   flags.DEFINE_bool("smoke", False, "Tiny models, a few steps and slices: checks the wiring "
                     "in minutes; the numbers mean nothing.")
   flags.mark_flags_as_required(["workdir"])
@@ -153,7 +156,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from diffrecon_jax.configs import custom  # the README's custom-grid config
   args = flags.FLAGS
-  base = custom.get_config()
+  try:
+    base = custom.get_config(args.variant)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if args.smoke:
     base = smoke.smoke_config(base)
   try:

@@ -224,6 +224,31 @@ def test_attach_saves_reloads_and_refits_for_another_sampler(tmp_path):
   assert off.calibration is None
 
 
+def test_a_stride_fits_on_day_blocks_spread_over_the_split_and_refits_when_changed(tmp_path):
+  task = helpers.tiny_task()
+  every = calibration.validation_slices(task)
+  third = calibration.validation_slices(task, stride=3)
+  block = calibration.STRIDE_BLOCK
+  # Whole blocks 0, 3, 6, ... of the scored validation slices: a third of them, over the split.
+  expected = every[((every - every[0]) // block) % 3 == 0]
+  np.testing.assert_array_equal(third, expected)
+  assert len(evaluate.contiguous_pieces(third)) == -(-len(every) // (3 * block))
+  assert third[-1] - third[0] > 0.6 * (every[-1] - every[0])
+  np.testing.assert_array_equal(calibration.validation_slices(task, stride=1), every)
+  np.testing.assert_array_equal(calibration.validation_slices(task, max_slices=100, stride=3),
+                                every[:100][((every[:100] - every[0]) // block) % 3 == 0])
+  # The stride is part of what a saved calibration was fitted on.
+  config = _members_config(n_samples=2)
+  config.calibration.val_slices = 4
+  config.calibration.val_stride = 1
+  config.patterns.eval = ("random:0.4",)
+  method = helpers.tiny_diffrecon(config, task)
+  calibration.attach(method, config, tmp_path, task)
+  assert method.calibration.fitted_on["val_stride"] == 1
+  assert calibration.load(tmp_path, method.sampler, 4, stride=1) is not None
+  assert calibration.load(tmp_path, method.sampler, 4, stride=2) is None
+
+
 def test_recentred_crps_sums_equal_the_fair_crps_of_the_scaled_members():
   rng = np.random.default_rng(0)
   point, truth = rng.normal(size=50), rng.normal(size=50)

@@ -12,6 +12,8 @@ from diffrecon_jax.diffrecon import checkpoints
 from diffrecon_jax.diffrecon import settings
 
 GOLDEN_CONFIG = pathlib.Path(__file__).resolve().parent / "golden" / "config_today.json"
+# Today's config as version 2 wrote it (before the training budget's schedule fields).
+GOLDEN_CONFIG_V2 = pathlib.Path(__file__).resolve().parent / "golden" / "config_v2.json"
 RECORDS = (settings.DiffusionSettings, settings.PriorSettings, settings.LossSettings,
            settings.ModelSettings, settings.TrainSettings, settings.SamplingSettings,
            settings.CalibrationSettings)
@@ -64,6 +66,23 @@ def test_a_config_without_the_newer_fields_migrates_to_the_old_behaviour():
   assert kept["model_c"]["d_model"] == today["model_c"]["d_model"]
 
 
+def test_a_version_2_config_gets_the_old_schedule_and_keeps_everything_else():
+  saved = json.loads(GOLDEN_CONFIG_V2.read_text())
+  assert saved["config_version"] == 2
+  migrated = _as_dict(checkpoints.config_from_json(GOLDEN_CONFIG_V2.read_text()))
+  assert migrated["config_version"] == settings.CONFIG_VERSION
+  # What version 2 computed: constant rates, the plain EMA, every validation slice.
+  assert migrated["train"]["lr_schedule"] == "constant"
+  assert migrated["train"]["ema_warmup"] is False
+  assert migrated["calibration"]["val_stride"] == 1
+  # A field that never changed a result comes from today's config.
+  assert migrated["train"]["compile_ahead"] is True
+  for section, fields in saved.items():
+    if isinstance(fields, dict):
+      for key, value in fields.items():
+        assert migrated[section][key] == value, f"{section}.{key}"
+
+
 def test_migrate_keeps_the_fields_an_old_config_has():
   config = default.get_config()
   del config["config_version"]
@@ -81,7 +100,7 @@ def test_a_missing_section_is_added_whole():
   del config["climatology"]
   migrated = settings.migrate(config)
   assert _as_dict(migrated.calibration) == {"enabled": False, "spread_rule": "spread_skill",
-                                            "val_slices": 0}
+                                            "val_slices": 0, "val_stride": 1}
   assert migrated.climatology.table == "auto"
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffrecon_jax.diffrecon import st_pointformer
 from diffrecon_jax.diffrecon.grid_stack import stack_to_grid, stacked_channels
 from diffrecon_jax.diffrecon.st_pointformer import (STPointFormer, blockwise_attention,
                                                  manual_attention)
@@ -341,6 +342,16 @@ def test_default_impl_by_backend(params):
   expected = "manual" if jax.default_backend() == "cpu" else "xla"
   assert jaxpr("manual") != jaxpr("xla")
   assert jaxpr(None) == jaxpr(expected)
+  if jax.default_backend() == "cpu":
+    # Above BLOCKWISE_FROM_POINTS ST-points the CPU default is the blockwise path (memory
+    # linear in the points); the 4 x 8 x 6 = 192 points here cross a threshold of 100.
+    assert jaxpr("blockwise") != jaxpr("manual")
+    original = st_pointformer.BLOCKWISE_FROM_POINTS
+    try:
+      st_pointformer.BLOCKWISE_FROM_POINTS = 100
+      assert jaxpr(None) == jaxpr("blockwise")
+    finally:
+      st_pointformer.BLOCKWISE_FROM_POINTS = original
   with pytest.raises(ValueError, match="attention_impl"):
     jax.eval_shape(STPointFormer(d_model=16, num_heads=2, num_layers=2, ff_dim=32,
                                  attention_impl="flash").apply, params, values, mask, external)

@@ -3,6 +3,8 @@
 The training logic is model-agnostic, so these use the stand-in denoisers of _train_helpers
 (the real ones compile for about a minute on 2 cores; test_resume / test_parallel run them).
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,12 +81,55 @@ def test_joint_step_trains_both_models_through_loss_f_and_updates_ema(joint_setu
   np.testing.assert_allclose(metrics["loss"], metrics["loss_f"], rtol=1e-6)
   assert _tree_max_abs_diff(state.params["c"], before["c"]) > 0, "grad of L_F did not reach C"
   assert _tree_max_abs_diff(state.params["f"], before["f"]) > 0
-  # EMA: ema_1 = d * ema_0 + (1 - d) * params_1 with ema_0 = params_0.
-  d = float(config.train.ema_decay)
+  # EMA: ema_1 = d * ema_0 + (1 - d) * params_1 with ema_0 = params_0 and d the decay of the
+  # phase's first update (`ema_decay_at`: 0.1 with the warm-up, ema_decay without).
+  d = float(train.ema_decay_at(jnp.zeros((), jnp.int32), float(config.train.ema_decay),
+                               bool(config.train.ema_warmup)))
   expected = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * np.asarray(p), before,
                                     state.params)
   assert _tree_max_abs_diff(state.ema_params, expected) < 1e-6
   assert _tree_max_abs_diff(state.ema_params, state.params) > 0
+
+
+def test_ema_warmup_forgets_the_initial_parameters_of_a_short_phase():
+  steps = jnp.asarray([0, 1, 90, 8990, 100000], jnp.int32)
+  warm = np.asarray(jax.vmap(lambda t: train.ema_decay_at(t, 0.999, True))(steps))
+  np.testing.assert_allclose(warm, [0.1, 2 / 11, 0.91, 0.999, 0.999], rtol=1e-6)
+  plain = np.asarray(jax.vmap(lambda t: train.ema_decay_at(t, 0.999, False))(steps))
+  np.testing.assert_allclose(plain, 0.999, rtol=1e-7)
+  # What is left of the initial parameters after 2,000 updates: 0.14 without, ~0 with.
+  left = lambda warmup: float(np.prod(jax.vmap(
+      lambda t: train.ema_decay_at(t, 0.999, warmup))(jnp.arange(2000))))
+  assert left(False) == pytest.approx(0.999 ** 2000, rel=1e-3)
+  assert left(True) < 1e-3
+
+
+def test_cosine_rate_falls_from_the_phase_rate_to_a_tenth_over_the_phase():
+  cfg = helpers.tiny_config(steps=(20, 10, 4))
+  cfg.train.lr_schedule = "cosine"
+  cfg.train.grad_clip = 0.0
+  cfg.train.weight_decay = 0.0
+  tc = settings.TrainSettings.from_config(cfg)
+  schedule = train.learning_rate(1e-3, 20, "cosine")
+  np.testing.assert_allclose([schedule(0), schedule(10), schedule(20), schedule(30)],
+                             [1e-3, 0.55e-3, 1e-4, 1e-4], rtol=1e-5)
+  assert train.learning_rate(1e-3, 20, "constant") == 1e-3
+  # Adam's first update has size lr per parameter: the schedule reaches the optimizer, and the
+  # optimizer's own count (checkpointed) drives it.
+  params = {"c": {"w": jnp.ones((3,))}, "f": {"w": jnp.ones((2,))}}
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  opt = train.make_optimizer("stage_c", tc)
+  state = opt.init(params)
+  sizes = []
+  for _ in range(20):
+    updates, state = opt.update(grads, state, params)
+    sizes.append(float(jnp.abs(updates["c"]["w"][0])))
+  assert sizes[0] == pytest.approx(float(cfg.train.lr_c), rel=1e-3)
+  assert sizes[-1] < 0.2 * sizes[0]
+  assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+  cfg.train.lr_schedule = "linear"
+  with pytest.raises(ValueError, match="train.lr_schedule must be one of"):
+    settings.TrainSettings.from_config(cfg)
 
 
 def test_complete_current_fills_only_missing_current_cells():
@@ -174,3 +219,31 @@ def test_file_training_patterns_reach_the_compiled_step(tmp_path):
                                   jax.random.PRNGKey(1))
   jax.block_until_ready(step_fn(state, parallel.put_replicated(task.device_arrays(), mesh)))
   assert seen and abs(seen[0] - layout.mean()) < 0.05, seen
+
+
+def test_compiling_ahead_changes_nothing_and_later_phases_use_it(tmp_path, monkeypatch):
+  """`train.compile_ahead`: stage_f's and joint's steps, compiled on the background thread while
+  stage_c trains, are the ones those phases call, and the run ends with the same parameters and
+  losses as a run that compiles each step at its phase's start."""
+  task = helpers.tiny_task()
+  taken = {}
+  original = train._CompileAhead.take
+
+  def spy(self, phase):
+    got = original(self, phase)
+    taken[phase] = sorted(got)
+    return got
+  monkeypatch.setattr(train._CompileAhead, "take", spy)
+  runs = {}
+  for ahead in (False, True):
+    config = helpers.tiny_config(steps=(3, 3, 3), steps_per_call=1, checkpoint_every=0)
+    config.train.compile_ahead = ahead
+    models = helpers.standin_models(config, task.scale)
+    out = train.train(config, str(tmp_path / f"ahead_{ahead}"), task=task, models=models)
+    runs[ahead] = (parallel.to_host(out["state"].params),
+                   [json.loads(line)["loss"] for line in
+                    (tmp_path / f"ahead_{ahead}" / "metrics.jsonl").read_text().splitlines()])
+  # Each later phase took a compiled step for its first call (1 step per call).
+  assert taken == {"stage_f": [1], "joint": [1]}
+  assert _tree_max_abs_diff(runs[True][0], runs[False][0]) == 0.0
+  assert runs[True][1] == runs[False][1]

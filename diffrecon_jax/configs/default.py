@@ -11,7 +11,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.config_version = 2  # the config format (diffrecon/settings.py: CONFIG_VERSION); a saved
+  c.config_version = 3  # the config format (diffrecon/settings.py: CONFIG_VERSION); a saved
                         # config of an earlier version is upgraded by settings.migrate.
   c.seed = 0  # ours: every random choice (init, masks, batches, sampling) derives from it.
   c.method = "diffrecon"  # "diffrecon" or a baseline: "interp", "climatology" (deterministic) or
@@ -117,10 +117,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_c.inter_dim = 16          # ours: stacked ST-points projected to this before fusion.
   c.model_c.use_inter = True        # ablation switch (paper Sec. V-C).
   c.model_c.location_dim = 4        # ours: learned per-cell location embedding (0 = none).
-  c.model_c.attention_impl = None   # ST-PointFormer attention: None = by backend (CPU: 'manual';
-                                    # else jax.nn.dot_product_attention), 'blockwise' = memory
-                                    # linear in ST-points (large grids; measured: 6 MB vs 98 MB
-                                    # of working memory for forward + backward at L = 2048).
+  c.model_c.attention_impl = None   # ST-PointFormer attention: None = by backend (CPU: 'manual'
+                                    # up to 2,048 ST-points, 'blockwise' above; else
+                                    # jax.nn.dot_product_attention), 'blockwise' = memory linear
+                                    # in ST-points (measured: 6 MB vs 98 MB of working memory
+                                    # for forward + backward at L = 2048).
 
   # ---- Diffusion-F: U-Net + T-PatternNet (Sec. IV-D) ----
   c.model_f = ml_collections.ConfigDict()
@@ -142,10 +143,12 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- training (Sec. IV-E) ----
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16           # ours (CPU); global batch, sharded over the `data` axis.
-  c.train.steps_c = 8000            # pre-training steps of Diffusion-C; ours (measured on nytaxi
-                                    # val; WORKSPACE.md): the most that fits the 15-minute CPU run.
-  c.train.steps_f = 8000            # pre-training steps of Diffusion-F; as steps_c.
-  c.train.steps_joint = 1000        # joint steps; as steps_c.
+  c.train.steps_c = 1000            # pre-training steps of Diffusion-C; ours (measured on nytaxi
+                                    # val, WORKSPACE.md "Training budget"): a first result in a
+                                    # third of the former default's time; `:full` = 8000 / 8000 /
+                                    # 1000, the budget of the committed tables.
+  c.train.steps_f = 1000            # pre-training steps of Diffusion-F; as steps_c.
+  c.train.steps_joint = 125         # joint steps; as steps_c.
   c.train.lr_c = 1e-3               # CSDI: 1e-3 (Adam).
   c.train.lr_f = 1e-3               # CSDI: 1e-3.
   c.train.lr_joint_c = 2e-4         # ours: smaller rates when fine-tuning jointly.
@@ -161,6 +164,12 @@ def base_config() -> ml_collections.ConfigDict:
                                     # (MAE-optimal) instead of the mean (diffrecon.stage_loss).
   c.train.loss_c_on_hidden = True   # CSDI / PriSTI: Diffusion-C's loss on the hidden cells only.
   c.train.ema_decay = 0.999         # ours (vdm / DDPM practice: 0.9999 for long runs).
+  c.train.ema_warmup = True         # ours (measured; WORKSPACE.md): the EMA decay warms up from
+                                    # each phase's first step (train.ema_decay_at; TF's EMA).
+  c.train.lr_schedule = "cosine"    # ours (measured; WORKSPACE.md): "cosine" to 0.1x over each
+                                    # phase, or "constant" (CSDI).
+  c.train.compile_ahead = True      # ours (measured; WORKSPACE.md): stage_f's and joint's steps
+                                    # compile on a background thread while stage_c trains.
   c.train.steps_per_call = 1        # measured: XLA:CPU runs the step ~10x slower inside
                                     # lax.scan, so CPU calls one step at a time; `gpu`: 50 (vdm).
   c.train.log_every = 100           # console + metrics.jsonl cadence (in steps).
@@ -211,6 +220,9 @@ def base_config() -> ml_collections.ConfigDict:
                                     # spread-skill read 1.24 on the next week: one week's
                                     # errors are not the split's); > 0 = its first n slices;
                                     # eval.max_slices > 0 (smoke runs) caps it.
+  c.calibration.val_stride = 3      # ours (measured; WORKSPACE.md): fit on every third day-long
+                                    # block of those slices (calibration.validation_slices), a
+                                    # third of the work spread over the split; 1 = all of them.
 
   # ---- reconstruct your own observations (--mode=reconstruct; user_reconstruct.py) ----
   # Read from the command line at reconstruct time; the model comes from the workdir.
@@ -371,6 +383,18 @@ def use_paper_architecture(c: ml_collections.ConfigDict) -> None:
   c.sampling.point = "median"
 
 
+def use_table_budget(c: ml_collections.ConfigDict) -> None:
+  """The `:full` variant: the CPU training budget the committed result tables ran with
+  (docs/results; README), 8,000 + 8,000 + 1,000 steps at constant rates with the plain EMA,
+  about 13 minutes on 2 cores against the default's 4: a longer run for tables, the default for
+  a first result (measured; WORKSPACE.md, "Training budget")."""
+  c.train.steps_c = 8000
+  c.train.steps_f = 8000
+  c.train.steps_joint = 1000
+  c.train.lr_schedule = "constant"
+  c.train.ema_warmup = False
+
+
 # The `:tpu` variant's batch per chip and the slice it assumes unless `chips=N` names another.
 TPU_BATCH_PER_CHIP = 32  # ours: the `:gpu` variant's batch on one accelerator (not tuned on TPU).
 TPU_CHIPS = 8            # a v5litepod-8 / v6e-8: the 8-chip one-host slices (a v4-8 has 4 chips,
@@ -394,11 +418,12 @@ def make_tpu(c: ml_collections.ConfigDict, chips: int = TPU_CHIPS) -> None:
                                     # steps per call, so every call stays full length.
 
 
-VARIANTS = ("cpu", "gpu", "tpu", "paper", "chips=N")
+VARIANTS = ("cpu", "full", "gpu", "tpu", "paper", "chips=N")
 
 
 def apply_variant(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
-  """Comma-separated variants: `cpu` (default; the base config as is), `gpu`
+  """Comma-separated variants: `cpu` (default; the base config as is), `full`
+  (`use_table_budget`: the budget of the committed tables), `gpu`
   (`make_full_size`), `tpu` (`make_tpu`; `chips=N` for a slice of N chips, default TPU_CHIPS),
   `paper` (`use_paper_architecture`), e.g. `gpu,paper` or `tpu,chips=32`."""
   parts = [a.strip() for a in (arg or "").split(",") if a.strip()]
@@ -412,6 +437,8 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Conf
       make_tpu(c, _chips(chips[-1]) if chips else TPU_CHIPS)
     elif part == "paper":
       use_paper_architecture(c)
+    elif part == "full":
+      use_table_budget(c)
     elif part != "cpu" and part not in chips:
       raise ValueError(f"unknown config variant {part!r}; use a comma-separated list of "
                        f"{VARIANTS}")

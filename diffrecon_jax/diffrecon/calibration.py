@@ -219,7 +219,7 @@ class Calibration:
 
 
 def load(workdir, sampler: dict, val_slices: Optional[int] = None,
-         rule: Optional[str] = None) -> Optional[Calibration]:
+         rule: Optional[str] = None, stride: Optional[int] = None) -> Optional[Calibration]:
   """The workdir's calibration if it was fitted for `sampler` (`SamplingSettings.describe`)
   and, when given, on `val_slices` slices; else None (another sampler, or none fitted yet)."""
   path = paths.as_path(workdir) / FILE_NAME
@@ -235,6 +235,9 @@ def load(workdir, sampler: dict, val_slices: Optional[int] = None,
     return None
   if val_slices is not None and cal.fitted_on.get("max_slices") != int(val_slices):
     logging.info("%s was fitted on other validation slices: refitting", path)
+    return None
+  if stride is not None and int(cal.fitted_on.get("val_stride", 1)) != int(stride):
+    logging.info("%s was fitted on another share of the validation split: refitting", path)
     return None
   if cal.fitted_on.get("version") != VERSION:
     logging.info("%s was fitted by an earlier version of the calibration: refitting", path)
@@ -271,20 +274,23 @@ def attach(method, config, workdir, task) -> None:
   if getattr(method, "across_processes", False):
     # One decision for all: a process that fitted alone would wait in the sampler's
     # collectives for the others.
-    cal = load(workdir, method.sampler, val_slices, rule) if parallel.is_main_process() else None
+    cal = (load(workdir, method.sampler, val_slices, rule, settings.val_stride)
+           if parallel.is_main_process() else None)
     text = parallel.broadcast_text(None if cal is None else json.dumps(cal.to_json()))
     cal = None if text is None else Calibration.from_json(json.loads(text))
   else:
-    cal = load(workdir, method.sampler, val_slices, rule)
+    cal = load(workdir, method.sampler, val_slices, rule, settings.val_stride)
   if cal is None:
     logging.info("fitting the calibration on the validation split (%s slices, %d patterns)",
                  val_slices or "all", len(config.patterns.eval))
     task = task() if callable(task) else task
     specs, seed = tuple(config.patterns.eval), (int(config.patterns.eval_mask_seed)
                                                 + CALIBRATION_SEED_OFFSET)
-    weights = (choose_point_weights(method, task, specs, seed=seed, max_slices=val_slices)
+    weights = (choose_point_weights(method, task, specs, seed=seed, max_slices=val_slices,
+                                    stride=settings.val_stride)
                if has_point_weights(method) else None)
-    cal = fit(method, task, specs, seed=seed, max_slices=val_slices, rule=rule)
+    cal = fit(method, task, specs, seed=seed, max_slices=val_slices, rule=rule,
+              stride=settings.val_stride)
     if weights:
       cal.point_weights = weights
     if parallel.is_main_process():
@@ -319,10 +325,28 @@ def _best_weight(what: str, sums: np.ndarray, count: int, grid, start: float) ->
   return out
 
 
-def _weight_sums(method, task, pattern_specs, seed: int, max_slices: int, grid, pairs) -> tuple:
+# `val_stride` keeps blocks of this many consecutive validation slices (a day of 30-min data):
+# long enough that a block's own history (`history` slices before it) adds little work.
+STRIDE_BLOCK = 48
+
+
+def validation_slices(task, max_slices: int = 0, stride: int = 1) -> np.ndarray:
+  """The validation slices a calibration and the point weights are fitted on: the scored ones
+  (`evaluate.evaluation_slices`; the first `max_slices` when > 0), of which, with `stride` > 1,
+  every `stride`-th block of STRIDE_BLOCK consecutive slices (the first, the (stride + 1)-th,
+  ...). Spread over the split rather than its first part: one week's errors are not the
+  split's (module docstring of configs/default.py, `calibration.val_slices`)."""
+  slices, _ = evaluate_lib.evaluation_slices(task, "val", max_slices)
+  if stride > 1:
+    slices = slices[((slices - slices[0]) // STRIDE_BLOCK) % int(stride) == 0]
+  return slices
+
+
+def _weight_sums(method, task, pattern_specs, seed: int, max_slices: int, grid, pairs,
+                 stride: int = 1) -> tuple:
   """Summed |base + w (estimate - base) - truth| for every w of `grid` over the validation
   split under `pattern_specs`; pairs(view, slices) -> (estimate, base, truth, cells) arrays."""
-  slices, _ = evaluate_lib.evaluation_slices(task, "val", max_slices)
+  slices = validation_slices(task, max_slices, stride)
   sums, count = np.zeros(len(grid)), 0
   for spec in pattern_specs:
     mask, _ = evaluate_lib.eval_mask(task, patterns_lib.parse_pattern(spec), seed)
@@ -337,7 +361,7 @@ def _weight_sums(method, task, pattern_specs, seed: int, max_slices: int, grid, 
 
 
 def choose_point_weights(method, task, pattern_specs, *, seed: int, max_slices: int = 0,
-                         grid=WEIGHT_GRID) -> dict:
+                         grid=WEIGHT_GRID, stride: int = 1) -> dict:
   """Sets and returns the weights of the networks' corrections in the point estimate, each the
   one of `grid` with the lowest validation MAE under `pattern_specs`: first Diffusion-C's over
   the prior's first guess (completion MAE on the hidden coarse cells,
@@ -355,7 +379,7 @@ def choose_point_weights(method, task, pattern_specs, *, seed: int, max_slices: 
     return point, guess, task.coarse_phys[sl], (mask[sl] < 0.5)[..., None]
 
   coarse = _best_weight("Diffusion-C's correction over the first guess", *_weight_sums(
-      method, task, pattern_specs, seed, max_slices, grid, completions), grid, start)
+      method, task, pattern_specs, seed, max_slices, grid, completions, stride), grid, start)
   method.coarse_weight = coarse["weight"]
   start = time.perf_counter()
 
@@ -364,7 +388,7 @@ def choose_point_weights(method, task, pattern_specs, *, seed: int, max_slices: 
     return fine, base, task.fine_phys[sl], True
 
   fine = _best_weight("Diffusion-F's correction over the prior's split", *_weight_sums(
-      method, task, pattern_specs, seed, max_slices, grid, fine_maps), grid, start)
+      method, task, pattern_specs, seed, max_slices, grid, fine_maps, stride), grid, start)
   method.fine_weight = fine["weight"]
   return {"coarse": coarse, "fine": fine}
 
@@ -475,15 +499,15 @@ def _fit_groups(scores: dict, n_samples: int, rule: str, levels: tuple = LEVELS)
 
 
 def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
-        max_slices: int = 0, rule: str = "spread_skill") -> Calibration:
+        max_slices: int = 0, rule: str = "spread_skill", stride: int = 1) -> Calibration:
   """Fits a `Calibration` for `method` (uncalibrated: its `calibration` is ignored here) on
   `split` (the validation split; the test split is refused) under every pattern of
-  `pattern_specs`, on the first `max_slices` scored slices (0 = all). Only the truth of `split`
-  is read (tested: changing the test split's values changes nothing)."""
+  `pattern_specs`, on the first `max_slices` scored slices (0 = all), every `stride`-th block of
+  them (`validation_slices`). Only the truth of `split` is read (tested: changing the test split's values changes nothing)."""
   if split != "val":
     raise ValueError(f"a calibration is fitted on the validation split only, not {split!r}")
   start = time.perf_counter()
-  slices, _ = evaluate_lib.evaluation_slices(task, split, max_slices)
+  slices = validation_slices(task, max_slices, stride)
   pieces = evaluate_lib.contiguous_pieces(slices)
   per_pattern = {}
   saved, method.calibration = getattr(method, "calibration", None), None
@@ -535,7 +559,8 @@ def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
       coarse_lower_bound=float(np.nanmin(task.coarse_phys[lo:hi])),
       sampler=dict(getattr(method, "sampler", None) or {}),
       fitted_on={"split": split, "patterns": list(pattern_specs), "n_slices": int(len(slices)),
-                 "max_slices": int(max_slices), "mask_seed_base": int(seed), "version": VERSION,
+                 "max_slices": int(max_slices), "val_stride": int(stride),
+                 "mask_seed_base": int(seed), "version": VERSION,
                  "spread_rule": rule, "spread_scale_other_rule": other,
                  "cells": {g: int(scores[g][0].size) for g in GROUPS},
                  "seconds": round(time.perf_counter() - start, 1)},

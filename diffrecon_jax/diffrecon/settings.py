@@ -31,12 +31,15 @@ import ml_collections
 from diffrecon_jax.configs import default
 
 # The version configs/default.py writes (its `config_version` field).
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 # Fields a config of an earlier version may lack: (version that introduced the field, dotted
 # path, value that reproduces the earlier behaviour). The values are those the code read when
 # the field was absent, before version 2 made every field required.
 MIGRATIONS = (
+    (3, "train.ema_warmup", False),               # the EMA decayed at ema_decay from step 1
+    (3, "train.lr_schedule", "constant"),         # one rate per phase
+    (3, "calibration.val_stride", 1),             # fitted on every validation slice
     (2, "ablation", ""),                          # no ablation: DiffRecon itself
     (2, "diffusion.fine_residual", False),        # Diffusion-F diffused the fine map itself
     (2, "diffusion.fine_base", "uniform"),        # residual base: the even spread
@@ -206,6 +209,8 @@ class ModelSettings:
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
+LR_SCHEDULES = ("constant", "cosine")  # train.learning_rate
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   """The loop, its optimizers and checkpoints (Sec. IV-E; config.train, same field names).
@@ -213,7 +218,10 @@ class TrainSettings:
   steps_c / steps_f / steps_joint: steps of each phase; lr_*: AdamW rates per phase and model;
   weight_decay, adam_eps, grad_clip (global norm; 0 = none); joint_weight_c / _f: w_c, w_f of
   the joint loss; joint_x0_clip_factor: `model.x0_clip_bound` factor in the joint loss (0 =
-  none); ema_decay; steps_per_call: steps fused per compiled call; log_every,
+  none); ema_decay, ema_warmup: the EMA's decay and whether it warms up from the phase's first
+  step (`train.ema_decay_at`); lr_schedule: "constant" or "cosine" (`train.learning_rate`);
+  compile_ahead: compile the later phases' steps while the first trains (`train._CompileAhead`);
+  steps_per_call: steps fused per compiled call; log_every,
   checkpoint_every, keep_checkpoints: cadences in steps and Orbax's max_to_keep; tensorboard:
   also write TensorBoard events; init_prng_impl: PRNG of the parameter initialisers.
   """
@@ -232,6 +240,9 @@ class TrainSettings:
   joint_weight_f: float
   joint_x0_clip_factor: float
   ema_decay: float
+  ema_warmup: bool
+  lr_schedule: str
+  compile_ahead: bool
   steps_per_call: int
   log_every: int
   checkpoint_every: int
@@ -250,6 +261,7 @@ class TrainSettings:
     for f in dataclasses.fields(cls):
       kind = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
       values[f.name] = kind(read(config, "train." + f.name))
+    choice(config, "train.lr_schedule", LR_SCHEDULES)  # a typo stops here, not phases later
     return cls(**values)
 
 
@@ -326,11 +338,13 @@ class CalibrationSettings:
   """The ensemble's recalibration on the validation split (config.calibration; calibration.py).
 
   enabled: fit and apply it; spread_rule: "spread_skill" or "crps"; val_slices: validation
-  slices fitted on (0 = all), capped by max_slices (eval.max_slices, smoke runs; 0 = none).
+  slices fitted on (0 = all), capped by max_slices (eval.max_slices, smoke runs; 0 = none);
+  val_stride: every val_stride-th block of them (`calibration.validation_slices`; 1 = all).
   """
   enabled: bool
   spread_rule: str
   val_slices: int
+  val_stride: int
   max_slices: int
 
   @classmethod
@@ -338,6 +352,7 @@ class CalibrationSettings:
     return cls(enabled=bool(read(config, "calibration.enabled")),
                spread_rule=choice(config, "calibration.spread_rule", SPREAD_RULES),
                val_slices=int(read(config, "calibration.val_slices")),
+               val_stride=max(1, int(read(config, "calibration.val_stride"))),
                max_slices=int(read(config, "eval.max_slices")))
 
   @property

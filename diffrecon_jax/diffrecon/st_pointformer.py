@@ -19,7 +19,8 @@ The sequence is padded with masked dummy tokens to a multiple of `seq_multiple` 
 cuDNN fused kernel needs even lengths when training with a mask/bias, and multiples of 8 tile well.
 
 Attention implementation (`attention_impl`). None picks by `jax.default_backend()` at trace time:
-on CPU `manual_attention` (below), elsewhere `jax.nn.dot_product_attention`, so XLA / cuDNN can
+on CPU `manual_attention` (below) up to BLOCKWISE_FROM_POINTS points and `blockwise_attention`
+above, elsewhere `jax.nn.dot_product_attention`, so XLA / cuDNN can
 use fused kernels whose memory is linear in the number of points; 'manual' forces the CPU path,
 'xla' / 'cudnn' force jax.nn.dot_product_attention, 'blockwise' takes `blockwise_attention`
 (flash-style online softmax over key blocks, memory linear in the number of points: for the
@@ -120,6 +121,11 @@ def manual_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: j
 
 # Query / key block of `blockwise_attention`: 128 x 128 float32 scores (64 KiB) per item.
 BLOCK = 128
+# On CPU, `attention_impl=None` takes `blockwise_attention` above this many ST-points (padded
+# sequence length): a 16x16 coarse grid with 7 slices (1,792 points) keeps the (L, L) scores
+# (12 MiB per (sample, head)); UrbanFM's 32x32 (7,168 points, 196 MiB each, 1.6 GiB at batch 4
+# with 2 heads) goes blockwise.
+BLOCKWISE_FROM_POINTS = 2048
 
 
 def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: jnp.ndarray,
@@ -207,7 +213,11 @@ class EncoderLayer(nn.Module):
     impl = self.attention_impl
     if impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "manual" or (impl is None and jax.default_backend() == "cpu"):
+    if impl is None and jax.default_backend() == "cpu":
+      # CPU: cache-sized chunks while the (L, L) scores kept for the backward pass stay small;
+      # beyond BLOCKWISE_FROM_POINTS, memory linear in the ST-points.
+      impl = "manual" if x.shape[1] <= BLOCKWISE_FROM_POINTS else "blockwise"
+    if impl == "manual":
       h = manual_attention(q, k, v, key_mask)
     elif impl == "blockwise":  # memory linear in the ST-points (large grids)
       h = blockwise_attention(q, k, v, key_mask)

@@ -22,6 +22,7 @@ step, a run resumed from a checkpoint reaches the same parameters as an uninterr
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -118,9 +119,11 @@ def make_optimizer(phase: str, train_cfg: TrainSettings) -> optax.GradientTransf
   gradient is rounding noise (the denoisers have a few the loss is invariant to).
   """
   eps = float(train_cfg.adam_eps)
+  total = train_cfg.steps(phase) if phase in PHASES else 0
 
   def adamw(lr):
-    return optax.adamw(float(lr), eps=eps, weight_decay=float(train_cfg.weight_decay))
+    return optax.adamw(learning_rate(float(lr), total, train_cfg.lr_schedule), eps=eps,
+                       weight_decay=float(train_cfg.weight_decay))
   if phase == "stage_c":
     transforms = {"c": adamw(train_cfg.lr_c), "f": optax.set_to_zero()}
   elif phase == "stage_f":
@@ -133,6 +136,35 @@ def make_optimizer(phase: str, train_cfg: TrainSettings) -> optax.GradientTransf
   if float(train_cfg.grad_clip) > 0:
     chain.insert(0, optax.clip_by_global_norm(float(train_cfg.grad_clip)))
   return optax.chain(*chain)
+
+
+# Cosine schedules end at this fraction of the phase's rate rather than 0: the last steps still
+# move the parameters the EMA averages (ours; vdm / improved-diffusion decay to 0 or not at all).
+COSINE_FINAL_FRACTION = 0.1
+LR_SCHEDULES = settings_lib.LR_SCHEDULES
+
+
+def learning_rate(lr: float, total: int, schedule: str):
+  """The phase's rate: `lr` throughout ("constant", the paper's and CSDI's Adam) or a cosine
+  from `lr` down to COSINE_FINAL_FRACTION * lr over the phase's `total` steps ("cosine"). The
+  schedule reads the optimizer's own update count, which the checkpoints hold, so a resumed
+  phase continues on the same curve."""
+  if schedule == "constant" or total <= 0:
+    return lr
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, decay_steps=int(total), alpha=COSINE_FINAL_FRACTION)
+  raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
+def ema_decay_at(step: Array, decay: float, warmup: bool) -> Array:
+  """The EMA's decay for the update after `step` steps of the phase: `decay`, or with `warmup`
+  min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with num_updates):
+  a short phase's average then forgets the initial parameters instead of keeping
+  decay ** steps of them (0.999 ** 2000 = 0.14 of a random initialisation)."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  t = step.astype(jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
 
 
 def phase_start_state(optimizer: optax.GradientTransformation, params: dict, ema_params: dict,
@@ -177,8 +209,8 @@ def make_train_step(phase: str, models: model.Models, optimizer: optax.GradientT
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                 state.ema_params, params)
+    d = ema_decay_at(state.step, decay, train_cfg.ema_warmup)
+    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                      rng=rng)
@@ -316,6 +348,81 @@ class _Phase:
   copy_state: Callable
   watcher: preemption.Watcher
   board: Optional[curves.TensorBoard] = None
+  compiled: Optional[dict] = None  # {steps per call: compiled step} made ahead (`_CompileAhead`)
+  on_first_step: Optional[Callable[[], None]] = None  # called once the phase's first call ran
+
+
+class _CompileAhead:
+  """Compiles the first train step of the later phases on one background thread while the
+  earlier ones train (`train.compile_ahead`).
+
+  On a cold start the three phases' steps compile for about a minute on 2 CPU cores, each at its
+  phase's start, while one train step keeps about one core busy: compiled beside stage_c's
+  training, stage_f and joint start at once (measured; WORKSPACE.md). Compiling does not change
+  what a step computes, so a run with it equals one without.
+  """
+
+  def __init__(self, jobs: dict):
+    """jobs: {phase: (steps per call, function returning the compiled step)}, in phase order;
+    nothing compiles before `start`."""
+    self._jobs = jobs
+    self._pool = None
+    self._futures = {}
+
+  def start(self) -> None:
+    """Starts compiling (once). Called after the first phase's first step has run: its own
+    compilation (and the parameters' initialisation) then had every core, and the background
+    compile uses what one train step leaves idle."""
+    if self._pool is not None or not self._jobs:
+      return
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+    self._futures = {phase: (n, self._pool.submit(job)) for phase, (n, job) in self._jobs.items()}
+
+  def take(self, phase: str) -> dict:
+    """{steps per call: compiled step} for `phase`, waiting for it if it is being compiled;
+    {} when it was not compiled ahead or failed (the phase then compiles its step itself)."""
+    self.start()
+    if phase not in self._futures:
+      return {}
+    n, future = self._futures.pop(phase)
+    try:
+      return {n: future.result()}
+    except Exception as err:  # pylint: disable=broad-except  (an optimisation only)
+      logging.warning("[%s] compiling the train step ahead failed (%s: %s); it compiles now",
+                      phase, type(err).__name__, err)
+      return {}
+
+  def close(self) -> None:
+    for _, future in self._futures.values():
+      future.cancel()
+    if self._pool is not None:
+      self._pool.shutdown(wait=True)
+
+
+def _compile_ahead(phases: tuple, models: model.Models, tc: TrainSettings, spec: BatchSpec,
+                   mesh, joint: model.JointSettings, arrays: dict, abstract_params,
+                   base_key) -> _CompileAhead:
+  """A `_CompileAhead` of the train steps of `phases`, each lowered for its phase's abstract
+  state (the sharded shapes `phase_start_state` and the checkpoints give) and the first call's
+  steps per call."""
+  repl = parallel.replicated(mesh)
+
+  def job(phase: str, n: int) -> Callable:
+    def compile_step():
+      optimizer = make_optimizer(phase, tc)
+      abstract = checkpoints.with_sharding(jax.eval_shape(
+          lambda p, e, k: phase_start_state(optimizer, p, e, k), abstract_params,
+          abstract_params, base_key), repl)
+      step_fn = make_train_step(phase, models, optimizer, tc, spec, mesh, n, joint)
+      return step_fn.lower(abstract, arrays).compile()
+    return compile_step
+
+  jobs = {}
+  for phase in phases:
+    n = chunk_size(0, tc.steps(phase), max(1, tc.steps_per_call), tc.checkpoint_every,
+                   tc.log_every)
+    jobs[phase] = (n, job(phase, n))
+  return _CompileAhead(jobs)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
@@ -358,10 +465,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
 
   state: Optional[TrainState] = None
   summary = {}
+  # Later phases' steps compile while the first one trains (`train.compile_ahead`).
+  ahead = _compile_ahead(PHASES[1:] if tc.compile_ahead else (), models, tc, spec, mesh, joint,
+                         arrays, abstract_params, base_key)
   board = (curves.TensorBoard(workdir) if tc.tensorboard and jax.process_index() == 0
            else None)
   # SIGTERM (spot VMs, Colab) saves at the step reached and stops (preemption.py).
-  with preemption.Watcher() as watcher, _finally(board, workdir):
+  with preemption.Watcher() as watcher, _finally(board, workdir, ahead):
     for p_idx, phase in enumerate(PHASES):
       total = tc.steps(phase)
       optimizer = make_optimizer(phase, tc)
@@ -395,7 +505,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
               params, ema, jax.random.fold_in(base_key, p_idx + 1))
         ctx = _Phase(name=phase, total=total, models=models, optimizer=optimizer, train_cfg=tc,
                      spec=spec, joint=joint, mesh=mesh, manager=mngr, base_meta=base_meta,
-                     workdir=workdir, copy_state=copy_state, watcher=watcher, board=board)
+                     workdir=workdir, copy_state=copy_state, watcher=watcher, board=board,
+                     compiled=ahead.take(phase) if p_idx else {},
+                     on_first_step=ahead.start)
         state, last = _run_phase(ctx, state, arrays)
         summary[phase] = {"start_step": int(latest or 0), "end_step": total, "total": total,
                           "skipped": False, "last": last}
@@ -406,12 +518,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
 
 
 @contextlib.contextmanager
-def _finally(board: Optional[curves.TensorBoard], workdir):
-  """After training (finished, preempted or failed): the TensorBoard events closed and, on
-  process 0, the loss figure drawn from metrics.jsonl."""
+def _finally(board: Optional[curves.TensorBoard], workdir, ahead: _CompileAhead):
+  """After training (finished, preempted or failed): compiling ahead stopped, the TensorBoard
+  events closed and, on process 0, the loss figure drawn from metrics.jsonl."""
   try:
     yield
   finally:
+    ahead.close()
     if board is not None:
       board.close()
     if jax.process_index() == 0:
@@ -425,7 +538,7 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
   k_every, log_every = tc.checkpoint_every, tc.log_every
   steps_per_call = max(1, tc.steps_per_call)
   step = int(parallel.to_host(state.step))
-  fns: dict = {}
+  fns: dict = dict(ctx.compiled or {})
   log = _MetricsLog(ctx.workdir, phase, total, step, ctx.board)
   last = None
 
@@ -443,6 +556,8 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
       fns[n] = make_train_step(phase, ctx.models, ctx.optimizer, tc, spec, mesh, n, ctx.joint)
     state, metrics = fns[n](state, arrays)
     metrics = parallel.to_host(metrics)
+    if ctx.on_first_step is not None:
+      ctx.on_first_step()
     check_finite(phase, step, metrics)
     step += n
     log.add(metrics)
