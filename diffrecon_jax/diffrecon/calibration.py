@@ -503,7 +503,8 @@ def fit(method, task, pattern_specs, *, seed: int, split: str = "val",
   """Fits a `Calibration` for `method` (uncalibrated: its `calibration` is ignored here) on
   `split` (the validation split; the test split is refused) under every pattern of
   `pattern_specs`, on the first `max_slices` scored slices (0 = all), every `stride`-th block of
-  them (`validation_slices`). Only the truth of `split` is read (tested: changing the test split's values changes nothing)."""
+  them (`validation_slices`). Only the truth of `split` is read (tested: changing the test
+  split's values changes nothing)."""
   if split != "val":
     raise ValueError(f"a calibration is fitted on the validation split only, not {split!r}")
   start = time.perf_counter()

@@ -174,6 +174,15 @@ def phase_start_state(optimizer: optax.GradientTransformation, params: dict, ema
                     opt_state=optimizer.init(params), rng=rng)
 
 
+def abstract_phase_state(optimizer: optax.GradientTransformation, abstract_params, rng: Array,
+                         sharding) -> TrainState:
+  """The shapes, dtypes and `sharding` of a phase's state (what its checkpoints restore into
+  and its compiled step takes), without computing it."""
+  return checkpoints.with_sharding(jax.eval_shape(
+      lambda p, e, k: phase_start_state(optimizer, p, e, k), abstract_params, abstract_params,
+      rng), sharding)
+
+
 # --------------------------------------------------------------------------------------------
 # The compiled step
 # --------------------------------------------------------------------------------------------
@@ -410,9 +419,7 @@ def _compile_ahead(phases: tuple, models: model.Models, tc: TrainSettings, spec:
   def job(phase: str, n: int) -> Callable:
     def compile_step():
       optimizer = make_optimizer(phase, tc)
-      abstract = checkpoints.with_sharding(jax.eval_shape(
-          lambda p, e, k: phase_start_state(optimizer, p, e, k), abstract_params,
-          abstract_params, base_key), repl)
+      abstract = abstract_phase_state(optimizer, abstract_params, base_key, repl)
       step_fn = make_train_step(phase, models, optimizer, tc, spec, mesh, n, joint)
       return step_fn.lower(abstract, arrays).compile()
     return compile_step
@@ -476,8 +483,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task=None, mesh=None,
       total = tc.steps(phase)
       optimizer = make_optimizer(phase, tc)
       start_fn = lambda p, e, k, opt=optimizer: phase_start_state(opt, p, e, k)
-      abstract = checkpoints.with_sharding(
-          jax.eval_shape(start_fn, abstract_params, abstract_params, base_key), repl)
+      abstract = abstract_phase_state(optimizer, abstract_params, base_key, repl)
       mngr = checkpoints.manager(workdir, phase, tc.keep_checkpoints)
       try:
         latest, restored, meta = checkpoints.restore_for_resume(mngr, phase, abstract, workdir)
@@ -539,6 +545,7 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
   steps_per_call = max(1, tc.steps_per_call)
   step = int(parallel.to_host(state.step))
   fns: dict = dict(ctx.compiled or {})
+  on_first_step = ctx.on_first_step
   log = _MetricsLog(ctx.workdir, phase, total, step, ctx.board)
   last = None
 
@@ -556,8 +563,9 @@ def _run_phase(ctx: _Phase, state: TrainState, arrays: dict) -> tuple:
       fns[n] = make_train_step(phase, ctx.models, ctx.optimizer, tc, spec, mesh, n, ctx.joint)
     state, metrics = fns[n](state, arrays)
     metrics = parallel.to_host(metrics)
-    if ctx.on_first_step is not None:
-      ctx.on_first_step()
+    if on_first_step is not None:
+      on_first_step()
+      on_first_step = None
     check_finite(phase, step, metrics)
     step += n
     log.add(metrics)
