@@ -23,3 +23,20 @@ def test_tpu_batch_follows_the_chips_of_the_slice():
 def test_bad_variants_are_refused(arg, match):
   with pytest.raises(ValueError, match=match):
     nytaxi.get_config(arg)
+
+
+def test_full_trains_and_calibrates_like_the_config_of_the_committed_tables():
+  """`:full` is the budget the tables in docs/results ran with: the version-2 default (committed
+  as tests/golden/config_v2.json), read through `migrate`, in every training and calibration
+  field; only what never changes a result (compiling ahead) may differ."""
+  import pathlib
+  from diffrecon_jax.diffrecon import checkpoints
+  golden = pathlib.Path(__file__).resolve().parent / "golden" / "config_v2.json"
+  tables = checkpoints.config_from_json(golden.read_text())
+  full = nytaxi.get_config("full")
+  for section in ("train", "calibration"):
+    want = dict(tables[section].to_dict())
+    got = dict(full[section].to_dict())
+    want.pop("compile_ahead", None), got.pop("compile_ahead", None)
+    assert got == want, section
+  assert nytaxi.get_config().train.steps_c < full.train.steps_c
