@@ -315,9 +315,11 @@ def test_blockwise_attention_matches_reference_and_is_linear_in_memory():
 
   ref = out_and_grads(lambda *a: jax.nn.dot_product_attention(*a[:3], mask=a[3],
                                                               implementation="xla"))
-  new = out_and_grads(functools.partial(blockwise_attention, block=64))
-  for x, x_ref in zip(new, ref):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), atol=2e-5, rtol=0)
+  # All 4 (sample, head) items in one step; one per step; 3 per step (the last step padded).
+  for chunk_bytes in (2**30, 1, 3 * l * 64 * 4):
+    new = out_and_grads(functools.partial(blockwise_attention, block=64, chunk_bytes=chunk_bytes))
+    for x, x_ref in zip(new, ref):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), atol=2e-5, rtol=0)
 
   def working_bytes(attention, length):
     spec = jax.ShapeDtypeStruct((2, length, 2, 8), jnp.float32)
@@ -326,8 +328,10 @@ def test_blockwise_attention_matches_reference_and_is_linear_in_memory():
     compiled = grad.lower(spec, spec, spec, jax.ShapeDtypeStruct((2, 1, 1, length), jnp.bool_))
     return compiled.compile().memory_analysis().temp_size_in_bytes
 
-  blockwise = [working_bytes(blockwise_attention, length) for length in (1024, 2048)]
-  manual = [working_bytes(manual_attention, length) for length in (1024, 2048)]
+  # Lengths where one lax.map step of blockwise_attention holds one item's (L, block) scores
+  # (its chunk_bytes: fewer items per step at larger L, so memory grows more slowly below).
+  blockwise = [working_bytes(blockwise_attention, length) for length in (2048, 4096)]
+  manual = [working_bytes(manual_attention, length) for length in (2048, 4096)]
   assert blockwise[1] / blockwise[0] < 2.5 < 3.0 < manual[1] / manual[0], (blockwise, manual)
   assert blockwise[1] < manual[1] / 8
 

@@ -42,6 +42,7 @@ the parameters (load average 1-1.6 from other work on the machine; repeat runs v
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -119,30 +120,99 @@ def manual_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: j
   return jnp.swapaxes(out.reshape(b, n, l, h), 1, 2)
 
 
-# Query / key block of `blockwise_attention`: 128 x 128 float32 scores (64 KiB) per item.
+# Keys per scan step of `blockwise_attention`, and score bytes per lax.map step (about the L2
+# cache of a small CPU). Measured forward + backward, 2-core x86, 2 heads of 8 (benchmarks/
+# README.md, "Scaling"): keys 128 / 4 MiB beat 32 and 64 keys and 1, 2 and 8 MiB at L = 1200
+# (B = 16), 1792 (B = 16) and 7176 (B = 4).
 BLOCK = 128
+_BLOCKWISE_CHUNK_BYTES = 4 * 2**20
 # On CPU, `attention_impl=None` takes `blockwise_attention` above this many ST-points (padded
-# sequence length): a 16x16 coarse grid with 7 slices (1,792 points) keeps the (L, L) scores
-# (12 MiB per (sample, head)); UrbanFM's 32x32 (7,168 points, 196 MiB each, 1.6 GiB at batch 4
-# with 2 heads) goes blockwise.
-BLOCKWISE_FROM_POINTS = 2048
+# sequence length). Measured forward + backward, median of 9 alternated calls, B = 16: manual /
+# blockwise 25 / 54 ms at L = 344 (nytaxi), 43 / 47 at 624, 143 / 96 at 1024, 139 / 149 at
+# 1200, 340 / 277 at 1792; memory linear in the points above it (UrbanFM's 32x32 grid, 7,168
+# points: the (L, L) scores alone would be 1.6 GiB at batch 4 with 2 heads).
+BLOCKWISE_FROM_POINTS = 768
+
+
+def _block_scores(q, kblk, keep_blk, off_blk):
+  """Scores of every query against one key block: q (X, L, H), kblk (X, k, H), keep_blk /
+  off_blk (X, 1, k) -> (X, L, k); masked keys get a finite "minus infinity" (see below)."""
+  return jnp.einsum("xqh,xkh->xqk", q, kblk) * keep_blk + off_blk
+
+
+def _flash_forward(q, kb, vb, keep_b, off_b, big):
+  """Online softmax over the key blocks (lax.scan): q (X, L, H); kb, vb (nb, X, k, H); keep_b,
+  off_b (nb, X, 1, k) -> (out (X, L, H), row max m (X, L, 1), 1 / row sum inv (X, L, 1))."""
+  def step(carry, blk):
+    m, total, acc = carry
+    kblk, vblk, keep_blk, off_blk = blk
+    s = _block_scores(q, kblk, keep_blk, off_blk)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - m_new)
+    rescale = jnp.exp(m - m_new)
+    return (m_new, total * rescale + jnp.sum(e, axis=-1, keepdims=True),
+            acc * rescale + jnp.einsum("xqk,xkh->xqh", e, vblk)), None
+  rows = q.shape[:2] + (1,)
+  init = (jnp.full(rows, -big, q.dtype), jnp.zeros(rows, q.dtype), jnp.zeros(q.shape, q.dtype))
+  (m, total, acc), _ = jax.lax.scan(step, init, (kb, vb, keep_b, off_b))
+  inv = 1.0 / total
+  return acc * inv, m, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, kb, vb, keep_b, off_b, big):
+  return _flash_forward(q, kb, vb, keep_b, off_b, big)[0]
+
+
+def _flash_fwd(q, kb, vb, keep_b, off_b, big):
+  out, m, inv = _flash_forward(q, kb, vb, keep_b, off_b, big)
+  return out, (q, kb, vb, keep_b, off_b, out, m, inv)
+
+
+def _flash_bwd(big, residuals, d_out):
+  """FlashAttention-2's backward: each key block's probabilities recomputed from the saved row
+  max and sum, p = exp(s - m) / sum; dV = p^T dO, dS = p (dO V^T - rowsum(dO O)), dQ = dS K,
+  dK = dS^T Q (times the key mask: the score is s * keep + offset)."""
+  del big
+  q, kb, vb, keep_b, off_b, out, m, inv = residuals
+  delta = jnp.sum(d_out * out, axis=-1, keepdims=True)                     # (X, L, 1)
+
+  def step(dq, blk):
+    kblk, vblk, keep_blk, off_blk = blk
+    p = jnp.exp(_block_scores(q, kblk, keep_blk, off_blk) - m) * inv        # (X, L, k)
+    dv = jnp.einsum("xqk,xqh->xkh", p, d_out)
+    ds = p * (jnp.einsum("xqh,xkh->xqk", d_out, vblk) - delta) * keep_blk
+    dk = jnp.einsum("xqk,xqh->xkh", ds, q)
+    return dq + jnp.einsum("xqk,xkh->xqh", ds, kblk), (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(q), (kb, vb, keep_b, off_b))
+  return dq, dk, dv, jnp.zeros_like(keep_b), jnp.zeros_like(off_b)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: jnp.ndarray,
-                        *, block: int = BLOCK) -> jnp.ndarray:
+                        *, block: int = BLOCK, chunk_bytes: int = _BLOCKWISE_CHUNK_BYTES
+                        ) -> jnp.ndarray:
   """Masked scaled dot-product attention (eqs. 16-19) with memory linear in L (flash-style).
 
-  Queries are taken `block` at a time (`lax.map`); for each query block the keys are scanned
-  `block` at a time with an online softmax (running max, running sum and running output, each
-  rescaled when the max grows), so no (L, L) score matrix exists; each query block is under
-  `jax.checkpoint`, so the backward pass recomputes its scores instead of keeping them: forward
-  and backward hold O(L * block) per (sample, head). Equals `manual_attention` (and
-  `jax.nn.dot_product_attention`) to float32 rounding, values and gradients, also for rows whose
-  keys are all masked (uniform over the L real keys). L is padded to a multiple of `block` with
-  keys that weigh nothing even then (scores below the masked ones' finite "minus infinity").
+  The (sample, head) items go `lax.map` a few at a time (as many as keep one step's
+  (items, L, block) scores within `chunk_bytes`, so they stay in cache); within a step every
+  query meets the keys `block` at a time (`lax.scan`) with an online softmax (running max,
+  running sum and running output, each rescaled when the max grows), so no (L, L) score matrix
+  exists. The gradient is a custom VJP (FlashAttention-2's backward, `_flash_bwd`): a second
+  scan over the key blocks recomputes each block's probabilities from the saved row max and
+  sum, instead of reverse-mode through the forward scan, which kept and re-read every step's
+  rescalings (measured in benchmarks/README.md, "Scaling"). Forward and backward hold
+  O(L * block) per item. Equals `manual_attention` (and `jax.nn.dot_product_attention`) to
+  float32 rounding, values and gradients, also for rows whose keys are all masked (uniform over
+  the L real keys). The keys are padded to a multiple of `block` with keys that weigh nothing
+  even then (scores below the masked ones' finite "minus infinity").
 
   Args:
     q, k, v: (B, L, heads, head_dim); key_mask: (B, 1, 1, L) bool, True = may be attended to.
+    block: keys per scan step; chunk_bytes: score bytes per `lax.map` step (at least one item).
   Returns:
     (B, L, heads, head_dim).
   """
@@ -152,35 +222,30 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask
   nb = -(-l // block)
   pad = nb * block - l
   qi, ki, vi, keep = _items(q, k, v, key_mask, "blockwise_attention")
-  qi, ki, vi = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in (qi, ki, vi))
-  big = jnp.asarray(0.5 * jnp.finfo(dtype).max, dtype)
+  ki, vi = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in (ki, vi))
+  big = float(0.5 * jnp.finfo(dtype).max)
   keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pad)))
   # Score offsets: 0 for a key that may be read, -big for a masked one, -1.5 big for padding.
   real = jnp.pad(jnp.ones((1, 1, l), dtype), ((0, 0), (0, 0), (0, pad)))
   offset = (keep - 1) * big + (real - 1) * (0.5 * big)
-  blocks = lambda a: jnp.moveaxis(a.reshape(a.shape[0], nb, block, a.shape[-1]), 1, 0)
-  kb, vb = blocks(ki), blocks(vi)                                    # (nb, B*n, block, H)
-  keep_b = jnp.moveaxis(keep.reshape(b * n, 1, nb, block), 2, 0)     # (nb, B*n, 1, block)
-  off_b = jnp.moveaxis(offset.reshape(b * n, 1, nb, block), 2, 0)
-
-  @jax.checkpoint
-  def query_block(qb):  # (B*n, block, H) -> (B*n, block, H)
-    def step(carry, kv):
-      m, total, acc = carry
-      kblk, vblk, keep_blk, off_blk = kv
-      s = jnp.einsum("xqh,xkh->xqk", qb, kblk) * keep_blk + off_blk
-      m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-      e = jnp.exp(s - m_new)
-      scale = jnp.exp(m - m_new)
-      return (m_new, total * scale + jnp.sum(e, axis=-1, keepdims=True),
-              acc * scale + jnp.einsum("xqk,xkh->xqh", e, vblk)), None
-    rows = qb.shape[:2] + (1,)
-    init = (jnp.full(rows, -big, dtype), jnp.zeros(rows, dtype), jnp.zeros(qb.shape, dtype))
-    (_, total, acc), _ = jax.lax.scan(step, init, (kb, vb, keep_b, off_b))
-    return acc / total
-
-  out = jax.lax.map(query_block, blocks(qi))                          # (nb, B*n, block, H)
-  out = jnp.moveaxis(out, 0, 1).reshape(b * n, nb * block, h)[:, :l]
+  blocks = lambda a: a.reshape(a.shape[0], nb, block, a.shape[-1]).swapaxes(0, 1)
+  keep_b = keep.reshape(b * n, 1, nb, block).transpose(2, 0, 1, 3)  # (nb, B*n, 1, block)
+  off_b = offset.reshape(b * n, 1, nb, block).transpose(2, 0, 1, 3)
+  items = b * n
+  per_step = int(min(items, max(1, chunk_bytes // (l * block * jnp.dtype(dtype).itemsize))))
+  steps = -(-items // per_step)
+  if steps == 1:
+    out = _flash(qi, blocks(ki), blocks(vi), keep_b, off_b, big)    # (B*n, L, H)
+  else:
+    # Items padded to whole steps (zeros with every key masked: finite, dropped below).
+    extra = steps * per_step - items
+    grow = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
+    group = lambda a, axis: jnp.moveaxis(
+        grow(a, axis).reshape(a.shape[:axis] + (steps, per_step) + a.shape[axis + 1:]), axis, 0)
+    args = (group(qi, 0), group(blocks(ki), 1), group(blocks(vi), 1), group(keep_b, 1),
+            group(off_b, 1))
+    out = jax.lax.map(lambda a: _flash(*a, big), args)
+    out = out.reshape((steps * per_step,) + out.shape[2:])[:items]
   return jnp.swapaxes(out.reshape(b, n, l, h), 1, 2)
 
 
