@@ -119,3 +119,30 @@ def test_point_loss_is_absolute_at_the_last_step_only():
   eps = dataclasses.replace(models, prediction="eps")
   assert float(model.stage_loss(eps, out, x0, jnp.ones((2, 2)), tau)) == pytest.approx(
       (4 + 4 + 4 + 4) / 4)
+
+
+def test_physical_point_loss_weights_each_cell_by_its_scale_in_data_units():
+  """point_loss "l1_physical": the last step's |err| times each cell's residual scale times
+  its channel's std, normalised to mean 1 (hand-computed); "l1" and a model without the
+  prior's residual scaling keep weight 1."""
+  import types
+  schedule = diffusion.make_schedule("quad", 10)
+  prior = types.SimpleNamespace(residual_std_f=np.array([[[1.0, 2.0]], [[3.0, 4.0]]], np.float32),
+                                stats={"fine": {"std": np.array([10.0, 1.0], np.float32)}})
+  models = model.Models(c=None, f=None, schedule=schedule, prediction="x0", prior=prior,
+                        feed_prior_f=True, residual_scaling=True, point_loss="l1_physical")
+  w = np.asarray(models.point_scale("f"))                         # (2, 1, 2): cells x channels
+  raw = np.array([[[10.0, 2.0]], [[30.0, 4.0]]])
+  np.testing.assert_allclose(w, raw / raw.mean(), rtol=1e-6)
+  out = jnp.ones((2, 2, 1, 2))
+  x0 = jnp.zeros((2, 2, 1, 2))
+  tau = jnp.array([9, 9])                                          # every row at the last step
+  got = float(model.stage_loss(models, out, x0, x0, tau, point_scale=models.point_scale("f")))
+  assert got == pytest.approx(float(np.mean(w)))                   # |err| = 1 everywhere
+  err = np.zeros((2, 2, 1, 2), np.float32)
+  err[:, 1, 0, 0] = 2.0                                            # the busiest cell's channel 0
+  got = float(model.stage_loss(models, jnp.asarray(err), x0, x0, tau,
+                               point_scale=models.point_scale("f")))
+  assert got == pytest.approx(2.0 * w[1, 0, 0] * 2 / err.size)
+  assert dataclasses.replace(models, point_loss="l1").point_scale("f") == 1.0
+  assert dataclasses.replace(models, residual_scaling=False).point_scale("f") == 1.0

@@ -106,7 +106,7 @@ def choice(config: ml_collections.ConfigDict, path: str, allowed: tuple) -> str:
 PREDICTIONS = ("eps", "x0")
 FINE_BASES = ("uniform", "climatology")
 RESIDUAL_SCALINGS = ("", "channel", "cell")
-POINT_LOSSES = ("l2", "l1")
+POINT_LOSSES = ("l2", "l1", "l1_physical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,10 @@ class LossSettings:
   loss_c_on_hidden: Diffusion-C's loss on the hidden cells of the current slice only.
   point_fraction: share of each batch drawn at tau = T - 1, where an x0-predictor learns its
     point estimate.
-  point_loss: that step's loss, "l2" (posterior mean) or "l1" (posterior median).
+  point_loss: that step's loss, "l2" (posterior mean), "l1" (posterior median, absolute error
+    of the stage's scaled residual) or "l1_physical" (the same median, the absolute error
+    weighted by each cell's residual scale times the channel's std: the error in the data's
+    units, as the MAE counts it; `model.Models.point_scale`).
   """
   loss_c_on_hidden: bool
   point_fraction: float
