@@ -189,21 +189,26 @@ def run(config, workdir: str, *, split: str = "val", max_slices: int = 0,
   return doc
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained DiffRecon workdir.")
-_SPLIT = flags.DEFINE_enum("split", "val", list(evaluate_lib.EVAL_SPLITS), "Split to read.")
-_MAX_SLICES = flags.DEFINE_integer("max_slices", 0, "Score the first this many slices (0 = all).")
-_OUT = flags.DEFINE_string("out", None, "Folder of the report (default: the workdir).")
+def define_flags() -> None:
+  """The command line's flags, defined only when this module runs as the program, so that
+  importing it beside `experiments` (which has its own --config and --workdir) defines nothing
+  twice."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+  flags.DEFINE_string("workdir", None, "A trained DiffRecon workdir.")
+  flags.DEFINE_enum("split", "val", list(evaluate_lib.EVAL_SPLITS), "Split to read.")
+  flags.DEFINE_integer("max_slices", 0, "Score the first this many slices (0 = all).")
+  flags.DEFINE_string("out", None, "Folder of the report (default: the workdir).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  workdir = run_lib.resolve_workdir(_WORKDIR.value)
-  log_path = console.setup(_OUT.value or workdir, parallel.process_index_for_logs())
+  args = flags.FLAGS
+  workdir = run_lib.resolve_workdir(args.workdir)
+  log_path = console.setup(args.out or workdir, parallel.process_index_for_logs())
   try:
-    doc = run(_CONFIG.value, workdir, split=_SPLIT.value, max_slices=_MAX_SLICES.value,
-              out=_OUT.value)
+    doc = run(args.config, workdir, split=args.split, max_slices=args.max_slices, out=args.out)
   except (ValueError, FileNotFoundError) as e:
     logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
     raise SystemExit(f"diffrecon_jax.error_sources: error: {e}  (traceback in {log_path})") \
@@ -212,5 +217,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  define_flags()
   app.run(main)

@@ -7,6 +7,15 @@ from diffrecon_jax.diffrecon.prior_method import PriorMethod
 from tests import _train_helpers as helpers
 
 
+def test_imports_beside_the_other_commands():
+  """Its flags are defined only when it runs as the program: importing it in one process with
+  `experiments` (its own --config / --workdir) must not define a flag twice."""
+  import importlib
+  from absl import flags
+  importlib.import_module("diffrecon_jax.experiments")  # raised DuplicateFlagError before
+  assert flags.FLAGS.find_module_defining_flag("config") != "diffrecon_jax.error_sources"
+
+
 def test_binomial_floor_matches_the_distribution():
   truth = np.zeros((1, 2, 2, 1))
   # Certain shares leave no noise.
