@@ -144,6 +144,16 @@ def test_from_config_checks_the_choices(path, allowed):
     record.from_config(config)
 
 
+@pytest.mark.parametrize("stride", [0, -2])
+def test_a_calibration_stride_below_one_is_refused_by_name(stride):
+  config = default.get_config()
+  config.calibration.val_stride = stride
+  with pytest.raises(ValueError, match=f"calibration.val_stride must be >= 1.*got {stride}"):
+    settings.CalibrationSettings.from_config(config)
+  config.calibration.val_stride = 2
+  assert settings.CalibrationSettings.from_config(config).val_stride == 2
+
+
 def _flat(record) -> dict:
   out = {}
   for f in dataclasses.fields(record):

@@ -352,11 +352,14 @@ class CalibrationSettings:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "CalibrationSettings":
+    stride = int(read(config, "calibration.val_stride"))
+    if stride < 1:
+      raise ValueError(f"calibration.val_stride must be >= 1 (1 = every validation slice), got "
+                       f"{stride}")
     return cls(enabled=bool(read(config, "calibration.enabled")),
                spread_rule=choice(config, "calibration.spread_rule", SPREAD_RULES),
                val_slices=int(read(config, "calibration.val_slices")),
-               val_stride=max(1, int(read(config, "calibration.val_stride"))),
-               max_slices=int(read(config, "eval.max_slices")))
+               val_stride=stride, max_slices=int(read(config, "eval.max_slices")))
 
   @property
   def fit_slices(self) -> int:
