@@ -14,7 +14,8 @@ Two questions decide what can still be won over the prior the networks correct:
      if each fine cell were a binomial draw of its block's total at the prior's share, the
      noise no split removes. The gap between the prior's split and that floor bounds what a
      better stage 2 can win under observed cells.
-Writes WORKDIR/error_sources.md and .json (or --out). Reads the validation split only.
+Writes WORKDIR/error_sources.md and .json (or --out). Reads the validation split (--split=test
+only for a final table).
 """
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ def fine_cells_under(mask: np.ndarray, scale: int) -> np.ndarray:
   """Coarse mask (n, I, J) -> (n, N*I, N*J, 1) bool: True under observed coarse cells."""
   up = np.repeat(np.repeat(np.asarray(mask) > 0.5, scale, axis=1), scale, axis=2)
   return up[..., None]
+
+
+def block_totals(a: np.ndarray, scale: int) -> np.ndarray:
+  """(n, N*I, N*J, C) -> the same shape, every cell holding its N x N block's sum (NaN = 0)."""
+  b, h, w, c = a.shape
+  blocks = a.reshape(b, h // scale, scale, w // scale, scale, c)
+  sums = np.nansum(blocks, axis=(2, 4), keepdims=True)
+  return np.broadcast_to(sums, blocks.shape).reshape(a.shape)
 
 
 def binomial_floor(totals: np.ndarray, shares: np.ndarray, truth: np.ndarray, seed: int = 0,
@@ -114,17 +123,11 @@ def split_alone(method, task, slices, seed: int = 0) -> dict:
       sums[key][0] += s
       sums[key][1] += c
     if aggregation == "sum":
-      b, h, w, ch = base.shape
-      blocks = base.reshape(b, h // n, n, w // n, n, ch)
-      block_total = blocks.sum(axis=(2, 4), keepdims=True)
-      shares = np.where(np.abs(block_total) > 1e-6,
-                        blocks / np.where(np.abs(block_total) > 1e-6, block_total, 1.0),
-                        1.0 / (n * n)).reshape(base.shape)
-      totals = np.broadcast_to(
-          np.nansum(truth.reshape(blocks.shape), axis=(2, 4), keepdims=True),
-          blocks.shape).reshape(base.shape)
+      base_total = block_totals(base, n)
+      ok = np.abs(base_total) > 1e-6
+      shares = np.where(ok, base / np.where(ok, base_total, 1.0), 1.0 / (n * n))
       k = int(np.isfinite(truth).sum())
-      floor_sum += binomial_floor(totals, shares, truth, seed) * k
+      floor_sum += binomial_floor(block_totals(truth, n), shares, truth, seed) * k
       floor_n += k
   out = {f"{k}_mae": s / c for k, (s, c) in sums.items()}
   out["fine_weight"] = float(method.fine_weight)
@@ -168,7 +171,7 @@ def run(config, workdir: str, *, split: str = "val", max_slices: int = 0,
   """Loads the trained model of `workdir` (its calibration and point weights, fitted first if
   missing), answers the module docstring's two questions on `split` ("val"; "test" only for a
   final table) and writes error_sources.md / .json to `out` (default: the workdir)."""
-  saved_config, task, method = run_lib.load_method(config, workdir)
+  _, task, method = run_lib.load_method(config, workdir)
   prior = getattr(method.models, "prior", None)
   if prior is None:
     raise ValueError(f"{workdir}: the model has no climatology prior (a :paper model?); "

@@ -118,9 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_c.use_inter = True        # ablation switch (paper Sec. V-C).
   c.model_c.location_dim = 4        # ours: learned per-cell location embedding (0 = none).
   c.model_c.attention_impl = None   # ST-PointFormer attention: None = by backend (CPU: 'manual'
-                                    # up to 2,048 ST-points, 'blockwise' above; else
+                                    # up to 768 ST-points, 'blockwise' above; else
                                     # jax.nn.dot_product_attention), 'blockwise' = memory linear
-                                    # in ST-points (measured: 6 MB vs 98 MB of working memory
+                                    # in ST-points (measured: 13 MB vs 98 MB of working memory
                                     # for forward + backward at L = 2048).
 
   # ---- Diffusion-F: U-Net + T-PatternNet (Sec. IV-D) ----

@@ -106,7 +106,7 @@ class Models:
     coarse map 2.626 against 2.690 for the prior's shares, where "l1" at 16,000 steps gave
     2.780 (WORKSPACE.md, "Where the fine error comes from")."""
     scale = self.residual_scale(stage)
-    if self.point_loss != "l1_physical" or self.prior is None or isinstance(scale, float):
+    if self.point_loss != "l1_physical" or isinstance(scale, float):  # no residual scaling
       return 1.0
     level = "coarse" if stage == "c" else "fine"
     weights = scale * jnp.asarray(self.prior.stats[level]["std"], jnp.float32)

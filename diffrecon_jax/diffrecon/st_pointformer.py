@@ -234,18 +234,15 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask
   items = b * n
   per_step = int(min(items, max(1, chunk_bytes // (l * block * jnp.dtype(dtype).itemsize))))
   steps = -(-items // per_step)
-  if steps == 1:
-    out = _flash(qi, blocks(ki), blocks(vi), keep_b, off_b, big)    # (B*n, L, H)
-  else:
-    # Items padded to whole steps (zeros with every key masked: finite, dropped below).
-    extra = steps * per_step - items
-    grow = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
-    group = lambda a, axis: jnp.moveaxis(
-        grow(a, axis).reshape(a.shape[:axis] + (steps, per_step) + a.shape[axis + 1:]), axis, 0)
-    args = (group(qi, 0), group(blocks(ki), 1), group(blocks(vi), 1), group(keep_b, 1),
-            group(off_b, 1))
-    out = jax.lax.map(lambda a: _flash(*a, big), args)
-    out = out.reshape((steps * per_step,) + out.shape[2:])[:items]
+  # Items padded to whole steps (zeros with every key masked: finite, dropped below).
+  extra = steps * per_step - items
+  grow = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])
+  group = lambda a, axis: jnp.moveaxis(
+      grow(a, axis).reshape(a.shape[:axis] + (steps, per_step) + a.shape[axis + 1:]), axis, 0)
+  args = (group(qi, 0), group(blocks(ki), 1), group(blocks(vi), 1), group(keep_b, 1),
+          group(off_b, 1))
+  out = jax.lax.map(lambda a: _flash(*a, big), args)                 # (steps, per_step, L, H)
+  out = out.reshape((steps * per_step,) + out.shape[2:])[:items]
   return jnp.swapaxes(out.reshape(b, n, l, h), 1, 2)
 
 
