@@ -218,7 +218,8 @@ def load_method(config, workdir: str, across_processes: bool = False) -> tuple:
                                                           across_processes=across_processes)
   task = task_of()
   if ablations.check(saved_config) == "noFG":
-    method = nofg.DiffCThenFine(method, nofg.fine_network(saved_config), method.name)
+    method = nofg.DiffCThenFine(method, nofg.fine_network(saved_config), method.name,
+                                on_base=bool(saved_config.get("ablation_fine_on_base", False)))
   return saved_config, task, method
 
 

@@ -1,6 +1,8 @@
 """The paper's ablations as config switches (ablations.py): each changes what it should and nothing
 else, the models they build lack exactly the ablated branch, and noFG chains Diffusion-C's
 completion into a supervised fine network."""
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -136,3 +138,60 @@ def test_nofg_chains_diffusion_c_into_the_fine_network():
   obs = mask[slices] > 0
   np.testing.assert_allclose(rec["coarse"][obs], task.coarse_phys[slices][obs], rtol=1e-5,
                              atol=1e-4)
+
+
+def _pooled(fine: np.ndarray, n: int) -> np.ndarray:
+  b, h, w, c = fine.shape
+  return fine.reshape(b, h // n, n, w // n, n, c).sum(axis=(2, 4))
+
+
+@pytest.mark.parametrize("net", ["srcnn", "stcf"])
+def test_nofg_on_the_base_corrects_the_prior_split(net):
+  """ablation_fine_on_base: the fine network learns a correction of Diffusion-F's base (the
+  prior's split of the completed map), so its fine maps pool to Diffusion-C's completion, differ
+  from the base by a correction that sums to 0 in every block, and equal the base when the
+  network outputs nothing. STCF checks that its pre-trained encoders reach the wrapped network."""
+  config = helpers.tiny_config()
+  config.sampling.steps = 2
+  config.ablation, config.ablation_fine_network = "noFG", net
+  b = config.baselines
+  b.steps, b.batch_size, b.log_every, b.srcnn_features = 3, 8, 0, (8, 4)
+  b.stcf_features, b.stcf_blocks, b.stcf_encoder_features, b.stcf_pretrain_steps = 4, 1, 4, 2
+  task = helpers.tiny_task()
+  diffc = helpers.tiny_diffrecon(config, task)
+  assert diffc.models.fine_base is not None  # the tiny config has the climatology prior
+  fine_net = nofg.fine_network(config)
+  method = nofg.DiffCThenFine(diffc, fine_net, ablations.method_name(config), on_base=True)
+  assert fine_net.base is not None and "prior's split" in method.sampler["stage_2"]
+  mask = (np.random.RandomState(0).rand(*task.coarse_valid.shape) > 0.4).astype(np.float32)
+  view = evaluate.observe(task, mask)
+  lo, _ = task.split.range("val")
+  slices = np.arange(lo, lo + 6)
+  rec = method.reconstruct(view, slices)
+  assert isinstance(fine_net.module, supervised.OnBase) and np.isfinite(fine_net.losses).all()
+  n = task.scale
+  base = fine_net.base(view, rec["coarse"], slices)
+  np.testing.assert_allclose(_pooled(base, n), rec["coarse"], rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(_pooled(rec["fine"], n), rec["coarse"], rtol=1e-4, atol=1e-3)
+  correction = rec["fine"] - base
+  assert np.abs(correction).max() > 1e-3  # the network moved values within blocks
+  np.testing.assert_allclose(_pooled(correction, n), 0.0, atol=1e-3)
+  fine_net.params = jax.tree_util.tree_map(np.zeros_like, fine_net.params)
+  np.testing.assert_allclose(fine_net.fine_from_coarse(view, rec["coarse"], slices), base,
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_nofg_off_the_base_is_the_network_alone():
+  """ablation_fine_on_base False (the paper's noFG), or a model without a fine base (the paper's
+  architecture): the network infers the fine map on its own."""
+  config = helpers.tiny_config()
+  config.ablation, config.ablation_fine_network = "noFG", "srcnn"
+  diffc = helpers.tiny_diffrecon(config, helpers.tiny_task())
+  fine_net = nofg.fine_network(config)
+  method = nofg.DiffCThenFine(diffc, fine_net, "diffc-srcnn", on_base=False)
+  assert fine_net.base is None and method.sampler["stage_2"] == "srcnn"
+  no_base = types.SimpleNamespace(models=types.SimpleNamespace(fine_base=None), sampler="ddim")
+  assert nofg.prior_split(no_base) is None
+  fine_net = nofg.fine_network(config)
+  nofg.DiffCThenFine(no_base, fine_net, "diffc-srcnn", on_base=True)
+  assert fine_net.base is None

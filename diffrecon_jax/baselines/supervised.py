@@ -13,6 +13,12 @@ Reconstruction (`reconstruct`): the observed coarse maps are completed by `inter
 preprocessing of its non-sparse baselines, Sec. V-A.4), z-scored and mapped by the network; the
 fine maps come back in physical units beside the completed coarse maps. Deterministic; the
 network is trained on the first call and reused while the train split is the same.
+
+With a `base` (the noFG ablation on DiffRecon's prior, `nofg.py`) the network corrects a fine map
+that the base computes from the coarse input, as Diffusion-F corrects the prior's split: its
+output loses each N x N block's mean (`OnBase`) and is added to the base, so the correction
+moves fine values within a block and the fine map pools to the base's coarse map; it trains on
+the truth minus the base.
 """
 from __future__ import annotations
 
@@ -112,6 +118,27 @@ def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
                        log_every=log_every, name=name)
 
 
+def block_mean_removed(y: jax.Array, scale: int) -> jax.Array:
+  """(B, N*I, N*J, C) -> the same with each N x N block's mean subtracted (every block then sums
+  to 0, so adding it to a fine map leaves its pooled coarse map, sum or mean, unchanged)."""
+  b, h, w, c = y.shape
+  n = int(scale)
+  mean = y.reshape(b, h // n, n, w // n, n, c).mean(axis=(2, 4), keepdims=True)
+  return (y.reshape(b, h // n, n, w // n, n, c) - mean).reshape(b, h, w, c)
+
+
+class OnBase(nn.Module):
+  """A fine network's output as a correction of a base fine map: `inner`'s output (normalised
+  fine units) with each N x N block's mean removed (`block_mean_removed`). For UrbanFM-type
+  networks, whose output pools to their input, that keeps their split of each block and drops
+  the block level, which the base already carries."""
+  inner: nn.Module
+  scale: int
+
+  def __call__(self, x: jax.Array, external: jax.Array = None) -> jax.Array:
+    return block_mean_removed(self.inner(x, external), self.scale)
+
+
 def train_key(view) -> str:
   """What training reads from a view, hashed: views of one task under different masks share it."""
   h = hashlib.sha1()
@@ -140,6 +167,9 @@ class SupervisedBaseline:
     log_every: training log cadence (0 = silent).
     pretrain: optional (initial params, (copies * T, I, J, C) normalised training inputs,
       copies) -> params, run before supervised training (STCF's `stcf.Pretrainer`).
+    base: optional (view, coarse (n, I, J, C) physical, slices (n,)) -> (n, N*I, N*J, C)
+      physical fine maps that pool to `coarse`; when set the network learns and outputs a
+      correction of it (`OnBase`; module docstring). Set before the first `fit`.
   """
 
   sampler = None
@@ -147,7 +177,8 @@ class SupervisedBaseline:
   def __init__(self, name: str, network: Callable, *, loss: str = "l2", steps: int = 1000,
                batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                train_patterns: tuple = (), time_weight: float = 0.1, eval_batch: int = 256,
-               log_every: int = 0, pretrain: Optional[Callable] = None):
+               log_every: int = 0, pretrain: Optional[Callable] = None,
+               base: Optional[Callable] = None):
     if loss not in LOSSES:
       raise ValueError(f"{name}: loss must be one of {LOSSES}, got {loss!r}")
     self.name, self.network, self.loss = name, network, loss
@@ -155,6 +186,7 @@ class SupervisedBaseline:
     self.train_patterns = tuple(train_patterns)
     self.time_weight, self.eval_batch, self.log_every = float(time_weight), int(eval_batch), int(log_every)
     self.pretrain = pretrain
+    self.base = base
     self._key = None
     self.module = self.params = self.losses = None
 
@@ -170,17 +202,29 @@ class SupervisedBaseline:
     coarse = training_inputs(view, self.train_patterns, self.seed, self.time_weight)
     copies = coarse.shape[0]
     x, _ = finite_or_zero(view.coarse_norm.apply(coarse.reshape((-1,) + coarse.shape[2:])))
-    y, w = finite_or_zero(view.fine_norm.apply(np.asarray(view.train_fine, np.float32)))
+    fine = view.fine_norm.apply(np.asarray(view.train_fine, np.float32))
     ext = np.asarray(view.external[:v0], np.float32)
     tile = lambda a: np.concatenate([a] * copies)
-    logging.info("%s: training %d steps on %d train maps (%d input copies)", self.name,
-                 self.steps, v0, copies)
-    self.module = self.network(view)
+    if self.base is None:
+      y, w = finite_or_zero(fine)
+      y, w = tile(y), tile(w)
+      self.module = self.network(view)
+    else:
+      # Each copy's target is the truth minus the base of that copy's own coarse input.
+      base = np.concatenate([view.fine_norm.apply(self.base(view, part, np.arange(v0)))
+                             for part in coarse])
+      y, w = finite_or_zero(tile(fine) - base)
+      self.module = OnBase(self.network(view), int(view.scale))
+    logging.info("%s: training %d steps on %d train maps (%d input copies)%s", self.name,
+                 self.steps, v0, copies, " as a correction of its base" if self.base else "")
     prepare = None
-    if self.pretrain is not None:
+    if self.pretrain is not None and self.base is None:
       prepare = lambda params: self.pretrain(params, x, copies)
+    elif self.pretrain is not None:  # the network's parameters sit under OnBase's "inner"
+      prepare = lambda params: {"params": {"inner": self.pretrain(
+          {"params": params["params"]["inner"]}, x, copies)["params"]}}
     self.params, self.losses = train_network(
-        self.module, x, tile(ext), tile(y), tile(w), steps=self.steps,
+        self.module, x, tile(ext), y, w, steps=self.steps,
         batch_size=self.batch_size, lr=self.lr, seed=self.seed, loss=self.loss,
         log_every=self.log_every, name=self.name, prepare=prepare)
     self._apply = jax.jit(self.module.apply)
@@ -207,6 +251,8 @@ class SupervisedBaseline:
       return np.zeros((0,) + view.fine_shape + (x.shape[-1],), np.float32)
     (fine,) = batching.run_batched(lambda *part: self._apply(self.params, *part), [x, ext],
                                    min(self.eval_batch, len(slices)))
+    if self.base is not None:  # the correction (normalised units) on the base
+      fine = fine + view.fine_norm.apply(self.base(view, np.asarray(coarse, np.float32), slices))
     return view.fine_norm.inverse(fine).astype(np.float32)
 
 

@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
                    # "noPre", "noJoint", "noSTPointFormer", "noTPatternNet", "noFG".
   c.ablation_fine_network = "srcnn"  # noFG: the network replacing Diffusion-F on Diffusion-C's
                    # output (paper Fig. 9: srcnn, urbanfm, fode, stcf); chosen at evaluate time.
+  c.ablation_fine_on_base = True  # ours: noFG's network corrects the base Diffusion-F corrects
+                   # (the prior's split of the completed map; nofg.py), so the ablation takes
+                   # away the fine diffusion model alone; False = the paper's network on its
+                   # own. Chosen at evaluate time (the network trains then).
 
   # ---- data (paper Sec. V-A; docs/evaluation.md) ----
   c.data = ml_collections.ConfigDict()

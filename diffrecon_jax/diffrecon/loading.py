@@ -29,7 +29,7 @@ from diffrecon_jax.diffrecon.method import DiffReconMethod
 # Chosen at evaluate time: these replace the checkpoint's saved values whole (the noFG
 # ablation's fine network is trained when evaluated, like the supervised baselines).
 EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baselines",
-                        "ablation_fine_network", "climatology")
+                        "ablation_fine_network", "ablation_fine_on_base", "climatology")
 
 
 def from_workdir(workdir: str, config=None, task=None,
