@@ -241,9 +241,12 @@ def training_budget(config: ml_collections.ConfigDict, method: str) -> dict:
     return {"training": f"{d.steps} steps; {d.n_samples} samples x DDIM-{d.sampling_steps}, "
                         f"{d.point}", "batch": d.batch_size}
   if methods_lib.trains_diffrecon(method):
+    # The steps the ablation trains (`ablations.apply`: noPre's joint phase takes the
+    # pre-training steps, noFG trains Diffusion-C alone), not the config's as given.
+    t = ablations.apply(c).train
     phases = {"noPre": f"joint {t.steps_joint}",
               "noJoint": f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f}",
-              "noFG": f"Diffusion-C {t.steps_c} + joint {t.steps_joint}; "
+              "noFG": f"Diffusion-C {t.steps_c}; "
                       f"{c.ablation_fine_network} {c.baselines.steps}"}.get(
                           c.ablation, f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f} + "
                                       f"joint {t.steps_joint}")

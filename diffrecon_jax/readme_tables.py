@@ -196,10 +196,8 @@ TABLES: Dict[str, Callable[[], str]] = {
     "nytaxi_ablations": lambda: ablation_means(
         "nytaxi_ablations.csv", ["diffrecon", "diffrecon-noPre", "diffrecon-noJoint",
                                  "diffrecon-noSTPointFormer", "diffrecon-noTPatternNet",
-                                 "diffc-srcnn", "diffc-urbanfm"]),
+                                 "diffc-srcnn", "diffc-urbanfm", "diffc-fode", "diffc-stcf"]),
     "nytaxi_train_seeds": lambda: train_seeds_table("nytaxi_train_seeds.json"),
-    "nytaxi_ablations_fode_stcf": lambda: ablation_means(
-        "nytaxi_ablations_fode_stcf.csv", ["diffrecon", "diffc-fode", "diffc-stcf"]),
 }
 
 

@@ -90,6 +90,11 @@ def test_budgets_are_equal_terms_and_listed_per_method():
   assert ours == {"training": f"Diffusion-C {t.steps_c} + Diffusion-F {t.steps_f} + joint "
                               f"{t.steps_joint} steps", "batch": t.batch_size}
   assert experiments.training_budget(c, experiments.PAPER) == ours
+  # The ablations list the steps they train, not the config's as given.
+  assert experiments.training_budget(c, "diffrecon-noPre")["training"] == (
+      f"joint {t.steps_c + t.steps_joint} steps")
+  assert experiments.training_budget(c, "diffc-urbanfm")["training"] == (
+      f"Diffusion-C {t.steps_c}; urbanfm {c.baselines.steps} steps")
   # UrbanSTA's stages and DiffUFlow's steps follow DiffRecon's (the configs' -1).
   assert experiments.training_budget(c, "urbansta") == {
       "training": f"STA {t.steps_c} + FIN {t.steps_f} + joint {t.steps_joint} steps",

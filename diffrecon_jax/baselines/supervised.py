@@ -130,8 +130,10 @@ def block_mean_removed(y: jax.Array, scale: int) -> jax.Array:
 class OnBase(nn.Module):
   """A fine network's output as a correction of a base fine map: `inner`'s output (normalised
   fine units) with each N x N block's mean removed (`block_mean_removed`). For UrbanFM-type
-  networks, whose output pools to their input, that keeps their split of each block and drops
-  the block level, which the base already carries."""
+  networks (UrbanFM, FODE, STCF), whose output pools to their input, the correction is their
+  split's deviation from the even split of the block; as their shares are >= 0 it cannot go
+  below minus the even share, so it cannot take a cell below (base - even share), where a
+  network without that constraint (SRCNN, SRResNet) can."""
   inner: nn.Module
   scale: int
 
