@@ -21,6 +21,7 @@ too, the first `_MAX_UNRAISABLE` of them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import pathlib
@@ -148,6 +149,19 @@ def close() -> None:
     if getattr(h, "_diffrecon_console", False):
       root.removeHandler(h)
       h.close()
+
+
+@contextlib.contextmanager
+def errors_end_the_program(program: str, log_path):
+  """A bad setting, input or file inside the block (ValueError, FileNotFoundError) ends a
+  command module with one line, "<program>: error: <message>  (traceback in <log_path>)"; the
+  traceback goes to the log file only (`setup`'s path). The commands beside `main`
+  (experiments, short_series, error_sources, train_seeds) wrap their work in it."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError) as e:
+    absl_logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=FILE_ONLY)
+    raise SystemExit(f"{program}: error: {e}  (traceback in {log_path})") from None
 
 
 def setup(workdir, process_index: int = 0) -> pathlib.Path:

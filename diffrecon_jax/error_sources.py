@@ -210,12 +210,8 @@ def main(argv):
   args = flags.FLAGS
   workdir = run_lib.resolve_workdir(args.workdir)
   log_path = console.setup(args.out or workdir, parallel.process_index_for_logs())
-  try:
+  with console.errors_end_the_program("diffrecon_jax.error_sources", log_path):
     doc = run(args.config, workdir, split=args.split, max_slices=args.max_slices, out=args.out)
-  except (ValueError, FileNotFoundError) as e:
-    logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
-    raise SystemExit(f"diffrecon_jax.error_sources: error: {e}  (traceback in {log_path})") \
-        from None
   print(markdown(doc["patterns"], doc["split_alone"], doc["meta"]))
 
 

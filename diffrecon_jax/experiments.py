@@ -431,12 +431,9 @@ def main(argv):
   log_path = console.setup(workdir, parallel.process_index_for_logs())
   logging.info("experiments on %s: %s; mask seeds %s; workdir %s", _CONFIG.value.data.name,
                ", ".join(methods), seeds, workdir)
-  try:
+  with console.errors_end_the_program("diffrecon_jax.experiments", log_path):
     run_experiments(_CONFIG.value, workdir, methods, seeds, smoke=_SMOKE.value,
                     train_on_eval_layout=_ON_LAYOUT.value)
-  except (ValueError, FileNotFoundError) as e:
-    logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
-    raise SystemExit(f"diffrecon_jax.experiments: error: {e}  (traceback in {log_path})") from None
 
 
 if __name__ == "__main__":

@@ -173,12 +173,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   workdir = run_lib.resolve_workdir(args.workdir)
   log_path = console.setup(workdir, parallel.process_index_for_logs())
-  try:
+  with console.errors_end_the_program("diffrecon_jax.short_series", log_path):
     run_cases(base, workdir, cases, args.days)
-  except (ValueError, FileNotFoundError) as e:
-    logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
-    raise SystemExit(f"diffrecon_jax.short_series: error: {e}  (traceback in {log_path})") \
-        from None
 
 
 if __name__ == "__main__":

@@ -208,12 +208,8 @@ def main(argv):
   workdir = run_lib.resolve_workdir(args.workdir)
   run_lib.resolve_data_paths(config)
   log_path = console.setup(workdir, parallel.process_index_for_logs())
-  try:
+  with console.errors_end_the_program("diffrecon_jax.train_seeds", log_path):
     run_seeds(config, workdir, train_seeds, mask_seeds)
-  except (ValueError, FileNotFoundError) as e:
-    logging.info("stopped by %s", type(e).__name__, exc_info=True, extra=console.FILE_ONLY)
-    raise SystemExit(f"diffrecon_jax.train_seeds: error: {e}  (traceback in {log_path})") \
-        from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from diffrecon_jax import evaluate, nofg
 from diffrecon_jax.diffrecon import ablations
 from diffrecon_jax.diffrecon import model
 from diffrecon_jax.baselines import supervised
+from diffrecon_jax.data import coarsen
 from tests import _train_helpers as helpers
 
 
@@ -141,8 +142,7 @@ def test_nofg_chains_diffusion_c_into_the_fine_network():
 
 
 def _pooled(fine: np.ndarray, n: int) -> np.ndarray:
-  b, h, w, c = fine.shape
-  return fine.reshape(b, h // n, n, w // n, n, c).sum(axis=(2, 4))
+  return coarsen.coarsen(fine, n, "sum")
 
 
 @pytest.mark.parametrize("net", ["srcnn", "stcf"])

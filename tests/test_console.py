@@ -197,3 +197,18 @@ def test_jax_backend_probing_stays_off_the_console(tmp_path):
   lines = (proc.stdout + proc.stderr).splitlines()
   assert lines and all(l.startswith("diffrecon_jax: error:") for l in lines), proc.stderr
   assert "xla_bridge" not in proc.stderr
+
+
+def test_a_command_modules_bad_input_ends_it_with_one_line_and_other_errors_pass():
+  """`console.errors_end_the_program`: a ValueError / FileNotFoundError becomes SystemExit with
+  the program, the message and the log path; any other exception is not swallowed."""
+  for err in (ValueError("bad --train_seeds"), FileNotFoundError("grid.nc: file not found")):
+    with pytest.raises(SystemExit) as stop:
+      with console.errors_end_the_program("diffrecon_jax.train_seeds", "/w/log.txt"):
+        raise err
+    assert str(stop.value) == (f"diffrecon_jax.train_seeds: error: {err}  (traceback in "
+                               f"/w/log.txt)")
+    assert stop.value.__cause__ is None and stop.value.__suppress_context__
+  with pytest.raises(KeyError):
+    with console.errors_end_the_program("diffrecon_jax.train_seeds", "/w/log.txt"):
+      raise KeyError("not a user error")

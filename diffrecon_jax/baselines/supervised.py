@@ -33,6 +33,7 @@ from absl import logging
 
 from diffrecon_jax import batching
 from diffrecon_jax.baselines import adam, interp
+from diffrecon_jax.data import coarsen
 from diffrecon_jax.data import patterns as patterns_lib
 
 LOSSES = ("l2", "l1")
@@ -118,18 +119,9 @@ def train_network(module: nn.Module, inputs: np.ndarray, external: np.ndarray,
                        log_every=log_every, name=name)
 
 
-def block_mean_removed(y: jax.Array, scale: int) -> jax.Array:
-  """(B, N*I, N*J, C) -> the same with each N x N block's mean subtracted (every block then sums
-  to 0, so adding it to a fine map leaves its pooled coarse map, sum or mean, unchanged)."""
-  b, h, w, c = y.shape
-  n = int(scale)
-  mean = y.reshape(b, h // n, n, w // n, n, c).mean(axis=(2, 4), keepdims=True)
-  return (y.reshape(b, h // n, n, w // n, n, c) - mean).reshape(b, h, w, c)
-
-
 class OnBase(nn.Module):
   """A fine network's output as a correction of a base fine map: `inner`'s output (normalised
-  fine units) with each N x N block's mean removed (`block_mean_removed`). For UrbanFM-type
+  fine units) with each N x N block's mean removed (`coarsen.block_mean_zero`). For UrbanFM-type
   networks (UrbanFM, FODE, STCF), whose output pools to their input, the correction is their
   split's deviation from the even split of the block; as their shares are >= 0 it cannot go
   below minus the even share, so it cannot take a cell below (base - even share), where a
@@ -138,7 +130,7 @@ class OnBase(nn.Module):
   scale: int
 
   def __call__(self, x: jax.Array, external: jax.Array = None) -> jax.Array:
-    return block_mean_removed(self.inner(x, external), self.scale)
+    return coarsen.block_mean_zero(self.inner(x, external), int(self.scale))
 
 
 def train_key(view) -> str:

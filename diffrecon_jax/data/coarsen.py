@@ -60,3 +60,15 @@ def upsample_uniform(coarse: np.ndarray, scale: int, aggregation: str) -> np.nda
   if aggregation == "sum":
     up = up / (scale * scale)
   return up
+
+
+def block_mean_zero(residual, scale: int):
+  """Removes the mean of every N x N block: (B, NI, NJ, C) -> same shape (numpy or jax arrays).
+
+  Every block then sums to 0, so added to a fine map that pools (sum or mean) to a coarse map,
+  the result pools to the same coarse map: Diffusion-F's residual over its base
+  (`model.sample_fine`) and the noFG network's correction of it (`supervised.OnBase`).
+  """
+  b, h, w, c = residual.shape
+  blocks = residual.reshape(b, h // scale, scale, w // scale, scale, c)
+  return (blocks - blocks.mean(axis=(2, 4), keepdims=True)).reshape(b, h, w, c)

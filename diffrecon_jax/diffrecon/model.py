@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from diffrecon_jax.models import diffusion
+from diffrecon_jax.data.coarsen import block_mean_zero
 from diffrecon_jax.diffrecon import prior as prior_lib
 from diffrecon_jax.diffrecon import settings as settings_lib
 from diffrecon_jax.diffrecon.settings import SamplingSettings
@@ -414,17 +415,6 @@ def uniform_fine_base(coarse_now, slot_now=None, *, stats: dict, scale: int, agg
   if aggregation == "sum":
     up = up / (scale * scale)
   return (up - f_mean) / f_std
-
-
-def block_mean_zero(residual, scale: int):
-  """Removes the mean of every N x N block: (B, NI, NJ, C) -> same shape.
-
-  Added to `fine_base` output, the result pools (sum or mean) exactly to the coarse map, since
-  the normalisation is affine per channel and the base is constant over each block.
-  """
-  b, h, w, c = residual.shape
-  blocks = residual.reshape(b, h // scale, scale, w // scale, scale, c)
-  return (blocks - blocks.mean(axis=(2, 4), keepdims=True)).reshape(b, h, w, c)
 
 
 # --------------------------------------------------------------------------------------------
