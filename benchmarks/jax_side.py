@@ -59,6 +59,20 @@ def train_bench(case: Case, models: model.Models, params: Any, batch: dict, phas
   `mem_limit` bytes ('skipped' then says why): step_ms, call_ms, reps, samples_per_s,
   flops_per_step, achieved_gflops, device_peak_bytes (GPU).
   """
+  out, run = compile_train_step(case, models, params, batch, phase, steps_per_call, joint,
+                                mem_limit)
+  if run is None:
+    return out
+  return with_timing(out, case, timed_reps(run, **reps))
+
+
+def compile_train_step(case: Case, models: model.Models, params: Any, batch: dict, phase: str,
+                       steps_per_call: int, joint: model.JointSettings,
+                       mem_limit: Optional[float] = None) -> tuple:
+  """(out, run): the compile half of `train_bench`. `out` has lower_s, compile_s,
+  flops_per_call, memory (and 'skipped' when the buffers exceed `mem_limit` bytes; `run` is
+  then None); `run()` makes one blocking call of the compiled step, for `timing.timed_reps`.
+  Split from the timing so that a caller can alternate it with another side's runs."""
   cfg = case.config
   mesh = parallel.make_mesh()
   tc = settings.TrainSettings.from_config(cfg)
@@ -81,7 +95,7 @@ def train_bench(case: Case, models: model.Models, params: Any, batch: dict, phas
          "flops_per_call": cost_flops(compiled), "memory": memory_bytes(compiled)}
   if mem_limit and out["memory"] and out["memory"]["total"] > mem_limit:
     out["skipped"] = f"compiled buffers need {out['memory']['total'] / 2**30:.1f} GiB"
-    return out
+    return out, None
   holder = [state]  # the state is donated: every call continues from the last one's output
 
   def run():
@@ -89,7 +103,15 @@ def train_bench(case: Case, models: model.Models, params: Any, batch: dict, phas
     jax.block_until_ready((s, metrics))
     holder[0] = s
 
-  r = timed_reps(run, **reps)
+  return out, run
+
+
+def with_timing(out: dict, case: Case, r: dict) -> dict:
+  """`compile_train_step`'s `out` with the fields of one `timed_reps` result `r` (seconds per
+  call): step_ms, call_ms, reps, samples_per_s, flops_per_step, achieved_gflops and on GPU
+  device_peak_bytes."""
+  out = dict(out)
+  steps_per_call = out["steps_per_call"]
   step_s = r["median_s"] / steps_per_call
   out.update({"step_ms": 1e3 * step_s, "call_ms": 1e3 * r["median_s"], "reps": r["reps"],
               "samples_per_s": case.batch_size / step_s})

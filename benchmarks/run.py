@@ -133,12 +133,14 @@ def plan(args, config, default_config) -> dict:
     # config's stage_f step compiles in about half the joint step's time.
     return {"mode": "tiny", "reps": {"warmup": 1, "min_reps": 2, "max_reps": 2, "min_time": 0.0},
             "phases": ("joint",), "fused": 1, "components": True, "windows": 4,
-            "samplers": [ddim], "split": 2, "scaling": True, "samples": (max(2, fewest),),
+            "samplers": [ddim], "split": 2, "scaling": True,
+            "scaling_rounds": 2,  # the alternation's code path, at the cost of 2 more reps
+            "samples": (max(2, fewest),),
             "default_phases": ("stage_f",), "default_samplers": own, "default_split": 2}
   if args.quick:
     return {"mode": "quick", "reps": {"warmup": 1, "min_reps": 3, "max_reps": 3, "min_time": 0.0},
             "phases": ("joint",), "fused": 1, "components": False, "windows": 16,
-            "samplers": [ddim], "split": 0, "scaling": False, "samples": (),
+            "samplers": [ddim], "split": 0, "scaling": False, "scaling_rounds": 1, "samples": (),
             # Its sampler only: each train phase is one more ~40 s CPU compile.
             "default_phases": (), "default_samplers": own, "default_split": 0}
   return {"mode": "full", "reps": {"warmup": 1, "min_reps": 5, "max_reps": 20, "min_time": 5.0},
@@ -146,6 +148,8 @@ def plan(args, config, default_config) -> dict:
           "components": True,
           "windows": 32 if args.device == "cpu" else int(config.eval.batch_size),
           "samplers": [ddim, ddpm], "split": 1, "scaling": True, "samples": (fewest, 16),
+          # JAX and PyTorch alternate over 3 rounds per scaling point (sections.bench_scaling).
+          "scaling_rounds": 3,
           "default_phases": model.PHASES, "default_samplers": own, "default_split": 1}
 
 
@@ -231,7 +235,7 @@ def main(argv=None) -> dict:
                             "CPU compile); run without --quick for it")
   elif "scaling" not in skip:
     sections.bench_scaling(config, args.device, case.batch_size, torch_device, reps, results,
-                           mem_limit, tiny=args.tiny)
+                           mem_limit, tiny=args.tiny, rounds=run["scaling_rounds"])
     save()
     if "sampling" not in skip:
       sections.bench_samples_scaling(case, models, params, sbatch, torch_side, run["samples"],

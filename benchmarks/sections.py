@@ -12,7 +12,7 @@ import numpy as np
 
 from benchmarks import cases as cases_lib
 from benchmarks import jax_side
-from benchmarks.timing import log, ratio
+from benchmarks.timing import log, ratio, timed_reps
 from diffrecon_jax.diffrecon import model
 
 
@@ -154,14 +154,25 @@ def bench_default(label: str, config, task, phases: tuple, fused: int, samplers:
   return out
 
 
+def fastest_round(rounds: list) -> dict:
+  """The `timed_reps` result with the lowest median among `rounds`."""
+  return min(rounds, key=lambda r: r["median_s"])
+
+
 def bench_scaling(base, device: str, batch: int, torch_device: Optional[str], reps: dict,
-                  results: dict, mem_limit: Optional[float], tiny: bool = False) -> list:
+                  results: dict, mem_limit: Optional[float], tiny: bool = False,
+                  rounds: int = 1) -> list:
   """`scaling` rows: the joint step at each point of `cases.scaling_cases` (synthetic batches;
   `tiny`: its small points).
 
-  A point whose compiled buffers exceed `mem_limit` bytes is skipped; one that fails (e.g. out
-  of memory) records its error and the others still run.
+  Each side is timed in `rounds` rounds of `reps` that alternate JAX, PyTorch, JAX, ... and
+  keeps its fastest round's median: a load that comes and goes on a shared machine then costs
+  both sides alike instead of whichever happened to run under it (rows record every round's
+  median, `round_ms`). A point whose compiled buffers exceed `mem_limit` bytes is skipped; one
+  that fails (e.g. out of memory) records its error and the others still run.
   """
+  if rounds < 1:
+    raise ValueError(f"bench_scaling: rounds must be at least 1, got {rounds}")
   from benchmarks.torch_side import TorchSide
   rows = []
   for axis, value, case in cases_lib.scaling_cases(base, device, batch, tiny):
@@ -180,12 +191,23 @@ def bench_scaling(base, device: str, batch: int, torch_device: Optional[str], re
            "window": case.window,
            "st_points": case.window * int(np.prod(case.shapes["coarse_shape"]))}
     try:
-      row["jax"] = jax_side.train_bench(case, models, params, b, "joint", 1, reps, joint,
-                                        mem_limit)
-      if torch_device and "skipped" not in row["jax"]:
-        ts = TorchSide(case, models, params, torch_device)
-        row["torch"] = ts.train_bench(case, b, "joint", reps, joint.x0_clip)
-        row["speedup_jax_over_torch"] = ratio(row["torch"]["step_ms"], row["jax"]["step_ms"])
+      jax_out, jax_run = jax_side.compile_train_step(case, models, params, b, "joint", 1, joint,
+                                                     mem_limit)
+      row["jax"] = jax_out
+      if jax_run is not None:
+        ts = TorchSide(case, models, params, torch_device) if torch_device else None
+        torch_run = ts.train_runner(case, b, "joint", joint.x0_clip) if ts else None
+        jax_rounds, torch_rounds = [], []
+        for _ in range(rounds):
+          jax_rounds.append(timed_reps(jax_run, **reps))
+          if torch_run is not None:
+            torch_rounds.append(timed_reps(torch_run, **reps))
+        row["jax"] = jax_side.with_timing(jax_out, case, fastest_round(jax_rounds))
+        row["jax"]["round_ms"] = [1e3 * r["median_s"] for r in jax_rounds]
+        if ts is not None:
+          row["torch"] = ts.with_timing(case, fastest_round(torch_rounds))
+          row["torch"]["round_ms"] = [1e3 * r["median_s"] for r in torch_rounds]
+          row["speedup_jax_over_torch"] = ratio(row["torch"]["step_ms"], row["jax"]["step_ms"])
     except Exception as e:  # one failing size (e.g. out of memory) must not lose the others
       row["error"] = f"{type(e).__name__}: {e}"[:300]
     rows.append(row)

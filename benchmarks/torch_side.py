@@ -77,6 +77,14 @@ class TorchSide:
     """Eager train step of `phase` on the batch (x0_clip: the joint objective's bound, as
     `diffrecon.JointSettings.x0_clip`). Returns step_ms, reps, samples_per_s (and the CUDA
     peak)."""
+    run = self.train_runner(case, batch, phase, x0_clip)
+    if self.device != "cpu":
+      self.torch.cuda.reset_peak_memory_stats()
+    return self.with_timing(case, timed_reps(run, **reps))
+
+  def train_runner(self, case: Case, batch: dict, phase: str,
+                   x0_clip: Optional[float] = None):
+    """`run()`: one blocking train step of `phase` on the batch (for `timing.timed_reps`)."""
     tb = self.tensors(batch)
     step = self.tt.TrainStep(phase, self.c, self.f, self.schedule, case.config.train,
                              x0_clip=x0_clip)
@@ -85,9 +93,10 @@ class TorchSide:
       step(tb)
       self.sync()
 
-    if self.device != "cpu":
-      self.torch.cuda.reset_peak_memory_stats()
-    r = timed_reps(run, **reps)
+    return run
+
+  def with_timing(self, case: Case, r: dict) -> dict:
+    """step_ms, reps, samples_per_s (and the CUDA peak) of one `timed_reps` result `r`."""
     out = {"step_ms": 1e3 * r["median_s"], "reps": r["reps"],
            "samples_per_s": case.batch_size / r["median_s"]}
     if self.device != "cpu":

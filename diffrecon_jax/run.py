@@ -206,7 +206,7 @@ def load_method(config, workdir: str, across_processes: bool = False) -> tuple:
   """(config, task, method) from a workdir's newest finished checkpoint (`loading.from_workdir`):
   a DiffReconMethod named after its ablation, if any, or for the noFG ablation Diffusion-C
   followed by its fine network. Model, data and training settings come from the checkpoint;
-  what is chosen at evaluate time comes from `config` (`loading.EVALUATE_TIME_FIELDS`).
+  what is chosen at evaluate time comes from `config` (`settings.EVALUATE_TIME_FIELDS`).
   across_processes: in a multi-process run, every process calls this and the DiffReconMethod
   samples across all of them (`loading.from_workdir`; not the noFG ablation's)."""
   def checked_task(saved_config, meta):  # the saved config's data, checked against the checkpoint

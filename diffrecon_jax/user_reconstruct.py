@@ -197,7 +197,7 @@ def reconstructable_slices(obs: CoarseInput, history: int, workdir) -> np.ndarra
 def reconstruct_file(config, workdir: str) -> dict:
   """`--mode=reconstruct` with `config.reconstruct.input` set; returns {"netcdf", "npz",
   "figures": [...], "slices": n}. `config` gives the `reconstruct` section and the evaluate-time
-  ones (`loading.EVALUATE_TIME_FIELDS`: sampling, eval, calibration, ...); the model and
+  ones (`settings.EVALUATE_TIME_FIELDS`: sampling, eval, calibration, ...); the model and
   everything about the data come from `workdir`."""
   rc = config.reconstruct
   path = registry.absolute_path(rc.input)

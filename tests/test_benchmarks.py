@@ -64,6 +64,10 @@ def test_tiny_benchmark_run_writes_every_section(tmp_path):
   for key, paths in ROW_TIMINGS.items():
     _check_rows(key, results.get(key), paths)
   assert [r["phase"] for r in results["train"]] == ["joint"]
+  # Scaling times each side in alternating rounds and keeps its fastest round's median.
+  for row in results["scaling"]:
+    rounds = row["jax"]["round_ms"]
+    assert len(rounds) == 2 and row["jax"]["step_ms"] == min(rounds), row
   assert {r["component"] for r in results["components"]} == {
       "unet_c", "unet_f", "st_pointformer", "t_patternnet"}
   _check_split("split", results["split"])

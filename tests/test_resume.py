@@ -173,3 +173,27 @@ def test_load_for_sampling_takes_the_newest_finished_phase(runs):
   assert meta["phase"] == "stage_f" and meta["finished"] and meta["step"] == 4
   with pytest.raises(FileNotFoundError, match="no finished training phase"):
     loading.load_for_sampling(root / "empty", **build)
+
+
+def test_same_config_ignores_the_fields_chosen_at_evaluate_time():
+  """A resumed training warns only when a trained field changed: evaluate-time fields (the
+  sampler, noFG's base, ...) and their absence from an older checkpoint's config do not count."""
+  from diffrecon_jax.configs import nytaxi
+  from diffrecon_jax.diffrecon import checkpoints
+  config = nytaxi.get_config()
+  saved = config.to_json()
+  assert checkpoints.same_config(saved, config)
+  assert not checkpoints.same_config(None, config)
+
+  evaluated = config.copy_and_resolve_references()
+  evaluated.sampling.steps = int(config.sampling.steps) + 5
+  evaluated.ablation_fine_on_base = not config.ablation_fine_on_base
+  assert checkpoints.same_config(saved, evaluated)
+
+  older = json.loads(saved)
+  del older["ablation_fine_on_base"]  # saved before the field existed
+  assert checkpoints.same_config(json.dumps(older), config)
+
+  trained = config.copy_and_resolve_references()
+  trained.train.steps_c = int(config.train.steps_c) + 1
+  assert not checkpoints.same_config(saved, trained)

@@ -161,7 +161,14 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def same_config(saved_json, config: ml_collections.ConfigDict) -> bool:
-  """Whether a checkpoint's saved config (JSON text or None) is `config`, once migrated."""
+  """Whether a checkpoint's saved config (JSON text or None) is `config`, once migrated, apart
+  from the fields chosen at evaluate time (`settings.EVALUATE_TIME_FIELDS`: sampling,
+  calibration, ...), which change no trained parameter."""
   if saved_json is None:
     return False
-  return json.loads(config_from_json(saved_json).to_json()) == json.loads(config.to_json())
+
+  def trained(text: str) -> dict:
+    fields = json.loads(text)
+    return {k: v for k, v in fields.items() if k not in settings.EVALUATE_TIME_FIELDS}
+
+  return trained(config_from_json(saved_json).to_json()) == trained(config.to_json())

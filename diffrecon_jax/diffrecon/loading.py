@@ -3,8 +3,8 @@
 `load_for_sampling` restores the EMA parameters of the newest finished phase (joint, else
 stage_f, else stage_c) with the config, statistics and shapes saved beside them, and the prior
 the training saved (`prior.prior_path`). `from_workdir` turns that into a `DiffReconMethod`:
-the settings chosen at evaluate time replace the saved ones (`EVALUATE_TIME_FIELDS`), the
-samplers' clip bounds are computed, and the calibration fitted on the validation split is
+the settings chosen at evaluate time replace the saved ones (`settings.EVALUATE_TIME_FIELDS`),
+the samplers' clip bounds are computed, and the calibration fitted on the validation split is
 attached (fitted and saved first when the workdir has none for this sampler).
 """
 from __future__ import annotations
@@ -26,11 +26,6 @@ from diffrecon_jax.diffrecon import settings
 from diffrecon_jax.diffrecon import train as train_lib
 from diffrecon_jax.diffrecon.method import DiffReconMethod
 
-# Chosen at evaluate time: these replace the checkpoint's saved values whole (the noFG
-# ablation's fine network is trained when evaluated, like the supervised baselines).
-EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baselines",
-                        "ablation_fine_network", "ablation_fine_on_base", "climatology")
-
 
 def from_workdir(workdir: str, config=None, task=None,
                  check: Optional[Callable[..., None]] = None,
@@ -39,8 +34,8 @@ def from_workdir(workdir: str, config=None, task=None,
 
   Args:
     workdir: a training run's folder (its checkpoints, prior.npz, calibration.json).
-    config: the config of this command, or None: its `EVALUATE_TIME_FIELDS` replace the saved
-      ones; model, data and training settings always come from the checkpoint.
+    config: the config of this command, or None: its `settings.EVALUATE_TIME_FIELDS` replace
+      the saved ones; model, data and training settings always come from the checkpoint.
     task: the saved config's `pipeline.TaskData`, a function (saved_config, meta) -> TaskData,
       or None (`pipeline.prepare_task`); read only when needed (the clip bounds of a stage that
       does not diffuse a residual over the prior, fitting a missing calibration).
@@ -61,7 +56,7 @@ def from_workdir(workdir: str, config=None, task=None,
   """
   saved, params, models, meta = load_for_sampling(workdir)
   params = parallel.local_copy(params)  # each process samples on its own devices.
-  for key in EVALUATE_TIME_FIELDS:
+  for key in settings.EVALUATE_TIME_FIELDS:
     if config is not None and key in config:
       saved[key] = config[key]
   if check is not None:

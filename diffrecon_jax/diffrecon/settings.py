@@ -33,6 +33,13 @@ from diffrecon_jax.configs import default
 # The version configs/default.py writes (its `config_version` field).
 CONFIG_VERSION = 3
 
+# Chosen at evaluate time: a trained model's evaluation takes these from the command's config,
+# replacing the checkpoint's saved values whole (`loading.from_workdir`; the noFG ablation's
+# fine network is trained when evaluated, like the supervised baselines), and a resumed
+# training does not count them as a change of config (`checkpoints.same_config`).
+EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baselines",
+                        "ablation_fine_network", "ablation_fine_on_base", "climatology")
+
 # Fields a config of an earlier version may lack: (version that introduced the field, dotted
 # path, value that reproduces the earlier behaviour). The values are those the code read when
 # the field was absent, before version 2 made every field required.
