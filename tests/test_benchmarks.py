@@ -13,6 +13,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 # results.json key -> the timings of each of its rows that must be finite and > 0.
@@ -148,3 +151,40 @@ def test_cpu_peak_from_cpuinfo():
   assert timing.cpu_peak_flops("flags : avx2 fma\ncpu MHz : 1000\n", 1) == 8 * 4 * 1.0e9
   assert timing.cpu_peak_flops("flags : sse\n", 1) is None  # no clock: no peak
   assert timing.mfu(5e9, 10e9) == 0.5 and timing.mfu(None, 1.0) is None
+
+
+def _tiny_prior(aggregation: str, local: bool, rng):
+  from diffrecon_jax.diffrecon import prior as prior_lib
+  fine = rng.gamma(2.0, 3.0, (7, 8, 6, 2)).astype(np.float32)
+  coarse = fine.reshape(7, 4, 2, 3, 2, 2).sum(axis=(2, 4))
+  if aggregation == "mean":
+    coarse = coarse / 4
+  stats = {"fine": {"mean": np.full(2, 5.0), "std": np.full(2, 3.0)},
+           "coarse": {"mean": np.full(2, 20.0), "std": np.full(2, 9.0)}}
+  return prior_lib.Prior(fine=fine, coarse=coarse.astype(np.float32), period=7,
+                         interval_minutes=60 * 24, aggregation=aggregation, scale=2, stats=stats,
+                         local=local, local_sigma=0.7 if local else 0.0, local_shrink=1.0)
+
+
+@pytest.mark.parametrize("aggregation,local", [("sum", True), ("sum", False), ("mean", True)])
+def test_following_slices_guess_without_following_slices_is_the_models_guess(aggregation, local):
+  """The study's guess with k = 0 following slices is `prior.coarse_guess`, the first guess the
+  model uses, so its k > 0 columns change one thing: the window."""
+  from benchmarks import following_slices
+  from diffrecon_jax.diffrecon import prior as prior_lib
+  rng = np.random.default_rng(0)
+  prior = _tiny_prior(aggregation, local, rng)
+  series = rng.gamma(2.0, 10.0, (20, 4, 3, 2))
+  observed = rng.random((20, 4, 3)) > 0.5
+  slots = np.arange(20) % 7
+  h = 3
+  current = np.arange(h, 20)
+  ours = following_slices.guess_with_following(prior, series, observed, slots, current, h, 0)
+  idx = current[:, None] + np.arange(-h, 1)[None, :]
+  mean, std = 20.0, 9.0
+  obs = ((series[idx] - mean) / std).astype(np.float32)
+  guess = prior_lib.coarse_guess(prior, obs, observed[idx].astype(np.float32), slots[idx])
+  np.testing.assert_allclose(ours, np.asarray(guess) * std + mean, rtol=1e-4, atol=1e-3)
+  # A following slice that observes a hidden cell moves its guess (the lever measured).
+  later = following_slices.guess_with_following(prior, series, observed, slots, current[:-1], h, 1)
+  assert not np.allclose(later, ours[:-1])
