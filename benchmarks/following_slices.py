@@ -11,7 +11,7 @@ following slices, each weighted by its distance from t as the earlier ones are
 (level_decay^|s - t|), for every evaluation pattern of the workdir's config and each k in
 `--following`. k = 0 is the guess the model uses today (`test_benchmarks` checks that it equals
 `prior.coarse_guess`). It measures the prior alone, no network; the networks would see the same
-extra slices. Writes `<out>/following_slices_<workdir name>.json` and prints a table.
+extra slices. Writes `<out>/following_slices_<dataset>.json` and prints a table.
 
   python -m benchmarks.following_slices --workdir=runs/nytaxi --out=benchmarks/results
 """
@@ -118,8 +118,8 @@ def study(workdir: str, following: tuple, seed: int) -> dict:
   current = np.array([t for t in range(max(lo, h), min(hi, n_slices - f_max))
                       if whole[t + f_max] and not task.inserted[t]], np.int64)
   slots = prior.slots(task.series.timestamps)
-  out = {"_slices": int(len(current)), "_history": h, "_table": prior.table,
-         "_local": bool(prior.local)}
+  out = {"_dataset": str(config.data.name), "_slices": int(len(current)), "_history": h,
+         "_table": prior.table, "_local": bool(prior.local)}
   for spec in config.patterns.eval:
     pattern = patterns_lib.parse_pattern(spec)
     observed = evaluate.eval_mask(task, pattern, seed)[0] > 0.5  # the evaluation's masks
@@ -168,8 +168,7 @@ def main(argv=None) -> None:
                         + f" --following={args.following} --seed={args.seed}")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  name = pathlib.Path(args.workdir).name
-  (out / f"following_slices_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+  (out / f"following_slices_{result['_dataset']}.json").write_text(json.dumps(result, indent=1) + "\n")
   print(markdown(result, following))
 
 
