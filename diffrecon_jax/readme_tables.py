@@ -193,6 +193,7 @@ TABLES: Dict[str, Callable[[], str]] = {
     "nytaxi_comparison": lambda: copied_table("nytaxi_comparison.md"),
     "nytaxi_budgets": lambda: copied_table("nytaxi_comparison.md", 1),
     "nybike_comparison": lambda: copied_table("nybike_comparison.md"),
+    "nybike_budgets": lambda: copied_table("nybike_comparison.md", 1),
     "nytaxi_ablations": lambda: ablation_means(
         "nytaxi_ablations.csv", ["diffrecon", "diffrecon-noPre", "diffrecon-noJoint",
                                  "diffrecon-noSTPointFormer", "diffrecon-noTPatternNet",
