@@ -78,16 +78,18 @@ class TorchSide:
     `diffrecon.JointSettings.x0_clip`). Returns step_ms, reps, samples_per_s (and the CUDA
     peak)."""
     run = self.train_runner(case, batch, phase, x0_clip)
-    if self.device != "cpu":
-      self.torch.cuda.reset_peak_memory_stats()
     return self.with_timing(case, timed_reps(run, **reps))
 
   def train_runner(self, case: Case, batch: dict, phase: str,
                    x0_clip: Optional[float] = None):
-    """`run()`: one blocking train step of `phase` on the batch (for `timing.timed_reps`)."""
+    """`run()`: one blocking train step of `phase` on the batch (for `timing.timed_reps`).
+    On CUDA the peak-memory counter restarts here, so `with_timing` reports this step's peak,
+    not an earlier case's."""
     tb = self.tensors(batch)
     step = self.tt.TrainStep(phase, self.c, self.f, self.schedule, case.config.train,
                              x0_clip=x0_clip)
+    if self.device != "cpu":
+      self.torch.cuda.reset_peak_memory_stats()
 
     def run():
       step(tb)
