@@ -1,6 +1,6 @@
 """What the slices after t would tell the stage-1 first guess: a lever for offline reconstruction.
 
-The first guess of a hidden coarse cell (`prior.coarse_first_guess`: the cell's climatology at
+The first guess of a hidden coarse cell (`prior.hidden_guess`: the cell's climatology at
 the level of the window's recency-weighted observations, the map's and, with `prior.local`,
 the cell's own) reads the window's earlier slices only, as the paper's ST-PointFormer does
 (ST-points of slices 0..t, Sec. IV-C). A user reconstructing a past period also has the
@@ -30,54 +30,32 @@ def guess_with_following(prior, coarse_phys: np.ndarray, observed: np.ndarray,
                          following: int) -> np.ndarray:
   """First guess of the coarse maps at `current` from the window t-history .. t+following.
 
+  The model's own guess (`prior.hidden_guess`) on a window ordered t-history .. t-1,
+  t+1 .. t+following, t: it reads the window's LAST slice as the one to guess and sums over
+  the others whatever their order, so the following slices enter with the weights
+  level_decay^|s - t| and nothing else changes.
+
   Args:
-    prior: a `prior.Prior` (its coarse table, aggregation, level_decay, ratio_clip, local,
-      local_sigma, local_shrink).
+    prior: a `prior.Prior`.
     coarse_phys: (T, I, J, C) physical coarse series (read only where observed).
     observed: (T, I, J) bool, the evaluation mask.
     slots: (T,) int climatology slot of each slice.
     current: (n,) indices t with t - history >= 0 and t + following < T.
     history, following: slices before and after t in the window.
   Returns:
-    (n, I, J, C) physical: observed cells of t as observed, hidden ones the climatology of t's
-    slot at the window's level (the map's, or each cell's shrunk towards it with `prior.local`).
+    (n, I, J, C) physical: observed cells of t as observed, hidden ones the prior's guess.
   """
+  import jax.numpy as jnp
   from diffrecon_jax.diffrecon import prior as prior_lib
-  offsets = np.arange(-history, following + 1)
-  idx = current[:, None] + offsets[None, :]                                # (n, t)
-  w = (float(prior.level_decay) ** np.abs(offsets))[None, :, None]          # (1, t, 1)
+  offsets = np.concatenate([np.arange(-history, 0), np.arange(1, following + 1), [0]])
+  idx = current[:, None] + offsets[None, :]                                # (n, t), t last
   m = observed[idx][..., None]                                              # (n, t, I, J, 1)
-  phys = np.where(m, coarse_phys[idx], 0.0)
-  clim = np.asarray(prior.coarse, np.float64)[slots[idx]]                  # (n, t, I, J, C)
-  now = clim[:, history]
-  lo, hi = prior.ratio_clip
-  if prior.aggregation == "sum":
-    num = (w * phys.sum(axis=(2, 3))).sum(axis=1)                           # (n, C)
-    den = (w * np.where(m, clim, 0.0).sum(axis=(2, 3))).sum(axis=1)
-    ok = np.abs(den) > prior_lib._EPS
-    level = np.clip(np.where(ok, num / np.where(ok, den, 1.0), 1.0), lo, hi)
-    hidden = now * level[:, None, None, :]
-  else:
-    num = (w * np.where(m, phys - clim, 0.0).sum(axis=(2, 3))).sum(axis=1)
-    den = (w * m.sum(axis=(2, 3))).sum(axis=1)
-    level = np.where(den > 0, num / np.maximum(den, 1e-6), 0.0)
-    hidden = now + level[:, None, None, :]
-  if prior.local:
-    wl = w[..., None, None]
-    smooth = lambda x: np.asarray(prior_lib._smooth(x.astype(np.float32), prior.local_sigma),
-                                  np.float64)
-    lam = float(prior.local_shrink)
-    if prior.aggregation == "sum":
-      n = smooth((wl * phys).sum(axis=1)) + lam * level[:, None, None, :] * now
-      d = smooth((wl * np.where(m, clim, 0.0)).sum(axis=1)) + lam * now
-      ok = d > prior_lib._EPS
-      ratio = np.clip(n / np.where(ok, d, 1.0), lo, hi)
-      hidden = now * np.where(ok, ratio, level[:, None, None, :])
-    else:
-      n = smooth((wl * np.where(m, phys - clim, 0.0)).sum(axis=1))
-      d = smooth((wl * np.broadcast_to(m, phys.shape)).sum(axis=1))
-      hidden = now + (n + lam * level[:, None, None, :]) / (d + lam)
-  return np.where(m[:, history], coarse_phys[current], hidden)
+  phys = np.where(m, coarse_phys[idx], 0.0).astype(np.float32)
+  clim = np.asarray(prior.coarse, np.float32)[slots[idx]]                  # (n, t, I, J, C)
+  w = (float(prior.level_decay) ** np.abs(offsets)).astype(np.float32)
+  hidden, _ = prior_lib.hidden_guess(prior, jnp.asarray(phys), jnp.asarray(m),
+                                     jnp.asarray(clim), jnp.asarray(w))
+  return np.where(m[:, -1], coarse_phys[current], np.asarray(hidden, np.float64))
 
 
 def prior_fine_mae(prior, guess: np.ndarray, slots_now: np.ndarray, truth: np.ndarray,
@@ -85,8 +63,8 @@ def prior_fine_mae(prior, guess: np.ndarray, slots_now: np.ndarray, truth: np.nd
   """Fine MAE (physical, every cell) of the coarse maps `guess` (n, I, J, C) split by the
   prior's shares (`prior.fine_base`): the `prior` method's fine map from that guess."""
   from diffrecon_jax.diffrecon import prior as prior_lib
-  c_mean, c_std = (np.asarray(v, np.float64) for v in prior._norm("coarse"))
-  f_mean, f_std = (np.asarray(v, np.float64) for v in prior._norm("fine"))
+  c_mean, c_std = (np.asarray(prior.stats["coarse"][k], np.float64) for k in ("mean", "std"))
+  f_mean, f_std = (np.asarray(prior.stats["fine"][k], np.float64) for k in ("mean", "std"))
   total, count = 0.0, 0
   for i in range(0, len(guess), batch):
     g = ((guess[i:i + batch] - c_mean) / c_std).astype(np.float32)

@@ -154,11 +154,10 @@ def test_cpu_peak_from_cpuinfo():
 
 
 def _tiny_prior(aggregation: str, local: bool, rng):
+  from diffrecon_jax.data import coarsen
   from diffrecon_jax.diffrecon import prior as prior_lib
   fine = rng.gamma(2.0, 3.0, (7, 8, 6, 2)).astype(np.float32)
-  coarse = fine.reshape(7, 4, 2, 3, 2, 2).sum(axis=(2, 4))
-  if aggregation == "mean":
-    coarse = coarse / 4
+  coarse = coarsen.coarsen(fine, 2, aggregation)
   stats = {"fine": {"mean": np.full(2, 5.0), "std": np.full(2, 3.0)},
            "coarse": {"mean": np.full(2, 20.0), "std": np.full(2, 9.0)}}
   return prior_lib.Prior(fine=fine, coarse=coarse.astype(np.float32), period=7,

@@ -233,6 +233,25 @@ def coarse_first_guess(prior: Prior, obs: Array, mask: Array, slots: Array) -> t
   clim = jnp.asarray(prior.coarse)[slots]                      # (B, t, I, J, C)
   t = obs.shape[1]
   w = jnp.asarray(prior.level_decay, jnp.float32) ** jnp.arange(t - 1, -1, -1, dtype=jnp.float32)
+  hidden_value, expected = hidden_guess(prior, phys, m, clim, w)
+  guess = jnp.where(m[:, -1], phys[:, -1], hidden_value)
+  anomaly = jnp.where(m, phys - expected, 0.0) / std
+  return ((guess - mean) / std).astype(jnp.float32), anomaly.astype(jnp.float32)
+
+
+def hidden_guess(prior: Prior, phys: Array, m: Array, clim: Array, w: Array) -> tuple:
+  """The first guess of the window's LAST slice at its hidden cells, from the window's
+  observations weighted by `w`.
+
+  Args: phys (B, t, I, J, C) physical observations (0 where hidden); m (B, t, I, J, 1) observed;
+    clim (B, t, I, J, C) climatology of the window's slots; w (t,) weight of each slice (the
+    model: `level_decay` ** slices before the last; every sum over the window is order-free,
+    so a caller may also put later slices before the last one with their own weights).
+  Returns:
+    hidden (B, I, J, C) physical: the last slice's climatology at the map's level, or with
+      `prior.local` at each cell's (`local_level`);
+    expected (B, t, I, J, C) physical: every slice's climatology at the map's level.
+  """
   w = w[None, :, None]                                         # (1, t, 1)
   if prior.aggregation == "sum":
     num = (w * phys.sum(axis=(2, 3))).sum(axis=1)              # (B, C)
@@ -247,12 +266,9 @@ def coarse_first_guess(prior: Prior, obs: Array, mask: Array, slots: Array) -> t
     expected = clim + level[:, None, None, None, :]
   else:
     raise ValueError(f"aggregation must be 'sum' or 'mean', got {prior.aggregation!r}")
-  hidden_value = expected[:, -1]
   if prior.local:
-    hidden_value = local_level(prior, phys, m, clim, w[..., None, None], level)
-  guess = jnp.where(m[:, -1], phys[:, -1], hidden_value)
-  anomaly = jnp.where(m, phys - expected, 0.0) / std
-  return ((guess - mean) / std).astype(jnp.float32), anomaly.astype(jnp.float32)
+    return local_level(prior, phys, m, clim, w[..., None, None], level), expected
+  return expected[:, -1], expected
 
 
 def _smooth(x: Array, sigma: float) -> Array:
