@@ -284,3 +284,50 @@ def test_clip_bounds_from_the_prior_equal_the_train_splits_largest_residual(task
     model.x0_clip_bounds(1.0, models)
   coarse_bound, _ = model.x0_clip_bounds(1.0, models, task)
   assert coarse_bound == pytest.approx(float(np.abs(task.coarse[lo:hi]).max()))
+
+
+def test_fold_of_days_interleaves_days_so_each_fold_holds_every_weekday():
+  first = np.datetime64("2016-01-01", "D")
+  times = first + np.arange(56 * 48).astype("timedelta64[m]") * 30     # 56 days at 30 min
+  fold = prior_lib.fold_of_days(times, int(first.astype(np.int64)), 8)
+  day = np.arange(56 * 48) // 48
+  np.testing.assert_array_equal(fold, day % 8)
+  weekday = (day + 4) % 7                                           # 2016-01-01 was a Friday
+  for k in range(8):
+    assert sorted(set(weekday[fold == k])) == list(range(7))
+  assert prior_lib.number_of_days(times) == 56
+
+
+def test_cross_fitted_tables_leave_out_each_training_days_fold(task, tmp_path):
+  """Block 0 is the one table; block 1 + k the table fitted without fold k's training days;
+  training slices read the block that never saw their day, other slices block 0; the file
+  keeps block 0, so evaluation reads exactly the one table."""
+  one = prior_lib.fit_prior(task, slot_sigma_minutes=20.0)
+  cross = prior_lib.fit_prior(task, slot_sigma_minutes=20.0, cross_fit_folds=4)
+  p, n_train = one.period, int(task.split.val_start)
+  assert cross.folds == 4 and cross.fine.shape == (5 * p,) + one.fine.shape[1:]
+  np.testing.assert_array_equal(cross.fine[:p], one.fine)
+  np.testing.assert_array_equal(cross.coarse[:p], one.coarse)
+  times = task.series.timestamps
+  fold = prior_lib.fold_of_days(times, cross.first_train_day, 4)
+  train_fine = task.fine_phys[:n_train]
+  for k in (0, 3):
+    held_out = np.where((fold[:n_train] == k)[:, None, None, None], np.nan, train_fine)
+    table, _ = cl.fit_climatology(held_out, times[:n_train], 30, "auto")
+    np.testing.assert_allclose(cross.fine[(1 + k) * p:(2 + k) * p],
+                               prior_lib.smooth_over_slots(table, 30, 20.0), rtol=1e-5,
+                               atol=1e-4)
+  # The held-out tables differ from the one table: training sees out-of-sample errors.
+  assert np.abs(cross.fine[p:] - np.tile(one.fine, (4, 1, 1, 1))).max() > 1.0
+  rows = cross.training_slots(times, n_train)
+  slots = one.slots(times)
+  np.testing.assert_array_equal(rows[n_train:], slots[n_train:])
+  np.testing.assert_array_equal(rows[:n_train], slots[:n_train] + p * (1 + fold[:n_train]))
+  np.testing.assert_array_equal(one.training_slots(times, n_train), slots)
+  # Its residuals are measured out of sample, so they are larger than the one table's.
+  assert np.all(cross.residual_std_f > one.residual_std_f)
+  cross.save(prior_lib.prior_path(tmp_path))
+  back = prior_lib.Prior.load(prior_lib.prior_path(tmp_path), task.stats)
+  np.testing.assert_array_equal(back.fine, one.fine)
+  assert back.folds == 0
+  np.testing.assert_array_equal(back.residual_std_f, cross.residual_std_f)

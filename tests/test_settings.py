@@ -14,6 +14,7 @@ from diffrecon_jax.diffrecon import settings
 GOLDEN_CONFIG = pathlib.Path(__file__).resolve().parent / "golden" / "config_today.json"
 # Today's config as version 2 wrote it (before the training budget's schedule fields).
 GOLDEN_CONFIG_V2 = pathlib.Path(__file__).resolve().parent / "golden" / "config_v2.json"
+GOLDEN_CONFIG_V3 = pathlib.Path(__file__).resolve().parent / "golden" / "config_v3.json"
 RECORDS = (settings.DiffusionSettings, settings.PriorSettings, settings.LossSettings,
            settings.ModelSettings, settings.TrainSettings, settings.SamplingSettings,
            settings.CalibrationSettings)
@@ -164,6 +165,7 @@ def _flat(record) -> dict:
 
 # Record field -> config field where the names differ (or the section is not the record's).
 _CONFIG_NAME = {"slot_sigma_minutes": "diffusion.prior_slot_sigma_minutes",
+                "cross_fit_folds": "diffusion.prior_cross_fit_folds",
                 "max_slices": "eval.max_slices"}
 _SECTION = {settings.DiffusionSettings: "diffusion", settings.PriorSettings: "diffusion",
             settings.LossSettings: "train", settings.TrainSettings: "train",
@@ -206,3 +208,10 @@ def test_a_field_whose_absence_changed_nothing_comes_from_todays_defaults():
   del today.train["tensorboard"]
   with pytest.raises(settings.MissingField, match="train.tensorboard"):
     settings.TrainSettings.from_config(settings.migrate(today))
+
+
+def test_a_version_3_config_trains_on_the_one_table():
+  saved = json.loads(GOLDEN_CONFIG_V3.read_text())
+  assert saved["config_version"] == 3 and "prior_cross_fit_folds" not in saved["diffusion"]
+  migrated = checkpoints.config_from_json(GOLDEN_CONFIG_V3.read_text())
+  assert settings.PriorSettings.from_config(migrated).cross_fit_folds == 0

@@ -178,7 +178,7 @@ def build_models_for_task(config: ml_collections.ConfigDict, task) -> Models:
   prior = prior_lib.fit_prior(
       task, per_cell=p.residual_scaling == "cell", local=p.guess_local_level,
       local_sigma=p.guess_local_sigma, local_shrink=p.guess_local_shrink,
-      slot_sigma_minutes=p.slot_sigma_minutes,
+      slot_sigma_minutes=p.slot_sigma_minutes, cross_fit_folds=p.cross_fit_folds,
       table=calendar_choice.resolve_table(config, task)["table"]
   ) if p.uses_prior else None
   # Through `build_models` by name: tests swap in stand-in denoisers there.

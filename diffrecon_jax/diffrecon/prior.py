@@ -76,17 +76,38 @@ class Prior:
   residual_absmax_c: float = 0.0
   residual_absmax_f: float = 0.0
   table: str = ""  # the calendar table fitted (`climatology.TABLES`; "" in files from before it)
+  # Cross-fitted tables (`fit_prior(cross_fit_folds=K)`): `fine` / `coarse` then hold K + 1
+  # blocks of P slots, block 0 the table of the whole training split (what `slots` indexes),
+  # block 1 + k the table without the training days of fold k (what `training_slots` indexes).
+  folds: int = 0
+  first_train_day: int = 0  # days since 1970-01-01 of the first training slice (fold of a day)
 
   def slots(self, timestamps: np.ndarray) -> np.ndarray:
     """(T,) datetime64 -> (T,) int32 climatology slot of each slice (from the calendar)."""
     return clim_lib.slot_index(timestamps, self.interval_minutes, self.period).astype(np.int32)
+
+  def training_slots(self, timestamps: np.ndarray, n_train: int) -> np.ndarray:
+    """(T,) datetime64 -> (T,) int32 table row of each slice for training: with cross-fitted
+    tables, a slice of the training split (its first `n_train` slices) reads the table fitted
+    without its own day (`fold_of_days`), every other slice the whole table (= `slots`)."""
+    slots = self.slots(timestamps)
+    if self.folds <= 0:
+      return slots
+    fold = fold_of_days(timestamps, self.first_train_day, self.folds)
+    train = np.arange(len(slots)) < int(n_train)
+    return np.where(train, slots + self.period * (1 + fold), slots).astype(np.int32)
 
   def _norm(self, level: str) -> tuple:
     s = self.stats[level]
     return (jnp.asarray(s["mean"], jnp.float32), jnp.asarray(s["std"], jnp.float32))
 
   def save(self, path) -> None:
-    paths.save_npz(path, compressed=False, fine=self.fine, coarse=self.coarse, period=self.period,
+    """Writes what evaluation reads: the whole training split's table (block 0; cross-fitted
+    blocks serve training only, which fits them again), the guess settings and the residual
+    statistics."""
+    p = self.period
+    paths.save_npz(path, compressed=False, fine=self.fine[:p], coarse=self.coarse[:p],
+                   period=self.period,
                    interval_minutes=self.interval_minutes, aggregation=self.aggregation,
                    scale=self.scale, level_decay=self.level_decay,
                    ratio_clip=np.asarray(self.ratio_clip), local=self.local,
@@ -135,25 +156,67 @@ def smooth_over_slots(table: np.ndarray, interval_minutes: int, sigma_minutes: f
 
 def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: bool = False,
               local_sigma: float = 0.0, local_shrink: float = 1.0,
-              slot_sigma_minutes: float = 0.0, table: str = "auto") -> Prior:
+              slot_sigma_minutes: float = 0.0, table: str = "auto",
+              cross_fit_folds: int = 0) -> Prior:
   """The climatology of `task`'s training split (pipeline.TaskData), as the baseline fits it
   with calendar `table` (`climatology.fit_climatology`; the evaluation's `climatology`
   reference uses the same table: `calendar_choice.resolve_table`), then smoothed over
   neighbouring slots with `slot_sigma_minutes` > 0 (`smooth_over_slots`), with the statistics of
   the residuals it leaves (`residual_stats`, per cell if `per_cell`); `local`, `local_sigma`,
-  `local_shrink`: the `Prior` fields of the stage-1 guess's level."""
+  `local_shrink`: the `Prior` fields of the stage-1 guess's level.
+
+  `cross_fit_folds` K > 0 also fits, for each of K folds of the training days
+  (`fold_of_days`), the same table without that fold's days; training reads a training slice's
+  guess and base from the table that never saw its day (`Prior.training_slots`), and the
+  residual statistics are measured that way. Why: a table fitted on the training split is
+  partly its own target there (a slot-of-week mean of 6-8 weeks holds a sixth to an eighth of
+  the value it predicts, of 1-2 days on a 20-day series about half), so in training the
+  prior's errors are smaller than on any later day and the networks learn to correct the
+  wrong errors; out-of-fold tables give them the errors they meet at evaluation (the
+  cross-fitting of stacked estimators)."""
   n_train = int(task.split.val_start)
-  fine, period = clim_lib.fit_climatology(task.fine_phys[:n_train],
-                                          task.series.timestamps[:n_train],
-                                          task.time_axis.interval_minutes, table)
-  fine = smooth_over_slots(fine, int(task.time_axis.interval_minutes), slot_sigma_minutes)
-  coarse = coarsen_lib.coarsen(fine, int(task.scale), task.series.aggregation)
+  interval = int(task.time_axis.interval_minutes)
+  train_fine = task.fine_phys[:n_train]
+  train_times = task.series.timestamps[:n_train]
+
+  def fitted(values: np.ndarray) -> tuple:
+    fine, period = clim_lib.fit_climatology(values, train_times, interval, table)
+    fine = smooth_over_slots(fine, interval, slot_sigma_minutes)
+    return fine, coarsen_lib.coarsen(fine, int(task.scale), task.series.aggregation), period
+
+  fine, coarse, period = fitted(train_fine)
+  folds = min(int(cross_fit_folds), number_of_days(train_times))
+  first_day = int(np.asarray(train_times[:1]).astype("datetime64[D]").astype(np.int64)[0])
+  if folds > 1:
+    fold = fold_of_days(train_times, first_day, folds)
+    blocks = [fitted(np.where((fold == k)[:, None, None, None], np.nan, train_fine))[:2]
+              for k in range(folds)]
+    fine = np.concatenate([fine] + [b[0] for b in blocks], axis=0)
+    coarse = np.concatenate([coarse] + [b[1] for b in blocks], axis=0)
+  else:
+    folds = 0
   prior = Prior(fine=fine.astype(np.float32), coarse=coarse.astype(np.float32), period=period,
-                interval_minutes=int(task.time_axis.interval_minutes),
-                aggregation=task.series.aggregation, scale=int(task.scale), stats=task.stats,
-                level_decay=float(level_decay), local=bool(local), local_sigma=float(local_sigma),
-                local_shrink=float(local_shrink), table=str(table))
+                interval_minutes=interval, aggregation=task.series.aggregation,
+                scale=int(task.scale), stats=task.stats, level_decay=float(level_decay),
+                local=bool(local), local_sigma=float(local_sigma),
+                local_shrink=float(local_shrink), table=str(table), folds=folds,
+                first_train_day=first_day)
   return dataclasses.replace(prior, **residual_stats(prior, task, per_cell=per_cell))
+
+
+def number_of_days(timestamps: np.ndarray) -> int:
+  """Calendar days from the first to the last of (T,) datetime64 `timestamps`, both counted."""
+  days = np.asarray(timestamps).astype("datetime64[D]").astype(np.int64)
+  return int(days.max() - days.min()) + 1 if days.size else 0
+
+
+def fold_of_days(timestamps: np.ndarray, first_day: int, folds: int) -> np.ndarray:
+  """(T,) datetime64 -> (T,) int64 fold in [0, folds) of each slice's day: days since
+  `first_day` modulo `folds`. Interleaved, not contiguous: with 8 folds the days of one fold are
+  8 apart, so each fold holds every weekday about equally and a slot-of-week mean loses one of
+  its training weeks, not all of them (7 folds would take a weekday's every value)."""
+  days = np.asarray(timestamps).astype("datetime64[D]").astype(np.int64)
+  return np.mod(days - int(first_day), int(folds))
 
 
 # Per-cell scales are floored at this fraction of the channel's: a cell whose residual is always
@@ -175,7 +238,7 @@ def residual_stats(prior: Prior, task, num_windows: int = 2048, seed: int = 0,
   dividing by its std restores that scale (`model.Models.residual_scaling`)."""
   from diffrecon_jax.data import patterns as patterns_lib  # local: data -> prior, not back.
   from diffrecon_jax.data import pipeline
-  slots = jnp.asarray(prior.slots(task.series.timestamps))
+  slots = jnp.asarray(prior.training_slots(task.series.timestamps, int(task.split.val_start)))
   arrays = dict(task.device_arrays(), slot=slots)
   batch = pipeline.sample_train_batch(
       arrays, jax.random.PRNGKey(seed), batch_size=num_windows, history=task.history,

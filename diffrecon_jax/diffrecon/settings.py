@@ -31,7 +31,7 @@ import ml_collections
 from diffrecon_jax.configs import default
 
 # The version configs/default.py writes (its `config_version` field).
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 
 # Chosen at evaluate time: a trained model's evaluation takes these from the command's config,
 # replacing the checkpoint's saved values whole (`loading.from_workdir`; the noFG ablation's
@@ -44,6 +44,7 @@ EVALUATE_TIME_FIELDS = ("eval", "patterns", "sampling", "calibration", "baseline
 # path, value that reproduces the earlier behaviour). The values are those the code read when
 # the field was absent, before version 2 made every field required.
 MIGRATIONS = (
+    (4, "diffusion.prior_cross_fit_folds", 0),    # one table, its own targets in training
     (3, "train.ema_warmup", False),               # the EMA decayed at ema_decay from step 1
     (3, "train.lr_schedule", "constant"),         # one rate per phase
     (3, "calibration.val_stride", 1),             # fitted on every validation slice
@@ -151,6 +152,8 @@ class PriorSettings:
   guess_local_level, guess_local_sigma, guess_local_shrink: a hidden cell's first guess at
     the level of its own earlier observations (`prior.local_level`).
   slot_sigma_minutes: the slot means smoothed over neighbouring slots (`prior.smooth_over_slots`).
+  cross_fit_folds: K > 1 = training reads each training slice's guess and base from the table
+    fitted without its day's fold (`prior.fit_prior`); 0 = the one table.
   """
   coarse_residual: bool
   fine_residual: bool
@@ -160,6 +163,7 @@ class PriorSettings:
   guess_local_sigma: float
   guess_local_shrink: float
   slot_sigma_minutes: float
+  cross_fit_folds: int
 
   @property
   def uses_prior(self) -> bool:
@@ -176,7 +180,8 @@ class PriorSettings:
                guess_local_level=bool(read(config, d + "guess_local_level")),
                guess_local_sigma=float(read(config, d + "guess_local_sigma")),
                guess_local_shrink=float(read(config, d + "guess_local_shrink")),
-               slot_sigma_minutes=float(read(config, d + "prior_slot_sigma_minutes")))
+               slot_sigma_minutes=float(read(config, d + "prior_slot_sigma_minutes")),
+               cross_fit_folds=int(read(config, d + "prior_cross_fit_folds")))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -333,10 +333,12 @@ def joint_settings(train_cfg: TrainSettings, task) -> model.JointSettings:
 
 def training_arrays(task, models: model.Models) -> dict:
   """What the train step draws its batches from: `task.device_arrays()`, plus "slot" (T,) int32,
-  each slice's climatology slot, when the models use the prior."""
+  each slice's climatology slot (a training slice's row of the table fitted without its day
+  when the prior is cross-fitted: `prior.Prior.training_slots`), when the models use the prior."""
   arrays = task.device_arrays()
   if models.needs_slots:
-    arrays["slot"] = jnp.asarray(models.prior.slots(task.series.timestamps))
+    arrays["slot"] = jnp.asarray(models.prior.training_slots(task.series.timestamps,
+                                                             int(task.split.val_start)))
   return arrays
 
 
