@@ -235,8 +235,19 @@ def test_a_stride_fits_on_day_blocks_spread_over_the_split_and_refits_when_chang
   assert len(evaluate.contiguous_pieces(third)) == -(-len(every) // (3 * block))
   assert third[-1] - third[0] > 0.6 * (every[-1] - every[0])
   np.testing.assert_array_equal(calibration.validation_slices(task, stride=1), every)
-  np.testing.assert_array_equal(calibration.validation_slices(task, max_slices=100, stride=3),
-                                every[:100][((every[:100] - every[0]) // block) % 3 == 0])
+  # A stride never keeps fewer than MIN_STRIDE_BLOCKS blocks: a short split is used whole,
+  # a longer one at the largest stride (up to the asked one) that keeps them.
+  short = calibration.MIN_STRIDE_BLOCKS * block
+  np.testing.assert_array_equal(calibration.validation_slices(task, max_slices=short, stride=3),
+                                every[:short])
+  two_weeks = 14 * block
+  np.testing.assert_array_equal(
+      calibration.validation_slices(task, max_slices=two_weeks, stride=3),
+      every[:two_weeks][((every[:two_weeks] - every[0]) // block) % 2 == 0])
+  fifteen = 15 * block
+  np.testing.assert_array_equal(
+      calibration.validation_slices(task, max_slices=fifteen, stride=3),
+      every[:fifteen][((every[:fifteen] - every[0]) // block) % 3 == 0])
   # The stride is part of what a saved calibration was fitted on.
   config = _members_config(n_samples=2)
   config.calibration.val_slices = 4

@@ -63,7 +63,8 @@ LEVELS = metrics_lib.LEVELS
 FINE_GROUPS = ("fine_observed", "fine_hidden", "fine_unseen")
 GROUPS = FINE_GROUPS + ("coarse_hidden",)
 FILE_NAME = "calibration.json"
-VERSION = 4  # of the fit (groups, rules, per-pattern scales, fine weight): another version is refitted
+VERSION = 5  # of the fit (groups, rules, per-pattern scales, fine weight, at least
+             # MIN_STRIDE_BLOCKS validation blocks): another version is refitted
 
 
 def unseen_cells(mask: np.ndarray, slices: np.ndarray, history: int) -> np.ndarray:
@@ -328,17 +329,25 @@ def _best_weight(what: str, sums: np.ndarray, count: int, grid, start: float) ->
 # `val_stride` keeps blocks of this many consecutive validation slices (a day of 30-min data):
 # long enough that a block's own history (`history` slices before it) adds little work.
 STRIDE_BLOCK = 48
+# ... and never fewer blocks than this (a working week of day-long blocks; the stride is cut
+# down until it keeps them): on a 20-day grid the validation split is five days, and a stride
+# of 3 fitted the point weights and the calibration on two of them, where all five cost
+# seconds. The nytaxi / nybike validation splits (23 blocks) keep their stride of 3.
+MIN_STRIDE_BLOCKS = 5
 
 
 def validation_slices(task, max_slices: int = 0, stride: int = 1) -> np.ndarray:
   """The validation slices a calibration and the point weights are fitted on: the scored ones
   (`evaluate.evaluation_slices`; the first `max_slices` when > 0), of which, with `stride` > 1,
   every `stride`-th block of STRIDE_BLOCK consecutive slices (the first, the (stride + 1)-th,
-  ...). Spread over the split rather than its first part: one week's errors are not the
-  split's (module docstring of configs/default.py, `calibration.val_slices`)."""
+  ...), the stride lowered where needed to keep at least MIN_STRIDE_BLOCKS blocks (all of a
+  split shorter than that). Spread over the split rather than its first part: one week's
+  errors are not the split's (module docstring of configs/default.py, `calibration.val_slices`)."""
   slices, _ = evaluate_lib.evaluation_slices(task, "val", max_slices)
-  if stride > 1:
-    slices = slices[((slices - slices[0]) // STRIDE_BLOCK) % int(stride) == 0]
+  if stride > 1 and slices.size:
+    blocks = int(slices[-1] - slices[0]) // STRIDE_BLOCK + 1
+    stride = min(int(stride), max(1, blocks // MIN_STRIDE_BLOCKS))
+    slices = slices[((slices - slices[0]) // STRIDE_BLOCK) % stride == 0]
   return slices
 
 
