@@ -289,7 +289,7 @@ def test_clip_bounds_from_the_prior_equal_the_train_splits_largest_residual(task
 def test_fold_of_days_interleaves_days_so_each_fold_holds_every_weekday():
   first = np.datetime64("2016-01-01", "D")
   times = first + np.arange(56 * 48).astype("timedelta64[m]") * 30     # 56 days at 30 min
-  fold = prior_lib.fold_of_days(times, int(first.astype(np.int64)), 8)
+  fold = prior_lib.fold_of_days(times, 8)
   day = np.arange(56 * 48) // 48
   np.testing.assert_array_equal(fold, day % 8)
   weekday = (day + 4) % 7                                           # 2016-01-01 was a Friday
@@ -309,7 +309,7 @@ def test_cross_fitted_tables_leave_out_each_training_days_fold(task, tmp_path):
   np.testing.assert_array_equal(cross.fine[:p], one.fine)
   np.testing.assert_array_equal(cross.coarse[:p], one.coarse)
   times = task.series.timestamps
-  fold = prior_lib.fold_of_days(times, cross.first_train_day, 4)
+  fold = prior_lib.fold_of_days(times, 4)
   train_fine = task.fine_phys[:n_train]
   for k in (0, 3):
     held_out = np.where((fold[:n_train] == k)[:, None, None, None], np.nan, train_fine)

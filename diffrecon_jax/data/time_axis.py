@@ -127,10 +127,14 @@ def default_slots_per_day(interval_minutes: int) -> int:
   return max(1, MINUTES_PER_DAY // int(interval_minutes))
 
 
+def day_number(timestamps) -> np.ndarray:
+  """(T,) datetime64 -> (T,) int64 calendar day of each timestamp, days since 1970-01-01."""
+  return np.asarray(timestamps).astype("datetime64[D]").astype(np.int64)
+
+
 def day_of_week(timestamps) -> np.ndarray:
   """(T,) datetime64 -> (T,) int64 weekday, Monday = 0 .. Sunday = 6."""
-  days = np.asarray(timestamps).astype("datetime64[D]").astype(np.int64)
-  return (days + EPOCH_WEEKDAY) % DAYS_PER_WEEK
+  return (day_number(timestamps) + EPOCH_WEEKDAY) % DAYS_PER_WEEK
 
 
 def slot_of_day(timestamps, slots_per_day: int) -> np.ndarray:

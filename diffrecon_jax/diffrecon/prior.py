@@ -32,6 +32,7 @@ import numpy as np
 from diffrecon_jax import paths
 from diffrecon_jax.data import climatology as clim_lib
 from diffrecon_jax.data import coarsen as coarsen_lib
+from diffrecon_jax.data import time_axis
 
 Array = jax.Array
 # A climatology total at or below this is treated as zero (as the baseline does).
@@ -76,11 +77,14 @@ class Prior:
   residual_absmax_c: float = 0.0
   residual_absmax_f: float = 0.0
   table: str = ""  # the calendar table fitted (`climatology.TABLES`; "" in files from before it)
-  # Cross-fitted tables (`fit_prior(cross_fit_folds=K)`): `fine` / `coarse` then hold K + 1
-  # blocks of P slots, block 0 the table of the whole training split (what `slots` indexes),
-  # block 1 + k the table without the training days of fold k (what `training_slots` indexes).
-  folds: int = 0
-  first_train_day: int = 0  # days since 1970-01-01 of the first training slice (fold of a day)
+
+  @property
+  def folds(self) -> int:
+    """K of cross-fitted tables (`fit_prior(cross_fit_folds=K)`), else 0: `fine` / `coarse`
+    then hold K + 1 blocks of P slots, block 0 the table of the whole training split (what
+    `slots` indexes), block 1 + k the table without the training days of fold k (what
+    `training_slots` indexes)."""
+    return len(self.fine) // self.period - 1
 
   def slots(self, timestamps: np.ndarray) -> np.ndarray:
     """(T,) datetime64 -> (T,) int32 climatology slot of each slice (from the calendar)."""
@@ -88,12 +92,13 @@ class Prior:
 
   def training_slots(self, timestamps: np.ndarray, n_train: int) -> np.ndarray:
     """(T,) datetime64 -> (T,) int32 table row of each slice for training: with cross-fitted
-    tables, a slice of the training split (its first `n_train` slices) reads the table fitted
-    without its own day (`fold_of_days`), every other slice the whole table (= `slots`)."""
+    tables, a slice of the training split (its first `n_train` slices, from the series' first
+    slice on, as `fit_prior` numbered their days) reads the table fitted without its own day
+    (`fold_of_days`), every other slice the whole table (= `slots`)."""
     slots = self.slots(timestamps)
     if self.folds <= 0:
       return slots
-    fold = fold_of_days(timestamps, self.first_train_day, self.folds)
+    fold = fold_of_days(timestamps, self.folds)
     train = np.arange(len(slots)) < int(n_train)
     return np.where(train, slots + self.period * (1 + fold), slots).astype(np.int32)
 
@@ -186,37 +191,33 @@ def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: boo
 
   fine, coarse, period = fitted(train_fine)
   folds = min(int(cross_fit_folds), number_of_days(train_times))
-  first_day = int(np.asarray(train_times[:1]).astype("datetime64[D]").astype(np.int64)[0])
   if folds > 1:
-    fold = fold_of_days(train_times, first_day, folds)
+    fold = fold_of_days(train_times, folds)
     blocks = [fitted(np.where((fold == k)[:, None, None, None], np.nan, train_fine))[:2]
               for k in range(folds)]
     fine = np.concatenate([fine] + [b[0] for b in blocks], axis=0)
     coarse = np.concatenate([coarse] + [b[1] for b in blocks], axis=0)
-  else:
-    folds = 0
   prior = Prior(fine=fine.astype(np.float32), coarse=coarse.astype(np.float32), period=period,
                 interval_minutes=interval, aggregation=task.series.aggregation,
                 scale=int(task.scale), stats=task.stats, level_decay=float(level_decay),
                 local=bool(local), local_sigma=float(local_sigma),
-                local_shrink=float(local_shrink), table=str(table), folds=folds,
-                first_train_day=first_day)
+                local_shrink=float(local_shrink), table=str(table))
   return dataclasses.replace(prior, **residual_stats(prior, task, per_cell=per_cell))
 
 
 def number_of_days(timestamps: np.ndarray) -> int:
   """Calendar days from the first to the last of (T,) datetime64 `timestamps`, both counted."""
-  days = np.asarray(timestamps).astype("datetime64[D]").astype(np.int64)
+  days = time_axis.day_number(timestamps)
   return int(days.max() - days.min()) + 1 if days.size else 0
 
 
-def fold_of_days(timestamps: np.ndarray, first_day: int, folds: int) -> np.ndarray:
-  """(T,) datetime64 -> (T,) int64 fold in [0, folds) of each slice's day: days since
-  `first_day` modulo `folds`. Interleaved, not contiguous: with 8 folds the days of one fold are
+def fold_of_days(timestamps: np.ndarray, folds: int) -> np.ndarray:
+  """(T,) datetime64 -> (T,) int64 fold in [0, folds) of each slice's day: days since the
+  first timestamp's day, modulo `folds`. Interleaved, not contiguous: with 8 folds the days of one fold are
   8 apart, so each fold holds every weekday about equally and a slot-of-week mean loses one of
   its training weeks, not all of them (7 folds would take a weekday's every value)."""
-  days = np.asarray(timestamps).astype("datetime64[D]").astype(np.int64)
-  return np.mod(days - int(first_day), int(folds))
+  days = time_axis.day_number(timestamps)
+  return np.mod(days - days[:1], int(folds))
 
 
 # Per-cell scales are floored at this fraction of the channel's: a cell whose residual is always
