@@ -13,6 +13,7 @@ from diffrecon_jax import evaluate
 from diffrecon_jax.diffrecon import prior as prior_lib
 from diffrecon_jax.baselines.climatology import ClimatologyBaseline
 from diffrecon_jax.data import climatology as cl
+from diffrecon_jax.data import time_axis
 from diffrecon_jax.data import coarsen, nyc_dsan, patterns, pipeline
 from diffrecon_jax.diffrecon import denoisers
 
@@ -295,7 +296,7 @@ def test_fold_of_days_interleaves_days_so_each_fold_holds_every_weekday():
   weekday = (day + 4) % 7                                           # 2016-01-01 was a Friday
   for k in range(8):
     assert sorted(set(weekday[fold == k])) == list(range(7))
-  assert prior_lib.number_of_days(times) == 56
+  assert time_axis.number_of_days(times) == 56
 
 
 def test_cross_fitted_tables_leave_out_each_training_days_fold(task, tmp_path):

@@ -132,6 +132,13 @@ def day_number(timestamps) -> np.ndarray:
   return np.asarray(timestamps).astype("datetime64[D]").astype(np.int64)
 
 
+def number_of_days(timestamps) -> int:
+  """Calendar days from the first to the last of (T,) datetime64 `timestamps`, both counted
+  (0 for none)."""
+  days = day_number(timestamps)
+  return int(days.max() - days.min()) + 1 if days.size else 0
+
+
 def day_of_week(timestamps) -> np.ndarray:
   """(T,) datetime64 -> (T,) int64 weekday, Monday = 0 .. Sunday = 6."""
   return (day_number(timestamps) + EPOCH_WEEKDAY) % DAYS_PER_WEEK

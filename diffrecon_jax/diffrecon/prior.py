@@ -170,7 +170,7 @@ def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: boo
   the residuals it leaves (`residual_stats`, per cell if `per_cell`); `local`, `local_sigma`,
   `local_shrink`: the `Prior` fields of the stage-1 guess's level.
 
-  `cross_fit_folds` K > 0 also fits, for each of K folds of the training days
+  `cross_fit_folds` K > 1 also fits, for each of K folds of the training days
   (`fold_of_days`), the same table without that fold's days; training reads a training slice's
   guess and base from the table that never saw its day (`Prior.training_slots`), and the
   residual statistics are measured that way. Why: a table fitted on the training split is
@@ -190,7 +190,7 @@ def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: boo
     return fine, coarsen_lib.coarsen(fine, int(task.scale), task.series.aggregation), period
 
   fine, coarse, period = fitted(train_fine)
-  folds = min(int(cross_fit_folds), number_of_days(train_times))
+  folds = min(int(cross_fit_folds), time_axis.number_of_days(train_times))
   if folds > 1:
     fold = fold_of_days(train_times, folds)
     blocks = [fitted(np.where((fold == k)[:, None, None, None], np.nan, train_fine))[:2]
@@ -205,17 +205,12 @@ def fit_prior(task, level_decay: float = 0.5, per_cell: bool = False, local: boo
   return dataclasses.replace(prior, **residual_stats(prior, task, per_cell=per_cell))
 
 
-def number_of_days(timestamps: np.ndarray) -> int:
-  """Calendar days from the first to the last of (T,) datetime64 `timestamps`, both counted."""
-  days = time_axis.day_number(timestamps)
-  return int(days.max() - days.min()) + 1 if days.size else 0
-
-
 def fold_of_days(timestamps: np.ndarray, folds: int) -> np.ndarray:
   """(T,) datetime64 -> (T,) int64 fold in [0, folds) of each slice's day: days since the
-  first timestamp's day, modulo `folds`. Interleaved, not contiguous: with 8 folds the days of one fold are
-  8 apart, so each fold holds every weekday about equally and a slot-of-week mean loses one of
-  its training weeks, not all of them (7 folds would take a weekday's every value)."""
+  first timestamp's day, modulo `folds`. Interleaved, not contiguous: with 8 folds the days of
+  one fold are 8 apart, so each fold holds every weekday about equally and a slot-of-week mean
+  loses one of its training weeks, not all of them (7 folds would take a weekday's every
+  value)."""
   days = time_axis.day_number(timestamps)
   return np.mod(days - days[:1], int(folds))
 
